@@ -149,11 +149,9 @@ def test_hook_fills_whitening_before_first_step(tmp_path, tunable):
         assert torch.equal(probe.last['whitening'], probe.first['whitening'])
 
 
-def test_resume_skips_computation_and_restores_bits(tmp_path, monkeypatch):
-    # mmengine 0.10.7 resumes with a bare torch.load, whose default is
-    # weights_only=True since torch 2.6; its own checkpoints hold a
-    # HistoryBuffer and numpy objects, which that refuses.
-    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+def test_resume_skips_computation_and_restores_bits(tmp_path):
+    # No TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: bpt_mm's checkpoint loader reads
+    # mmengine's training state (see tests/test_trainable_state.py).
     first = BPTWhiteningHook(num_images=8, eps=EPS)
     runner = make_runner(tmp_path, FWHITEN, [first], max_iters=2,
                          checkpoint_interval=2)
@@ -475,3 +473,32 @@ def test_compute_whitening_tool(tmp_path):
     for block in (1, 2):
         assert_close_rel(loaded[block]['whitening'],
                          expected[block]['whitening'], 1e-6)
+
+
+def test_images_of_different_sizes_in_one_segmentation_batch():
+    # mmseg's random resize + 512 crop can batch 512x512 beside 453x453, and
+    # its preprocessor refuses to stack them: the hook splits the batch.
+    from mmseg.registry import MODELS as SEG_MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    from bpt_mm.engine.whitening_hook import preprocessed_images
+    register_all_modules()
+    pre = SEG_MODELS.build(dict(type='SegDataPreProcessor', mean=[0.] * 3,
+                                std=[1.] * 3, bgr_to_rgb=True))
+
+    class Segmentor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.data_preprocessor = pre
+
+    images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
+              torch.randint(0, 255, (3, 48, 56), dtype=torch.uint8)]
+    batch = dict(inputs=images, data_samples=[SegDataSample(),
+                                              SegDataSample()])
+    with pytest.raises(AssertionError):
+        pre(batch, False)  # what the hook used to call
+    out = list(preprocessed_images(Segmentor(), [batch]))
+    assert [tuple(x.shape) for x in out] == [(1, 3, 64, 64), (1, 3, 48, 56)]
+    # RGB from BGR, as the model sees them
+    assert torch.equal(out[1][0], images[1].flip(0).float())

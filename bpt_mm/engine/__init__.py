@@ -1,4 +1,12 @@
+from .checkpoint_io import install_checkpoint_loader, load_local_checkpoint
+from .checkpoint_hooks import RandomStateHook, TrainableCheckpointHook
 from .hooks import TrainableParametersHook
+from .optim import LayerDecayOptimWrapperConstructor
 from .whitening_hook import BPTWhiteningHook
 
-__all__ = ['TrainableParametersHook', 'BPTWhiteningHook']
+# mmengine reads local checkpoints (--resume, load_from, test) through this.
+install_checkpoint_loader()
+
+__all__ = ['TrainableParametersHook', 'BPTWhiteningHook', 'RandomStateHook',
+           'TrainableCheckpointHook', 'LayerDecayOptimWrapperConstructor',
+           'load_local_checkpoint', 'install_checkpoint_loader']

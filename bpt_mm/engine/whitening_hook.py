@@ -16,11 +16,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 import torch
 from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from bpt_mm.models import PromptedViT
+from bpt_mm.models.vit import find_prompted_backbone, unwrap_model
 from bpt_mm.registry import register_hook
 from bpt_mm.whitening import (BASIS_MODES, FewTokensWarning,
                               WhiteningStatistics)
@@ -31,20 +30,6 @@ from bpt_mm.whitening_collect import (apply_whitening, collect_whitening,
 
 #: Names under which the hook can appear in ``custom_hooks``.
 HOOK_TYPES = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP/FSDP wrapper (or the model itself)."""
-    return model.module if is_model_wrapper(model) else model
-
-
-def find_prompted_backbone(model: torch.nn.Module) -> Optional[PromptedViT]:
-    """``model`` if it is a PromptedViT, else ``model.backbone`` if that is."""
-    model = unwrap_model(model)
-    if isinstance(model, PromptedViT):
-        return model
-    backbone = getattr(model, 'backbone', None)
-    return backbone if isinstance(backbone, PromptedViT) else None
 
 
 def preprocessed_images(model: torch.nn.Module,
@@ -61,22 +46,40 @@ def preprocessed_images(model: torch.nn.Module,
         raise ValueError(f'{type(model).__name__} has no data_preprocessor;'
                          ' cannot turn data batches into image tensors')
     for data in dataloader:
-        out = preprocessor(data, False)
-        inputs = out.get('inputs') if isinstance(out, dict) else None
-        if isinstance(inputs, Tensor):
-            yield inputs
-        elif isinstance(inputs, (list, tuple)) and inputs and all(
-                isinstance(x, Tensor) for x in inputs):
-            if len({tuple(x.shape) for x in inputs}) == 1:
-                yield torch.stack(list(inputs))
-            else:
-                for x in inputs:
-                    yield x.unsqueeze(0)
+        for part in _same_size_parts(data):
+            yield from _stacked_inputs(preprocessor(part, False))
+
+
+def _same_size_parts(data: Any) -> List[Any]:
+    """``data`` itself, or one batch per sample when its images differ in
+    size: mmseg's preprocessor refuses to stack those (a random resize and a
+    crop can give 512x512 beside 453x453), mmdet's pads them."""
+    inputs = data.get('inputs') if isinstance(data, dict) else None
+    if not isinstance(inputs, (list, tuple)) or len(
+            {tuple(getattr(x, 'shape', ())) for x in inputs}) <= 1:
+        return [data]
+    samples = data.get('data_samples') or [None] * len(inputs)
+    return [dict(data, inputs=[x], data_samples=[s])
+            for x, s in zip(inputs, samples)]
+
+
+def _stacked_inputs(out: Any) -> Iterator[Tensor]:
+    """The image tensor(s) in a preprocessor's output, as batches."""
+    inputs = out.get('inputs') if isinstance(out, dict) else None
+    if isinstance(inputs, Tensor):
+        yield inputs
+    elif isinstance(inputs, (list, tuple)) and inputs and all(
+            isinstance(x, Tensor) for x in inputs):
+        if len({tuple(x.shape) for x in inputs}) == 1:
+            yield torch.stack(list(inputs))
         else:
-            raise ValueError(
-                'the data preprocessor must return a dict with `inputs` (a '
-                f'batched image tensor), got {type(out).__name__} with '
-                f'inputs of type {type(inputs).__name__}')
+            for x in inputs:
+                yield x.unsqueeze(0)
+    else:
+        raise ValueError(
+            'the data preprocessor must return a dict with `inputs` (a '
+            f'batched image tensor), got {type(out).__name__} with '
+            f'inputs of type {type(inputs).__name__}')
 
 
 def hook_options_from_config(cfg) -> Dict[str, Any]:
@@ -187,7 +190,7 @@ class BPTWhiteningHook(Hook):
 
     # ----------------------------------------------------------- hook points
     def before_train(self, runner) -> None:
-        self._ensure_whitening(runner, lambda: runner.train_dataloader,
+        self._ensure_whitening(runner, lambda: self._train_loader(runner),
                                'before training')
 
     def before_val(self, runner) -> None:
@@ -199,6 +202,23 @@ class BPTWhiteningHook(Hook):
                                'before testing')
 
     # --------------------------------------------------------------- helpers
+    @staticmethod
+    def _train_loader(runner):
+        """A loader of its own over the training set.
+
+        Reading from ``runner.train_dataloader`` itself would move shared
+        sampler state (mmdet's AspectRatioBatchSampler keeps its buckets
+        across iterators), so the training batches would depend on whether
+        whitening ran, and a resumed run would not see the batches of an
+        uninterrupted one. The data set object is reused, not rebuilt.
+        """
+        cfg = runner.cfg.get('train_dataloader', None)
+        if not isinstance(cfg, dict):
+            return runner.train_dataloader
+        cfg = copy.deepcopy(cfg)
+        cfg['dataset'] = runner.train_dataloader.dataset
+        return runner.build_dataloader(cfg, seed=runner.seed)
+
     @staticmethod
     def _config_loader(runner):
         # Runner.from_cfg keeps the config in runner.cfg; a Runner built from

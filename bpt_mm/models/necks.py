@@ -14,8 +14,19 @@ from torch import Tensor
 from bpt_mm.registry import register_model
 
 
+@register_model(name='LN2d')
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a ``(B, C, H, W)`` map."""
+    """LayerNorm over the channels of a ``(B, C, H, W)`` map.
+
+    Registered as ``'LN2d'``, so mmcv's ``build_norm_layer`` (and with it
+    mmdet's ``ConvModule``-based heads) accepts ``norm_cfg=dict(type='LN2d')``
+    as in ViTDet's heads; mmdet 3.3.0 itself has no such norm. Give
+    ``eps=1e-6`` there to match ViTDet: ``build_norm_layer`` defaults
+    ``eps`` to 1e-5.
+    """
+
+    #: Layer-name abbreviation for ``build_norm_layer`` (``ln``, ``ln1``...).
+    _abbr_ = 'ln'
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
         super().__init__()

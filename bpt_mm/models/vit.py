@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.logging import MMLogger
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, is_model_wrapper
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
@@ -267,6 +267,8 @@ class PromptedViT(BaseModule):
         if frozen:
             self._freeze_backbone()
         self._whitening_confirmed = False
+        #: Set by :meth:`init_weights` once the pretrained weights are in.
+        self.pretrained_loaded = False
 
     # ------------------------------------------------------------------ set-up
     def _init_backbone_weights(self) -> None:
@@ -421,8 +423,24 @@ class PromptedViT(BaseModule):
             load_pretrained(self, self.init_cfg['checkpoint'],
                             logger=MMLogger.get_current_instance())
             self._is_init = True
+            self.pretrained_loaded = True
             return
         super().init_weights()
+
+    @property
+    def pretrained_checkpoint(self) -> Optional[str]:
+        """The checkpoint ``init_cfg`` names, or None for a random backbone."""
+        if (isinstance(self.init_cfg, dict)
+                and self.init_cfg.get('type') == 'Pretrained'):
+            return self.init_cfg.get('checkpoint')
+        return None
+
+    def frozen_state_keys(self) -> List[str]:
+        """State-dict keys that come from the pretrained checkpoint and never
+        train: every key outside ``prompts.`` when ``frozen``, else none."""
+        if not self.frozen:
+            return []
+        return [k for k in self.state_dict() if not k.startswith('prompts.')]
 
     def get_layer_depth(self, param_name: str,
                         prefix: str = '') -> Tuple[int, int]:
@@ -581,3 +599,18 @@ class PromptedViT(BaseModule):
             if i == self.out_indices[-1]:
                 break  # blocks above the last output are not needed
         return tuple(outs)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DDP/FSDP wrapper (or the model itself)."""
+    return model.module if is_model_wrapper(model) else model
+
+
+def find_prompted_backbone(model: nn.Module) -> Optional[PromptedViT]:
+    """``model`` if it is a PromptedViT, else ``model.backbone`` if that is
+    (DDP wrappers are looked through)."""
+    model = unwrap_model(model)
+    if isinstance(model, PromptedViT):
+        return model
+    backbone = getattr(model, 'backbone', None)
+    return backbone if isinstance(backbone, PromptedViT) else None

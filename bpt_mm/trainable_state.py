@@ -1,0 +1,224 @@
+"""Checkpoints that hold only what trains, and their safe restoration.
+
+With a frozen backbone, everything a run learns is the prompts (with their
+whitening buffers), the neck and the heads: a few MB, against hundreds of MB
+for the ViT itself. :func:`strip_frozen_backbone` removes the frozen backbone
+from an mmengine checkpoint and records which backbone it was trained on (the
+path in ``init_cfg`` and a SHA-256 of the frozen tensors).
+
+Loading such a checkpoint is only correct on top of that same pretrained
+backbone. mmengine loads checkpoints non-strictly and ``Runner.test()`` never
+calls ``init_weights``, so a plain load would evaluate a random backbone with
+nothing but missing-key warnings. :func:`restore_frozen_backbone` closes that
+gap: it loads the backbone's pretrained weights when they are not in yet,
+checks the fingerprint, and fills the checkpoint's state dict back to a full
+one, or refuses with an error that says what is missing.
+"""
+import hashlib
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from bpt_mm.models.checkpoint import CheckpointError
+from bpt_mm.models.vit import PromptedViT, find_prompted_backbone, unwrap_model
+
+#: Key of bpt_mm's record in ``checkpoint['meta']``.
+META_KEY = 'bpt_mm'
+
+
+def backbone_prefix(model: nn.Module, backbone: PromptedViT) -> str:
+    """Prefix of ``backbone``'s keys in ``model.state_dict()`` (``''`` when
+    the model is the backbone)."""
+    model = unwrap_model(model)
+    for name, module in model.named_modules():
+        if module is backbone:
+            return f'{name}.' if name else ''
+    raise ValueError(f'{type(backbone).__name__} is not a submodule of '
+                     f'{type(model).__name__}')
+
+
+def backbone_fingerprint(backbone: PromptedViT) -> str:
+    """SHA-256 over the frozen backbone tensors, keys in state-dict order.
+
+    Two backbones have the same fingerprint exactly when every frozen
+    tensor has the same name, shape, dtype and bytes.
+    """
+    digest = hashlib.sha256()
+    state = backbone.state_dict()
+    for key in backbone.frozen_state_keys():
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f'{key}:{tuple(tensor.shape)}:{tensor.dtype};'.encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _require_prompted_backbone(model: nn.Module, what: str) -> PromptedViT:
+    backbone = find_prompted_backbone(model)
+    if backbone is None:
+        raise ValueError(f'{what} needs a model whose `backbone` is a '
+                         f'PromptedViT, got {type(unwrap_model(model)).__name__}')
+    return backbone
+
+
+def check_can_strip(model: nn.Module) -> PromptedViT:
+    """Refuse, before training starts, a model whose trainable-only
+    checkpoints could not be restored.
+
+    Raises:
+        ValueError: The backbone is not frozen (full fine-tuning trains it,
+            so nothing can be left out) or has no pretrained checkpoint in
+            ``init_cfg`` to restore the frozen weights from.
+    """
+    backbone = _require_prompted_backbone(model, 'a trainable-only checkpoint')
+    if not backbone.frozen:
+        raise ValueError(
+            'trainable-only checkpoints need `model.backbone.frozen=True`; '
+            'with frozen=False the backbone trains and must be saved whole')
+    if backbone.pretrained_checkpoint is None:
+        raise ValueError(
+            'trainable-only checkpoints need the frozen backbone to come from '
+            "a file: set `model.backbone.init_cfg=dict(type='Pretrained', "
+            "checkpoint=PATH)`; a randomly initialised backbone could not be "
+            'restored when the checkpoint is loaded')
+    return backbone
+
+
+def strip_frozen_backbone(model: nn.Module,
+                          checkpoint: Dict[str, Any],
+                          fingerprint: Optional[str] = None) -> Dict[str, int]:
+    """Remove the frozen backbone from ``checkpoint['state_dict']`` in place.
+
+    Args:
+        model (nn.Module): The model the checkpoint was taken from.
+        checkpoint (dict): An mmengine checkpoint (``state_dict``, ``meta``).
+        fingerprint (str, optional): :func:`backbone_fingerprint` of the
+            backbone, if already computed (it never changes while frozen).
+
+    Returns:
+        dict: ``removed`` keys and ``bytes_before``/``bytes_after`` of the
+        state dict's tensors.
+
+    Raises:
+        ValueError: As :func:`check_can_strip`.
+    """
+    backbone = check_can_strip(model)
+    prefix = backbone_prefix(model, backbone)
+    state = checkpoint['state_dict']
+    before = _tensor_bytes(state)
+    removed = 0
+    for key in backbone.frozen_state_keys():
+        if state.pop(prefix + key, None) is not None:
+            removed += 1
+    meta = checkpoint.setdefault('meta', {})
+    meta[META_KEY] = dict(
+        trainable_only=True,
+        backbone_prefix=prefix,
+        backbone_checkpoint=os.fspath(backbone.pretrained_checkpoint),
+        backbone_fingerprint=fingerprint or backbone_fingerprint(backbone),
+        removed_keys=removed)
+    return dict(removed=removed, bytes_before=before,
+                bytes_after=_tensor_bytes(state))
+
+
+def _tensor_bytes(state: Dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values()
+               if isinstance(v, torch.Tensor))
+
+
+def is_trainable_only(checkpoint: Dict[str, Any]) -> bool:
+    """Whether ``checkpoint`` was written by :func:`strip_frozen_backbone`."""
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    return bool(isinstance(meta, dict)
+                and (meta.get(META_KEY) or {}).get('trainable_only'))
+
+
+def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
+                            logger: Any = None) -> List[str]:
+    """Make ``checkpoint`` whole again before it is loaded into ``model``.
+
+    When the checkpoint lacks frozen backbone keys (a trainable-only
+    checkpoint, or any checkpoint missing them), the backbone's pretrained
+    weights are loaded from ``init_cfg`` unless they are in already (as in
+    training, after ``init_weights``), checked against the recorded
+    fingerprint, and copied into ``checkpoint['state_dict']``. A full
+    checkpoint is left as it is.
+
+    Args:
+        model (nn.Module): The model about to receive the checkpoint.
+        checkpoint (dict): The loaded checkpoint (modified in place).
+        logger (optional): Gets one ``info`` line when the backbone is
+            restored.
+
+    Returns:
+        list[str]: The keys filled in from the pretrained backbone.
+
+    Raises:
+        CheckpointError: Backbone keys are missing and ``init_cfg`` names no
+            pretrained checkpoint, or the pretrained backbone's fingerprint
+            differs from the one the checkpoint was trained on.
+    """
+    backbone = find_prompted_backbone(model)
+    state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) \
+        else None
+    if backbone is None or not isinstance(state, dict):
+        return []
+    prefix = backbone_prefix(model, backbone)
+    record = (checkpoint.get('meta') or {}).get(META_KEY) or {}
+    # The keys the model's backbone has and the checkpoint lacks, frozen or
+    # not: a fine-tuned backbone missing from a checkpoint is as bad.
+    own = list(backbone.state_dict())
+    missing = [k for k in own if not k.startswith('prompts.')
+               and prefix + k not in state]
+    if not missing:
+        return []
+    if not backbone.pretrained_loaded:
+        if backbone.pretrained_checkpoint is None:
+            what = ' (it holds trainable weights only)' if record else ''
+            trained_on = record.get('backbone_checkpoint')
+            hint = f' ({trained_on!r})' if trained_on else ''
+            raise CheckpointError(
+                f'the checkpoint has no weights for {len(missing)} backbone '
+                f'keys, e.g. {prefix + missing[0]!r}{what}, and '
+                f'`model.backbone.init_cfg` names no pretrained checkpoint '
+                f"to take them from. Set init_cfg=dict(type='Pretrained', "
+                f'checkpoint=PATH) to the backbone it was trained on{hint}, '
+                f'or load a full checkpoint (tools/merge_checkpoint.py '
+                f'makes one)')
+        backbone.init_weights()
+    if not set(missing) <= set(backbone.frozen_state_keys()):
+        trained = sorted(set(missing) - set(backbone.frozen_state_keys()))
+        raise CheckpointError(
+            f'the checkpoint lacks backbone weights that train in this model '
+            f'(e.g. {prefix + trained[0]!r}); they cannot come from the '
+            f'pretrained file')
+    expected = record.get('backbone_fingerprint')
+    if expected is not None:
+        actual = backbone_fingerprint(backbone)
+        if actual != expected:
+            raise CheckpointError(
+                f'the pretrained backbone {backbone.pretrained_checkpoint!r} '
+                f'is not the one this checkpoint was trained on (recorded '
+                f"{record.get('backbone_checkpoint')!r}): the SHA-256 of its "
+                f'frozen weights is {actual[:12]}..., the checkpoint expects '
+                f'{expected[:12]}...')
+    backbone_state = backbone.state_dict()
+    for key in missing:
+        state[prefix + key] = backbone_state[key].detach().clone()
+    if logger is not None:
+        logger.info(f'restored {len(missing)} frozen backbone tensors from '
+                    f'{backbone.pretrained_checkpoint!r} into the checkpoint '
+                    f'(trainable-only: {bool(record)})')
+    return [prefix + k for k in missing]
+
+
+def trainable_state_sizes(model: nn.Module) -> Tuple[int, int]:
+    """Bytes of the full state dict and of its trainable-only part."""
+    backbone = _require_prompted_backbone(model, 'trainable_state_sizes')
+    prefix = backbone_prefix(model, backbone)
+    state = unwrap_model(model).state_dict()
+    frozen = {prefix + k for k in backbone.frozen_state_keys()}
+    full = _tensor_bytes(state)
+    return full, full - _tensor_bytes(
+        {k: v for k, v in state.items() if k in frozen})
