@@ -1,0 +1,46 @@
+# COCO 2017 instances with ViTDet's large-scale jitter at 1024x1024: random
+# resize of the long side to 0.1-2.0 x 1024, a 1024x1024 crop, flip, and
+# padding to 1024x1024 (pixel value 114); at test time the long side is
+# resized to 1024 and padded. The paper does not publish its input size.
+_base_ = 'mmdet::_base_/datasets/coco_instance.py'
+
+image_size = (1024, 1024)
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=_base_.backend_args),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(
+        type='RandomResize',
+        scale=image_size,
+        ratio_range=(0.1, 2.0),
+        keep_ratio=True),
+    dict(
+        type='RandomCrop',
+        crop_type='absolute_range',
+        crop_size=image_size,
+        recompute_bbox=True,
+        allow_negative_crop=True),
+    dict(type='FilterAnnotations', min_gt_bbox_wh=(1e-2, 1e-2)),
+    dict(type='Pad', size=image_size, pad_val=dict(img=(114, 114, 114))),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=_base_.backend_args),
+    dict(type='Resize', scale=image_size, keep_ratio=True),
+    dict(type='Pad', size=image_size, pad_val=dict(img=(114, 114, 114))),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(
+        type='PackDetInputs',
+        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                   'scale_factor')),
+]
+train_dataloader = dict(
+    # ViTDet's total batch is 64: e.g. 16 GPUs x 4 images. With another
+    # total, scale the learning rate (tools' --auto-scale-lr uses
+    # auto_scale_lr.base_batch_size=64).
+    batch_size=4,
+    # Every crop is 1024x1024, so grouping by aspect ratio buys nothing.
+    batch_sampler=None,
+    dataset=dict(pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader

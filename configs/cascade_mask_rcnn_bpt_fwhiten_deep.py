@@ -1,0 +1,6 @@
+# Deep BPT-fWhiten: prompts P at all 12 blocks, each through its
+# block's frozen whitening W.
+# Paper row: none (no Cascade Mask R-CNN result for this variant).
+_base_ = './cascade_mask_rcnn_bpt_fwhiten.py'
+
+model = dict(backbone=dict(prompt=dict(depth='deep')))

@@ -1,0 +1,13 @@
+# BPT-bilinear with a random basis B (Xavier-uniform, as the authors'
+# code when B is not whitened) instead of a whitening-initialised
+# one: the ablation of the initialisation. Nothing is computed from
+# data, so no BPTWhiteningHook.
+# Paper row: none (no Cascade Mask R-CNN result for this variant).
+_base_ = './cascade_mask_rcnn_bpt.py'
+
+model = dict(backbone=dict(prompt=dict(whitening_init=False)))
+custom_hooks = [
+    dict(type='TrainableParametersHook'),
+    dict(type='TrainableCheckpointHook'),
+    dict(type='RandomStateHook'),
+]

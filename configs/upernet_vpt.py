@@ -1,0 +1,13 @@
+# VPT-shallow baseline: m = 100 plain prompt tokens before block 0.
+# Nothing is whitened, so no BPTWhiteningHook.
+# Paper row: none (the paper reports no ADE20K result).
+_base_ = './upernet_bpt.py'
+
+model = dict(
+    backbone=dict(
+        prompt=dict(_delete_=True, type='VPTPrompt', num_tokens=100)))
+custom_hooks = [
+    dict(type='TrainableParametersHook'),
+    dict(type='TrainableCheckpointHook'),
+    dict(type='RandomStateHook'),
+]
