@@ -1,0 +1,323 @@
+"""tools/train.py, tools/test.py, the launchers and the checkpoint tools,
+run as a user runs them: as subprocesses, on the tiny configs and the
+generated data, on the CPU."""
+import glob
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TESTS = osp.join(ROOT, 'tests')
+TOOLS = osp.join(ROOT, 'tools')
+TINY = {osp.basename(p)[:-len('_bpt_tiny.py')]: p for p in sorted(
+    glob.glob(osp.join(ROOT, 'configs', 'tiny', '*_bpt_tiny.py')))}
+METRICS = dict(mmdet=('coco/bbox_mAP', 'coco/segm_mAP'),
+               mmseg=('mIoU', 'aAcc'))
+SHORT = ['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
+         'default_hooks.checkpoint.interval=4']
+
+
+def run(cmd, cwd, threads=2, expect=0, timeout=600, **env):
+    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+                    PYTHONPATH=os.pathsep.join([TESTS, ROOT]), **env)
+    out = subprocess.run([str(c) for c in cmd], cwd=str(cwd), env=full_env,
+                         capture_output=True, text=True, timeout=timeout)
+    text = out.stdout + out.stderr
+    assert out.returncode == expect, \
+        f'exit {out.returncode} (expected {expect}):\n{text[-4000:]}'
+    return text
+
+
+def tool(name, *args):
+    return [sys.executable, osp.join(TOOLS, name), *args]
+
+
+def last_metrics(text, stage):
+    """``{metric: value}`` of the last ``Iter(stage)`` summary line."""
+    lines = re.findall(rf'Iter\({stage}\) \[\d+/\d+\]\s+(.*)', text)
+    assert lines, f'no Iter({stage}) line in:\n{text[-3000:]}'
+    return {k: float(v) for k, v in
+            re.findall(r'(\S+): (-?\d+\.\d+)', lines[-1])}
+
+
+def write_config(tmp_path, base, edit, name='cfg.py'):
+    """Dump ``base`` after ``edit(cfg)`` to a file the tools can run."""
+    cfg = Config.fromfile(base)
+    edit(cfg)
+    path = tmp_path / name
+    cfg.dump(str(path))
+    return path
+
+
+def no_val(cfg):
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+
+
+def test_every_family_has_a_tiny_config():
+    assert set(TINY) == {'mask_rcnn', 'cascade_mask_rcnn', 'upernet'}
+
+
+@pytest.mark.parametrize('family', sorted(TINY))
+def test_tiny_config_trains_evaluates_and_tests(family, tiny_workspace,
+                                                tmp_path):
+    config = TINY[family]
+    scope = Config.fromfile(config).default_scope
+    work = tmp_path / 'work'
+    text = run(tool('train.py', config, '--work-dir', work,
+                    '--cfg-options', *SHORT), tiny_workspace)
+    val = last_metrics(text, 'val')
+    assert set(METRICS[scope]) <= set(val)
+    assert all(0.0 <= val[k] <= 100.0 for k in METRICS[scope])
+    ckpt = work / 'iter_4.pth'
+    assert ckpt.is_file()
+
+    show = tmp_path / 'show'
+    text = run(tool('test.py', config, ckpt, '--work-dir', tmp_path / 'test',
+                    '--show-dir', show), tiny_workspace)
+    test = last_metrics(text, 'test')
+    # the same weights on the same images: the same numbers
+    for key in METRICS[scope]:
+        assert test[key] == val[key], key
+    drawn = [f for f in glob.glob(str(show / '**' / '*'), recursive=True)
+             if f.endswith(('.jpg', '.png'))]
+    assert drawn, f'--show-dir {show} holds no images'
+
+
+def test_dist_train_two_processes_end_with_identical_weights(
+        tiny_workspace, tmp_path):
+    dump = tmp_path / 'dump'
+
+    def edit(cfg):
+        # prompts in two of the four blocks, the lower one's basis frozen:
+        # parts of the backbone without gradients must not trip DDP
+        cfg.model.backbone.prompt.update(
+            depth='deep', layers=[2, 3], trainable_projection_layers=[3])
+        cfg.custom_imports.imports.append('tool_hooks')
+        cfg.custom_hooks.append(dict(type='DumpTrainableHook',
+                                     out_dir=str(dump)))
+        cfg.train_cfg.max_iters = 4
+        cfg.default_hooks.checkpoint.interval = 4
+        no_val(cfg)
+
+    config = write_config(tmp_path, TINY['mask_rcnn'], edit)
+    text = run(['bash', osp.join(TOOLS, 'dist_train.sh'), config, '2',
+                '--work-dir', tmp_path / 'work'], tiny_workspace, threads=1,
+               PYTHON=sys.executable, PORT='29517')
+    assert "'backend': 'gloo'" in text or "backend='gloo'" in text
+    ranks = [torch.load(dump / f'rank{r}.pth') for r in (0, 1)]
+    assert sorted(ranks[0]) == sorted(ranks[1])
+    assert any('.prompts.2.' in k for k in ranks[0])
+    assert not any('.prompts.2.basis' in k for k in ranks[0])  # frozen
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert (tmp_path / 'work' / 'iter_4.pth').is_file()
+
+
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(
+        tiny_workspace, tmp_path):
+    def edit(crash_at=None):
+        def apply(cfg):
+            cfg.randomness = dict(seed=0, deterministic=True)
+            cfg.train_cfg.max_iters = 4
+            cfg.default_hooks.checkpoint.update(interval=2, max_keep_ckpts=-1)
+            no_val(cfg)
+            if not any(h['type'] == 'RandomStateHook'
+                       for h in cfg.custom_hooks):
+                cfg.custom_hooks.append(dict(type='RandomStateHook'))
+            if crash_at:
+                cfg.custom_imports.imports.append('tool_hooks')
+                cfg.custom_hooks.append(dict(type='CrashHook',
+                                             at_iter=crash_at))
+        return apply
+
+    straight = write_config(tmp_path, TINY['mask_rcnn'], edit(), 'a.py')
+    crashing = write_config(tmp_path, TINY['mask_rcnn'], edit(3), 'b.py')
+    run(tool('train.py', straight, '--work-dir', tmp_path / 'a'),
+        tiny_workspace)
+    run(tool('train.py', crashing, '--work-dir', tmp_path / 'b'),
+        tiny_workspace, expect=3)
+    assert (tmp_path / 'b' / 'iter_2.pth').is_file()
+    assert not (tmp_path / 'b' / 'iter_4.pth').exists()
+    text = run(tool('train.py', straight, '--work-dir', tmp_path / 'b',
+                    '--resume'), tiny_workspace)
+    assert 'resumed epoch: 0, iter: 2' in text
+    assert 'BPTWhiteningHook: whitening matrices restored' in text
+    assert 'random generator states restored' in text
+
+    a = torch.load(tmp_path / 'a' / 'iter_4.pth', weights_only=False)
+    b = torch.load(tmp_path / 'b' / 'iter_4.pth', weights_only=False)
+    assert sorted(a['state_dict']) == sorted(b['state_dict'])
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), key
+    # and training did move them: the comparison is not of two inits
+    first = torch.load(tmp_path / 'b' / 'iter_2.pth', weights_only=False)
+    assert not torch.equal(first['state_dict'][
+        'backbone.prompts.0.coefficients'],
+        a['state_dict']['backbone.prompts.0.coefficients'])
+
+
+def test_custom_imports_from_another_directory(tiny_workspace, tmp_path):
+    """A user's own mmdet config, outside this repo, run the way mmdet's
+    tools/train.py runs it: only custom_imports brings bpt_mm in."""
+    own = tmp_path / 'my_project'
+    own.mkdir()
+    (own / 'my_vit_mask_rcnn.py').write_text(f'''
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['bpt_mm'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(_delete_=True, type='PromptedViT',
+                  arch=dict(embed_dims=32, num_layers=2, num_heads=2),
+                  img_size=64, patch_size=16,
+                  prompt=dict(type='VPTPrompt', num_tokens=4)),
+    neck=dict(_delete_=True, type='SimpleFeaturePyramid', in_channels=32,
+              out_channels=32, num_outs=5),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(bbox_roi_extractor=dict(out_channels=32),
+                  bbox_head=dict(in_channels=32, fc_out_channels=32,
+                                 num_classes=3),
+                  mask_roi_extractor=dict(out_channels=32),
+                  mask_head=dict(in_channels=32, conv_out_channels=32,
+                                 num_classes=3)))
+data_root = {str(tiny_workspace / 'data' / 'tiny' / 'coco') + '/'!r}
+train_dataloader = dict(batch_size=2, num_workers=0,
+                        persistent_workers=False,
+                        dataset=dict(data_root=data_root, metainfo=dict(
+                            classes=('square', 'disk', 'triangle')),
+                            pipeline=[
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=(160, 128), keep_ratio=True),
+    dict(type='PackDetInputs')]))
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=2)
+val_dataloader = val_cfg = val_evaluator = None
+test_dataloader = test_cfg = test_evaluator = None
+optim_wrapper = dict(optimizer=dict(type='AdamW', lr=1e-3))
+param_scheduler = []
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval=2),
+                     logger=dict(interval=1))
+log_processor = dict(by_epoch=False)
+''')
+    code = ('from mmengine.config import Config\n'
+            'from mmengine.runner import Runner\n'
+            "cfg = Config.fromfile('my_vit_mask_rcnn.py')\n"
+            "cfg.work_dir = 'work'\n"
+            'Runner.from_cfg(cfg).train()\n')
+    env = dict(os.environ, OMP_NUM_THREADS='2')
+    env.pop('PYTHONPATH', None)  # nothing of this repo on the path
+    out = subprocess.run([sys.executable, '-c', code], cwd=str(own),
+                         env=env, capture_output=True, text=True,
+                         timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert re.search(r'Iter\(train\) \[2/2\].*loss_mask', text)
+    saved = torch.load(own / 'work' / 'iter_2.pth', weights_only=False)
+    assert 'backbone.prompts.0.tokens' in saved['state_dict']
+
+
+# ---------------------------------------------------------------- refusals
+def test_tools_refuse_bad_invocations(tmp_path):
+    config = TINY['mask_rcnn']
+    bad_scope = tmp_path / 'bad_scope.py'
+    bad_scope.write_text("default_scope = 'mmpretrain'\n")
+    cases = [
+        (tool('train.py', bad_scope), 1,
+         r"`default_scope` of .* must be one of \['mmdet', 'mmseg'\]"),
+        (tool('train.py', tmp_path / 'nope.py'), 1,
+         'config file not found'),
+        (tool('train.py', config, '--launcher', 'lsf'), 2,
+         r"--launcher: invalid choice: 'lsf'"),
+        (tool('train.py', config, '--amp'), 1, '--amp needs a CUDA GPU'),
+        (tool('train.py', config, '--resume', tmp_path / 'gone.pth'), 1,
+         'no checkpoint file'),
+        (tool('test.py', config, tmp_path / 'gone.pth'), 1,
+         'checkpoint file not found'),
+        (['bash', osp.join(TOOLS, 'dist_train.sh'), config, '0'], 2,
+         'GPUS must be a positive integer'),
+        (['bash', osp.join(TOOLS, 'dist_test.sh'), config], 2, 'usage:'),
+    ]
+    for cmd, code, message in cases:
+        text = run(cmd, tmp_path, expect=code, timeout=300)
+        assert re.search(message, text), f'{cmd}: {text[-1500:]}'
+
+
+# ---------------------------------------------- trainable-only checkpoints
+def save_tiny_backbone(config, path, seed):
+    """A 'pretrained' file for the tiny config's ViT, in MAE's layout."""
+    from bpt_mm.models import PromptedViT
+    backbone = Config.fromfile(config).model.backbone
+    torch.manual_seed(seed)
+    vit = PromptedViT(arch=backbone.arch, img_size=backbone.img_size,
+                      patch_size=backbone.patch_size)
+    torch.save({'model': vit.state_dict()}, path)
+    return path
+
+
+def test_trainable_only_checkpoint_tests_merges_and_refuses(
+        tiny_workspace, tmp_path):
+    base = TINY['upernet']
+    pretrained = save_tiny_backbone(base, tmp_path / 'vit.pth', seed=3)
+
+    def with_backbone(path):
+        def edit(cfg):
+            cfg.model.backbone.init_cfg = None if path is None else dict(
+                type='Pretrained', checkpoint=str(path))
+            cfg.custom_hooks.append(dict(type='TrainableCheckpointHook'))
+        return edit
+
+    config = write_config(tmp_path, base, with_backbone(pretrained))
+    work = tmp_path / 'work'
+    text = run(tool('train.py', config, '--work-dir', work, '--cfg-options',
+                    *SHORT), tiny_workspace)
+    val = last_metrics(text, 'val')
+    assert re.search(r'TrainableCheckpointHook: checkpoint weights '
+                     r'[\d.]+ MiB instead of [\d.]+ MiB', text)
+    small = work / 'iter_4.pth'
+    state = torch.load(small, weights_only=False)['state_dict']
+    assert not any(k.startswith('backbone.blocks.') for k in state)
+    assert 'backbone.prompts.0.coefficients' in state
+    assert any(k.startswith('decode_head.') for k in state)
+    assert any(k.startswith('neck.') for k in state)
+
+    # tools/test.py restores the backbone from init_cfg: the numbers of
+    # the validation at the end of training come back
+    text = run(tool('test.py', config, small, '--work-dir',
+                    tmp_path / 't1'), tiny_workspace)
+    assert 'restored' in text and 'frozen backbone tensors' in text
+    assert last_metrics(text, 'test')['mIoU'] == val['mIoU']
+    assert last_metrics(text, 'test')['aAcc'] == val['aAcc']
+
+    # merged into one full checkpoint, it needs no pretrained file at all
+    full = tmp_path / 'full.pth'
+    text = run(tool('merge_checkpoint.py', config, small, full),
+               tiny_workspace)
+    assert re.search(r'merged \d+ backbone tensors', text)
+    merged = torch.load(full, weights_only=False)['state_dict']
+    assert set(state) < set(merged)
+    assert any(k.startswith('backbone.blocks.') for k in merged)
+    no_backbone = write_config(tmp_path, base, with_backbone(None),
+                               'no_backbone.py')
+    text = run(tool('test.py', no_backbone, full, '--work-dir',
+                    tmp_path / 't2'), tiny_workspace)
+    assert last_metrics(text, 'test')['aAcc'] == val['aAcc']
+
+    # the small checkpoint without a pretrained backbone: refused, never
+    # evaluated on a random one; with another backbone: refused
+    text = run(tool('test.py', no_backbone, small, '--work-dir',
+                    tmp_path / 't3'), tiny_workspace, expect=1)
+    assert 'names no pretrained checkpoint' in text
+    other = save_tiny_backbone(base, tmp_path / 'other.pth', seed=4)
+    other_cfg = write_config(tmp_path, base, with_backbone(other),
+                             'other.py')
+    text = run(tool('test.py', other_cfg, small, '--work-dir',
+                    tmp_path / 't4'), tiny_workspace, expect=1)
+    assert 'is not the one this checkpoint was trained on' in text

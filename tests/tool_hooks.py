@@ -1,0 +1,41 @@
+"""Hooks that only the end-to-end tests use (imported through
+``custom_imports`` in the configs the tests write; tests/ is put on
+PYTHONPATH)."""
+import os
+import os.path as osp
+
+import torch
+from mmengine.dist import get_rank
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class DumpTrainableHook(Hook):
+    """Write this rank's trainable parameters to ``out_dir/rank{r}.pth``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def after_train(self, runner) -> None:
+        model = getattr(runner.model, 'module', runner.model)
+        state = {k: v.detach().cpu().clone()
+                 for k, v in model.named_parameters() if v.requires_grad}
+        os.makedirs(self.out_dir, exist_ok=True)
+        torch.save(state, osp.join(self.out_dir, f'rank{get_rank()}.pth'))
+
+
+@HOOKS.register_module()
+class CrashHook(Hook):
+    """End the process abruptly, as a killed job does, after iteration
+    ``at_iter`` (1-based) has run its other hooks (checkpointing included)."""
+
+    priority = 'LOWEST'
+
+    def __init__(self, at_iter: int) -> None:
+        self.at_iter = at_iter
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None) -> None:
+        if runner.iter + 1 == self.at_iter:
+            os._exit(3)
