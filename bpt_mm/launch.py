@@ -4,12 +4,13 @@ visualisation switches, and the runner itself.
 
 The tools stay thin scripts over these functions, as mmdet's and mmseg's do.
 """
+import argparse
 import os
 import os.path as osp
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 
 #: The OpenMMLab libraries whose configs the tools run, by ``default_scope``.
 SCOPES = ('mmdet', 'mmseg')
@@ -52,6 +53,32 @@ def load_config(path: str,
 def default_work_dir(config_path: str) -> str:
     """``./work_dirs/<config name>``, the mmdet/mmseg default."""
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def add_common_arguments(parser: argparse.ArgumentParser,
+                         example_option: str) -> None:
+    """The flags train.py and test.py share: ``--work-dir``,
+    ``--cfg-options``, ``--launcher`` and ``--local_rank``."""
+    parser.add_argument('--work-dir', help='where logs and checkpoints go '
+                        '(default: ./work_dirs/<config name>)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help=f'override config keys, e.g. {example_option}')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
+                        help='job launcher')
+    # torch < 2 launchers pass --local_rank, torchrun sets LOCAL_RANK.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load ``args.config`` with ``--cfg-options``, set the work dir and the
+    launcher (see :func:`load_config` and :func:`setup_launcher`)."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or \
+        default_work_dir(args.config)
+    setup_launcher(cfg, args.launcher)
+    return cfg
 
 
 def _rank_env_from(launcher: str) -> None:

@@ -116,7 +116,47 @@ def test_dist_train_two_processes_end_with_identical_weights(
     assert not any('.prompts.2.basis' in k for k in ranks[0])  # frozen
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-    assert (tmp_path / 'work' / 'iter_4.pth').is_file()
+    ckpt = tmp_path / 'work' / 'iter_4.pth'
+    assert ckpt.is_file()
+
+    # and the checkpoint is evaluated by two processes, each on half the set
+    text = run(['bash', osp.join(TOOLS, 'dist_test.sh'), config, ckpt, '2',
+                '--work-dir', tmp_path / 'test'], tiny_workspace, threads=1,
+               PYTHON=sys.executable, PORT='29518')
+    assert set(METRICS['mmdet']) <= set(last_metrics(text, 'test'))
+
+
+def test_slurm_train_passes_its_settings_to_srun(tiny_workspace, tmp_path):
+    """No Slurm here: a stand-in `srun` records its options and runs the
+    task as one Slurm process would (SLURM_* variables, --launcher slurm)."""
+    fake = tmp_path / 'bin'
+    fake.mkdir()
+    (fake / 'srun').write_text(
+        '#!/usr/bin/env bash\n'
+        'echo "$@" > "$SRUN_LOG"\n'
+        'while [ $# -gt 0 ]; do case "$1" in\n'
+        '  -p) shift 2 ;; --*) shift ;; *) break ;; esac; done\n'
+        'SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0 '
+        'MASTER_ADDR=127.0.0.1 MASTER_PORT=29519 exec "$@"\n')
+    (fake / 'srun').chmod(0o755)
+    log = tmp_path / 'srun.log'
+    config = write_config(tmp_path, TINY['mask_rcnn'], lambda cfg: (
+        cfg.train_cfg.update(max_iters=2), no_val(cfg),
+        cfg.default_hooks.checkpoint.update(interval=2)))
+    work = tmp_path / 'work'
+    text = run(['bash', osp.join(TOOLS, 'slurm_train.sh'), 'gpu_part',
+                'bpt_job', config, work], tiny_workspace, GPUS='1',
+               GPUS_PER_NODE='1', CPUS_PER_TASK='2', SRUN_LOG=str(log),
+               PYTHON=sys.executable,
+               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    srun_args = log.read_text().split()
+    assert srun_args[:2] == ['-p', 'gpu_part']
+    for option in ('--job-name=bpt_job', '--gres=gpu:1', '--ntasks=1',
+                   '--ntasks-per-node=1', '--cpus-per-task=2'):
+        assert option in srun_args, srun_args
+    assert '--launcher=slurm' in srun_args
+    assert "'backend': 'gloo'" in text or "backend='gloo'" in text
+    assert (work / 'iter_2.pth').is_file()
 
 
 def test_resume_after_a_crash_ends_like_an_uninterrupted_run(
@@ -225,29 +265,46 @@ log_processor = dict(by_epoch=False)
 
 
 # ---------------------------------------------------------------- refusals
+def load_tool(name):
+    """tools/<name>.py as a module, to call its main(argv) in-process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        f'bpt_mm_tool_{name}', osp.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_tools_refuse_bad_invocations(tmp_path):
+    train, test = load_tool('train'), load_tool('test')
     config = TINY['mask_rcnn']
     bad_scope = tmp_path / 'bad_scope.py'
     bad_scope.write_text("default_scope = 'mmpretrain'\n")
     cases = [
-        (tool('train.py', bad_scope), 1,
+        (train, [bad_scope], ValueError,
          r"`default_scope` of .* must be one of \['mmdet', 'mmseg'\]"),
-        (tool('train.py', tmp_path / 'nope.py'), 1,
+        (train, [tmp_path / 'nope.py'], FileNotFoundError,
          'config file not found'),
-        (tool('train.py', config, '--launcher', 'lsf'), 2,
-         r"--launcher: invalid choice: 'lsf'"),
-        (tool('train.py', config, '--amp'), 1, '--amp needs a CUDA GPU'),
-        (tool('train.py', config, '--resume', tmp_path / 'gone.pth'), 1,
-         'no checkpoint file'),
-        (tool('test.py', config, tmp_path / 'gone.pth'), 1,
+        (train, [config, '--amp'], RuntimeError, '--amp needs a CUDA GPU'),
+        (train, [config, '--resume', tmp_path / 'gone.pth'],
+         FileNotFoundError, 'no checkpoint file'),
+        (test, [config, tmp_path / 'gone.pth'], FileNotFoundError,
          'checkpoint file not found'),
-        (['bash', osp.join(TOOLS, 'dist_train.sh'), config, '0'], 2,
-         'GPUS must be a positive integer'),
-        (['bash', osp.join(TOOLS, 'dist_test.sh'), config], 2, 'usage:'),
     ]
-    for cmd, code, message in cases:
-        text = run(cmd, tmp_path, expect=code, timeout=300)
-        assert re.search(message, text), f'{cmd}: {text[-1500:]}'
+    for module, argv, error, message in cases:
+        with pytest.raises(error, match=message):
+            module.main([str(a) for a in argv])
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([config, '--launcher', 'lsf'])
+    assert exit_info.value.code == 2
+    # the shell launchers check their arguments before starting anything
+    for cmd, message in [
+            (['bash', osp.join(TOOLS, 'dist_train.sh'), config, '0'],
+             'GPUS must be a positive integer'),
+            (['bash', osp.join(TOOLS, 'dist_test.sh'), config], 'usage:'),
+            (['bash', osp.join(TOOLS, 'slurm_train.sh'), 'p'], 'usage:')]:
+        text = run(cmd, tmp_path, expect=2, timeout=60)
+        assert message in text, text
 
 
 # ---------------------------------------------- trainable-only checkpoints

@@ -12,23 +12,18 @@ Examples:
     bash tools/dist_train.sh CONFIG 8                # 8 processes
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
-from mmengine.config import DictAction
-
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from bpt_mm.launch import (LAUNCHERS, build_runner,  # noqa: E402
-                           default_work_dir, enable_amp, load_config,
-                           setup_launcher)
+from bpt_mm.launch import (add_common_arguments,  # noqa: E402
+                           build_runner, config_from_args, enable_amp)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train a bpt_mm model')
     parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='where logs and checkpoints go '
-                        '(default: ./work_dirs/<config name>)')
+    add_common_arguments(parser, 'train_cfg.max_iters=20')
     parser.add_argument('--amp', action='store_true',
                         help='mixed-precision training (CUDA only)')
     parser.add_argument('--auto-scale-lr', action='store_true',
@@ -38,24 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--resume', nargs='?', type=str, const='auto',
         help='resume from CKPT, or without a value from the latest '
         'checkpoint in the work dir')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override config keys, e.g. train_cfg.max_iters=20')
-    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
-                        help='job launcher')
-    # torch < 2 launchers pass --local_rank, torchrun sets LOCAL_RANK.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options)
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or \
-        default_work_dir(args.config)
-    setup_launcher(cfg, args.launcher)
+    cfg = config_from_args(args)
     if args.amp:
         enable_amp(cfg)
     if args.auto_scale_lr:
@@ -65,6 +48,12 @@ def main(argv=None) -> None:
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
+        from mmengine.runner import find_latest_checkpoint
+        if find_latest_checkpoint(cfg.work_dir) is None:
+            # mmengine starts from scratch then; say so before it does.
+            print(f'--resume: no checkpoint in {cfg.work_dir!r} yet '
+                  f'(no last_checkpoint file); training starts from '
+                  f'iteration 0', file=sys.stderr)
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume: no checkpoint file '
