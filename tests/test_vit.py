@@ -473,3 +473,48 @@ def test_init_cfg_bad_keys_are_named(tmp_path):
         small_vit(init_cfg=dict(type='Pretrained',
                                 checkpoint=str(tmp_path / 'missing.pth'))
                   ).init_weights()
+
+
+@pytest.mark.parametrize('window', [0, 2])
+def test_inference_caches_deep_prompt_keys_values_until_weights_change(
+        window):
+    torch.manual_seed(0)
+    model = small_vit(window_size=window,
+                      global_attn_indexes=(2, ) if window else (),
+                      prompt=dict(type='BilinearPrompt', num_tokens=3,
+                                  rank=2, depth='deep'))
+    model.eval()
+    x = torch.rand(2, 3, 32, 48)
+
+    def uncached():  # autograd on: the prompts are recomputed
+        with torch.enable_grad():
+            return model(x)[0].detach()
+
+    with torch.no_grad():
+        first = model(x)[0]
+        kv = {i: entry[1] for i, entry in model._prompt_kv_cache.items()}
+        again = model(x)[0]
+    assert sorted(kv) == [0, 1, 2]
+    # a second forward reuses the very same tensors
+    assert all(model._prompt_kv_cache[i][1] is kv[i] for i in kv)
+    torch.testing.assert_close(first, uncached(), rtol=0, atol=1e-6)
+    assert torch.equal(first, again)
+
+    # an optimizer step on the prompts (in place) invalidates the cache
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(x)[0].sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        stepped = model(x)[0]
+    assert not torch.allclose(stepped, first)
+    torch.testing.assert_close(stepped, uncached(), rtol=0, atol=1e-6)
+
+    # so does loading other weights, frozen ones included
+    state = {k: v + 0.01 for k, v in model.state_dict().items()
+             if k.startswith('blocks.1.attn.qkv')}
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        loaded = model(x)[0]
+    torch.testing.assert_close(loaded, uncached(), rtol=0, atol=1e-6)
+    assert not torch.allclose(loaded, stepped)

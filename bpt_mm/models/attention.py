@@ -24,8 +24,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+KeysValues = Tuple[Tensor, Tensor]
+
+
+def keys_values(attn: torch.nn.Module, tokens: Tensor) -> KeysValues:
+    """Keys and values of normalised ``tokens`` ``(B, M, C)``, each
+    ``(B, heads, M, head_dim)``.
+
+    Only the key/value rows of the ``qkv`` projection are used: a query of
+    these tokens would be computed and thrown away.
+    """
+    heads, head_dim = attn.num_heads, attn.head_dim
+    inner = heads * head_dim
+    bias = attn.qkv.bias[inner:] if attn.qkv.bias is not None else None
+    kv = F.linear(tokens, attn.qkv.weight[inner:], bias)
+    B, M, _ = tokens.shape
+    kv = kv.reshape(B, M, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return kv[0], kv[1]
+
+
 def attention_forward(attn: torch.nn.Module, x: Tensor,
-                      kv_tokens: Optional[Tensor] = None) -> Tensor:
+                      kv_tokens: Optional[Tensor] = None,
+                      extra_kv: Optional[KeysValues] = None) -> Tensor:
     """Multi-head self-attention of timm's ``Attention`` with extra keys.
 
     Args:
@@ -33,6 +53,9 @@ def attention_forward(attn: torch.nn.Module, x: Tensor,
         x (Tensor): Normalised tokens ``(B, N, C)`` that are queried.
         kv_tokens (Tensor, optional): Normalised tokens ``(B or 1, M, C)``
             that only contribute keys and values.
+        extra_kv (tuple, optional): Keys and values computed beforehand
+            (:func:`keys_values`), ``(B or 1, heads, M', head_dim)`` each,
+            appended after those of ``kv_tokens``.
 
     Returns:
         Tensor: ``(B, N, C)``, the attention output for ``x``.
@@ -42,19 +65,16 @@ def attention_forward(attn: torch.nn.Module, x: Tensor,
     inner = heads * head_dim
     qkv = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
+    extras = []
     if kv_tokens is not None:
-        # Only the key/value rows of the projection: the prompt's query would
-        # be computed and thrown away.
-        bias = attn.qkv.bias[inner:] if attn.qkv.bias is not None else None
-        kv = F.linear(kv_tokens, attn.qkv.weight[inner:], bias)
-        Bk, M, _ = kv_tokens.shape
-        kv = kv.reshape(Bk, M, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        k_extra, v_extra = kv.unbind(0)
-        if Bk != B:
-            k_extra = k_extra.expand(B, -1, -1, -1)
-            v_extra = v_extra.expand(B, -1, -1, -1)
-        k = torch.cat([k, k_extra], dim=2)
-        v = torch.cat([v, v_extra], dim=2)
+        extras.append(keys_values(attn, kv_tokens))
+    if extra_kv is not None:
+        extras.append(extra_kv)
+    if extras:
+        k = torch.cat([k] + [ek.expand(B, -1, -1, -1) for ek, _ in extras],
+                      dim=2)
+        v = torch.cat([v] + [ev.expand(B, -1, -1, -1) for _, ev in extras],
+                      dim=2)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(
         q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
@@ -104,7 +124,8 @@ def prompted_block_forward(block: torch.nn.Module, x: Tensor,
                            kv_tokens: Optional[Tensor] = None,
                            window_size: int = 0,
                            num_prefix_tokens: int = 0,
-                           grid_hw: Optional[Tuple[int, int]] = None
+                           grid_hw: Optional[Tuple[int, int]] = None,
+                           prompt_kv: Optional[KeysValues] = None
                            ) -> Tensor:
     """Run a timm ViT ``Block`` with optional key/value-only tokens.
 
@@ -119,32 +140,41 @@ def prompted_block_forward(block: torch.nn.Module, x: Tensor,
         num_prefix_tokens (int): Leading tokens that are not patches. Only
             used by windowed blocks.
         grid_hw (tuple): ``(h, w)`` of the patch grid, for windowed blocks.
+        prompt_kv (tuple, optional): The keys and values of ``kv_tokens``
+            computed beforehand (:func:`block_prompt_keys_values`), used
+            instead of ``kv_tokens``; they do not depend on the image, so at
+            inference they are computed once.
 
     Returns:
         Tensor: ``(B, L, C)``.
     """
-    kv = block.norm1(kv_tokens) if kv_tokens is not None else None
+    if prompt_kv is None and kv_tokens is not None:
+        prompt_kv = block_prompt_keys_values(block, kv_tokens)
     if window_size <= 0:
         x = x + block.drop_path1(block.ls1(attention_forward(
-            block.attn, block.norm1(x), kv)))
+            block.attn, block.norm1(x), extra_kv=prompt_kv)))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
     B, _, C = patches.shape
     h, w = grid_hw
-    extra = block.norm1(prefix) if num_prefix_tokens else None
-    if kv is not None:
-        kv = kv.expand(B, -1, -1)
-        extra = kv if extra is None else torch.cat([extra, kv], dim=1)
     windows, padded_hw = window_partition(
         block.norm1(patches).view(B, h, w, C), window_size)
-    if extra is not None:
-        # Every window of an image sees that image's prefix and prompts.
-        num_windows = windows.shape[0] // B
-        extra = extra.repeat_interleave(num_windows, dim=0)
-    out = attention_forward(block.attn, windows, extra)
+    num_windows = windows.shape[0] // B
+    # Every window of an image sees that image's prefix tokens and the
+    # prompts (the same for every image and window).
+    extra = block.norm1(prefix).repeat_interleave(num_windows, dim=0) \
+        if num_prefix_tokens else None
+    out = attention_forward(block.attn, windows, extra, prompt_kv)
     out = window_unpartition(out, window_size, padded_hw, (h, w))
     patches = patches + block.drop_path1(block.ls1(out.reshape(B, h * w, C)))
     patches = patches + block.drop_path2(
         block.ls2(block.mlp(block.norm2(patches))))
     return torch.cat([prefix, patches], dim=1)
+
+
+def block_prompt_keys_values(block: torch.nn.Module,
+                             prompt: Tensor) -> KeysValues:
+    """Keys and values of key/value-only prompt tokens ``(1, M, C)``
+    (before the block's LayerNorm) in ``block``."""
+    return keys_values(block.attn, block.norm1(prompt))

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bpt_mm.registry import PROMPTS, register_model
-from .attention import prompted_block_forward
+from .attention import block_prompt_keys_values, prompted_block_forward
 from .prompts import (BasePrompt, build_prompt, check_positive_int,
                       prompt_type_options)
 
@@ -269,6 +269,9 @@ class PromptedViT(BaseModule):
         self._whitening_confirmed = False
         #: Set by :meth:`init_weights` once the pretrained weights are in.
         self.pretrained_loaded = False
+        # Deep prompts' keys/values at inference (see _cached_prompt_kv);
+        # not state: never saved, rebuilt on demand.
+        self._prompt_kv_cache: Dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ set-up
     def _init_backbone_weights(self) -> None:
@@ -558,9 +561,14 @@ class PromptedViT(BaseModule):
                            prompt.expand(x.shape[0], -1, -1),
                            x[:, num_prefix:]], dim=1)
             num_prefix += prompt.shape[1]
+        inference = not grad_enabled and not self.training
         for i, block in enumerate(self.blocks):
-            kv = self.prompt_tokens(i) if deep else None
-            kv = kv.unsqueeze(0) if kv is not None else None
+            kv = prompt_kv = None
+            if deep and str(i) in self.prompts:
+                if inference:
+                    prompt_kv = self._cached_prompt_kv(i, block)
+                else:
+                    kv = self.prompt_tokens(i).unsqueeze(0)
             window = 0 if (not self.window_size
                            or i in self.global_attn_indexes) \
                 else self.window_size
@@ -572,9 +580,31 @@ class PromptedViT(BaseModule):
                                      use_reentrant=False)
                 else:
                     out = prompted_block_forward(block, x, kv, window,
-                                                 num_prefix, hw)
+                                                 num_prefix, hw, prompt_kv)
             yield i, x, out, hw
             x = out
+
+    def _cached_prompt_kv(self, index: int, block: nn.Module):
+        """Keys and values of block ``index``'s deep prompts, at inference.
+
+        They depend on the prompt parameters, the block's ``norm1`` and
+        ``qkv`` weights only, not on the image, so they are computed once
+        and reused until one of those tensors changes: an optimizer step or
+        ``load_state_dict`` bumps a tensor's version counter, ``.to()`` or a
+        reassignment changes its storage, and either makes the entry stale.
+        """
+        tensors = [*self.prompts[str(index)].parameters(),
+                   *self.prompts[str(index)].buffers(),
+                   *block.norm1.parameters(), *block.attn.qkv.parameters()]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                    for t in tensors)
+        hit = self._prompt_kv_cache.get(index)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        kv = block_prompt_keys_values(block,
+                                      self.prompt_tokens(index).unsqueeze(0))
+        self._prompt_kv_cache[index] = (key, kv)
+        return kv
 
     @property
     def num_sequence_prefix_tokens(self) -> int:

@@ -1,0 +1,58 @@
+"""tools/benchmark.py at a tiny size: what it reports, not how fast."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOL = osp.join(ROOT, 'tools', 'benchmark.py')
+
+
+def test_benchmark_reports_ratios_to_full_finetuning(tmp_path):
+    from bpt_mm.models import PromptedViT
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    try:
+        from benchmark import VARIANTS
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / 'bench.json'
+    names = ['full_finetune', 'bpt_bilinear_deep_top4']
+    run = subprocess.run(
+        [sys.executable, TOOL, '--arch', 'tiny', '--size', '32', '--steps',
+         '1', '--warmup', '0', '--threads', '1', '--out', str(out),
+         '--whitening-images', '2', '--variants', *names], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report['rows']
+    assert report['whitening']['images'] == 2
+    assert report['whitening']['seconds'] > 0
+    assert 'Whitening (2 images at 32x32)' in run.stdout
+    assert [r['variant'] for r in rows] == names
+    full, bpt = rows
+    assert full['train_step_ratio'] == full['peak_ratio'] == 1.0
+    assert bpt['train_step_ratio'] == pytest.approx(
+        bpt['train_step_s'] / full['train_step_s'])
+    # the counts are those of the model the variant names
+    for row in rows:
+        model = PromptedViT(arch='tiny', **VARIANTS[row['variant']])
+        assert row['trainable_params'] == sum(
+            p.numel() for p in model.parameters() if p.requires_grad)
+        assert row['frozen_params_with_grad'] == 0
+    assert bpt['trainable_params'] == 4 * 100 * 100 + 4 * 192 * 100
+    assert '| bpt_bilinear_deep_top4 | 116,800 |' in run.stdout
+    assert run.stdout.count('× |') >= 2
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--variants', 'lora'], "unknown --variants ['lora']"),
+    (['--size', '0'], '--size must be a positive int'),
+    (['--whitening-images', '-1'], '--whitening-images must be >= 0'),
+    (['--config', 'missing.py'], "--config: no such file 'missing.py'"),
+])
+def test_benchmark_refuses_bad_arguments(argv, message):
+    run = subprocess.run([sys.executable, TOOL, *argv], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert message in run.stderr
