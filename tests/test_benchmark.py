@@ -56,3 +56,18 @@ def test_benchmark_refuses_bad_arguments(argv, message):
                          text=True, timeout=120)
     assert run.returncode == 2
     assert message in run.stderr
+
+
+def test_interleaved_inference_compares_against_the_unprompted_vit():
+    run = subprocess.run(
+        [sys.executable, TOOL, '--arch', 'tiny', '--infer-size', '32',
+         '--steps', '1', '--threads', '1', '--interleaved-inference',
+         '--variants', 'bpt_bilinear_deep', 'vpt_shallow'],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split('|')[1:-1] for line in run.stdout.splitlines()
+            if line.startswith('| ') and 'variant' not in line]
+    assert [r[0].strip() for r in rows] == [
+        'unprompted', 'bpt_bilinear_deep', 'vpt_shallow']
+    assert rows[0][2].strip() == '1.000×'
+    assert all(float(r[2].strip().rstrip('×')) > 0 for r in rows)

@@ -90,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='also time BPTWhiteningHook\'s computation '
                         '(shallow bilinear, whitening-initialised B) over '
                         'this many random images at --size (0: skip)')
+    parser.add_argument('--interleaved-inference', action='store_true',
+                        help='instead of the table: inference of each '
+                        'variant against the un-prompted ViT with the same '
+                        'weights, in one process, runs alternating (less '
+                        'noisy than comparing processes)')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key in ('size', 'batch', 'steps'):
@@ -311,8 +316,55 @@ def whitening_summary(result: Dict[str, Any], rows: List[Dict[str, Any]],
     return text
 
 
+def interleaved_inference(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Inference time of each variant over that of the un-prompted ViT.
+
+    All models share the frozen weights and run in this process, one
+    forward each in turn, ``--steps`` rounds after a warm-up round; the
+    ratio is of the medians. Process-to-process differences on a busy CPU
+    (10% between two identical forwards was seen here) cancel out.
+    """
+    import torch
+
+    import bpt_mm  # noqa: F401
+    from bpt_mm.models import PromptedViT
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    plain = PromptedViT(arch=args.arch).eval()
+    models = {'unprompted': plain}
+    for name in args.variants or [n for n, v in VARIANTS.items()
+                                  if v.get('prompt')]:
+        model = PromptedViT(**_backbone_kwargs(name, args)).eval()
+        model.load_state_dict(plain.state_dict(), strict=False)
+        models[name] = model
+    x = torch.rand(args.batch, 3, args.infer_size, args.infer_size)
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for round_ in range(args.steps + 1):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                if round_:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+    base = statistics.median(times['unprompted'])
+    return [dict(variant=name, inference_s=statistics.median(t),
+                 ratio=statistics.median(t) / base)
+            for name, t in times.items()]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.interleaved_inference:
+        rows = interleaved_inference(args)
+        print(f'ViT-{args.arch}, inference {args.infer_size}x'
+              f'{args.infer_size}, batch {args.batch}, one process, '
+              f'median of {args.steps} alternating rounds\n')
+        print('| variant | inference s | × un-prompted |\n|---|---:|---:|')
+        for r in rows:
+            print(f"| {r['variant']} | {r['inference_s']:.3f} | "
+                  f"{r['ratio']:.3f}× |")
+        return 0
     if args.worker == WHITENING:
         print(json.dumps(run_whitening_worker(args)))
         return 0
