@@ -71,3 +71,17 @@ def test_interleaved_inference_compares_against_the_unprompted_vit():
         'unprompted', 'bpt_bilinear_deep', 'vpt_shallow']
     assert rows[0][2].strip() == '1.000×'
     assert all(float(r[2].strip().rstrip('×')) > 0 for r in rows)
+
+
+def test_interleaved_train_compares_against_full_finetuning():
+    run = subprocess.run(
+        [sys.executable, TOOL, '--arch', 'tiny', '--size', '32', '--steps',
+         '1', '--threads', '1', '--interleaved-train', '--variants',
+         'bpt_bilinear_deep_top4'], capture_output=True, text=True,
+        timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split('|')[1:-1] for line in run.stdout.splitlines()
+            if line.startswith('| ') and 'variant' not in line]
+    assert [r[0].strip() for r in rows] == ['full_finetune',
+                                            'bpt_bilinear_deep_top4']
+    assert rows[0][2].strip() == '1.000×'

@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'variant against the un-prompted ViT with the same '
                         'weights, in one process, runs alternating (less '
                         'noisy than comparing processes)')
+    parser.add_argument('--interleaved-train', action='store_true',
+                        help='instead of the table: train step of each '
+                        'variant against full fine-tuning in one process, '
+                        'steps alternating')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key in ('size', 'batch', 'steps'):
@@ -353,8 +357,64 @@ def interleaved_inference(args: argparse.Namespace) -> List[Dict[str, Any]]:
             for name, t in times.items()]
 
 
+def interleaved_train(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Train-step time of each variant over that of full fine-tuning, all
+    in this process, one step each in turn (see
+    :func:`interleaved_inference`); the same weights, head and input."""
+    import torch
+
+    import bpt_mm  # noqa: F401
+    from bpt_mm.models import PromptedViT
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    names = [REFERENCE] + [n for n in (args.variants or VARIANTS)
+                           if n != REFERENCE]
+    steps = {}
+    state = None
+    for name in names:
+        backbone = PromptedViT(**_backbone_kwargs(name, args)).train()
+        if state is None:
+            state = backbone.state_dict()
+        else:
+            backbone.load_state_dict(state, strict=False)
+        head = torch.nn.Conv2d(backbone.embed_dims, 1, 1)
+        params = [p for p in [*backbone.parameters(), *head.parameters()]
+                  if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(backbone=backbone, head=head, optimizer=optimizer):
+            loss = head(backbone(x)[-1]).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[name] = step
+    x = torch.rand(args.batch, 3, args.size, args.size)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for round_ in range(args.steps + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times[REFERENCE])
+    return [dict(variant=name, train_step_s=statistics.median(t),
+                 ratio=statistics.median(t) / base)
+            for name, t in times.items()]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.interleaved_train:
+        rows = interleaved_train(args)
+        print(f'ViT-{args.arch}, train {args.size}x{args.size}, batch '
+              f'{args.batch}, one process, median of {args.steps} '
+              f'alternating rounds\n')
+        print('| variant | train step s | × full |\n|---|---:|---:|')
+        for r in rows:
+            print(f"| {r['variant']} | {r['train_step_s']:.3f} | "
+                  f"{r['ratio']:.3f}× |")
+        return 0
     if args.interleaved_inference:
         rows = interleaved_inference(args)
         print(f'ViT-{args.arch}, inference {args.infer_size}x'
