@@ -320,110 +320,119 @@ def whitening_summary(result: Dict[str, Any], rows: List[Dict[str, Any]],
     return text
 
 
-def interleaved_inference(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Inference time of each variant over that of the un-prompted ViT.
+def _same_weight_backbones(kwargs_by_name: Dict[str, Dict[str, Any]],
+                           args: argparse.Namespace) -> Dict[str, Any]:
+    """PromptedViTs built from each entry, all with the first's frozen
+    weights (prompts keep their own initialisation)."""
+    import torch
+
+    import bpt_mm  # noqa: F401
+    from bpt_mm.models import PromptedViT
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    backbones: Dict[str, Any] = {}
+    for name, kwargs in kwargs_by_name.items():
+        backbone = PromptedViT(**kwargs)
+        if backbones:
+            backbone.load_state_dict(
+                next(iter(backbones.values())).state_dict(), strict=False)
+        backbones[name] = backbone
+    return backbones
+
+
+def _alternate(calls: Dict[str, Any], rounds: int) -> Dict[str, float]:
+    """Median seconds of each call, the calls run one after the other for
+    ``rounds`` rounds after one warm-up round."""
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for round_ in range(rounds + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def interleaved_inference(args: argparse.Namespace) -> Dict[str, float]:
+    """Inference seconds of the un-prompted ViT and of each variant.
 
     All models share the frozen weights and run in this process, one
-    forward each in turn, ``--steps`` rounds after a warm-up round; the
-    ratio is of the medians. Process-to-process differences on a busy CPU
-    (10% between two identical forwards was seen here) cancel out.
+    forward each in turn (:func:`_alternate`), so process-to-process
+    differences on a busy CPU (9% between two identical forwards was seen
+    here) cancel out of the ratios.
     """
     import torch
-
-    import bpt_mm  # noqa: F401
-    from bpt_mm.models import PromptedViT
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    plain = PromptedViT(arch=args.arch).eval()
-    models = {'unprompted': plain}
-    for name in args.variants or [n for n, v in VARIANTS.items()
-                                  if v.get('prompt')]:
-        model = PromptedViT(**_backbone_kwargs(name, args)).eval()
-        model.load_state_dict(plain.state_dict(), strict=False)
-        models[name] = model
+    names = args.variants or [n for n, v in VARIANTS.items()
+                              if v.get('prompt')]
+    backbones = _same_weight_backbones(
+        {'unprompted': dict(arch=args.arch),
+         **{n: _backbone_kwargs(n, args) for n in names}}, args)
     x = torch.rand(args.batch, 3, args.infer_size, args.infer_size)
-    times: Dict[str, List[float]] = {name: [] for name in models}
+
+    def forward(backbone):
+        backbone.eval()
+        return lambda: backbone(x)
+
     with torch.no_grad():
-        for round_ in range(args.steps + 1):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                if round_:  # the first round warms up
-                    times[name].append(time.perf_counter() - start)
-    base = statistics.median(times['unprompted'])
-    return [dict(variant=name, inference_s=statistics.median(t),
-                 ratio=statistics.median(t) / base)
-            for name, t in times.items()]
+        return _alternate({n: forward(b) for n, b in backbones.items()},
+                          args.steps)
 
 
-def interleaved_train(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Train-step time of each variant over that of full fine-tuning, all
-    in this process, one step each in turn (see
-    :func:`interleaved_inference`); the same weights, head and input."""
+def interleaved_train(args: argparse.Namespace) -> Dict[str, float]:
+    """Train-step seconds of full fine-tuning and of each variant, in this
+    process, one step each in turn (see :func:`interleaved_inference`);
+    the same weights, head shape and input."""
     import torch
-
-    import bpt_mm  # noqa: F401
-    from bpt_mm.models import PromptedViT
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     names = [REFERENCE] + [n for n in (args.variants or VARIANTS)
                            if n != REFERENCE]
-    steps = {}
-    state = None
-    for name in names:
-        backbone = PromptedViT(**_backbone_kwargs(name, args)).train()
-        if state is None:
-            state = backbone.state_dict()
-        else:
-            backbone.load_state_dict(state, strict=False)
+    backbones = _same_weight_backbones(
+        {n: _backbone_kwargs(n, args) for n in names}, args)
+    x = torch.rand(args.batch, 3, args.size, args.size)
+
+    def train_step(backbone):
+        backbone.train()
         head = torch.nn.Conv2d(backbone.embed_dims, 1, 1)
         params = [p for p in [*backbone.parameters(), *head.parameters()]
                   if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-        def step(backbone=backbone, head=head, optimizer=optimizer):
-            loss = head(backbone(x)[-1]).pow(2).mean()
-            loss.backward()
+        def step():
+            head(backbone(x)[-1]).pow(2).mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        steps[name] = step
-    x = torch.rand(args.batch, 3, args.size, args.size)
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for round_ in range(args.steps + 1):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if round_:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times[REFERENCE])
-    return [dict(variant=name, train_step_s=statistics.median(t),
-                 ratio=statistics.median(t) / base)
-            for name, t in times.items()]
+        return step
+
+    return _alternate({n: train_step(b) for n, b in backbones.items()},
+                      args.steps)
+
+
+def ratio_table(medians: Dict[str, float], column: str, reference: str,
+                label: str) -> str:
+    """Markdown: each median and its ratio to ``medians[reference]``, in a
+    column headed ``× label``."""
+    lines = [f'| variant | {column} | × {label} |', '|---|---:|---:|']
+    for name, seconds in medians.items():
+        lines.append(f'| {name} | {seconds:.3f} | '
+                     f'{seconds / medians[reference]:.3f}× |')
+    return '\n'.join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.interleaved_train:
-        rows = interleaved_train(args)
         print(f'ViT-{args.arch}, train {args.size}x{args.size}, batch '
               f'{args.batch}, one process, median of {args.steps} '
               f'alternating rounds\n')
-        print('| variant | train step s | × full |\n|---|---:|---:|')
-        for r in rows:
-            print(f"| {r['variant']} | {r['train_step_s']:.3f} | "
-                  f"{r['ratio']:.3f}× |")
+        print(ratio_table(interleaved_train(args), 'train step s', REFERENCE,
+                          'full'))
         return 0
     if args.interleaved_inference:
-        rows = interleaved_inference(args)
         print(f'ViT-{args.arch}, inference {args.infer_size}x'
               f'{args.infer_size}, batch {args.batch}, one process, '
               f'median of {args.steps} alternating rounds\n')
-        print('| variant | inference s | × un-prompted |\n|---|---:|---:|')
-        for r in rows:
-            print(f"| {r['variant']} | {r['inference_s']:.3f} | "
-                  f"{r['ratio']:.3f}× |")
+        print(ratio_table(interleaved_inference(args), 'inference s',
+                          'unprompted', 'un-prompted'))
         return 0
     if args.worker == WHITENING:
         print(json.dumps(run_whitening_worker(args)))
