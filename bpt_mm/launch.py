@@ -7,7 +7,7 @@ The tools stay thin scripts over these functions, as mmdet's and mmseg's do.
 import argparse
 import os
 import os.path as osp
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
 from mmengine.config import Config, DictAction
@@ -184,17 +184,6 @@ def enable_visualization(cfg: Config, show_dir: str) -> None:
         # default); --show-dir means every prediction, as in mmdet.
         vis['interval'] = 1
         cfg.visualizer['save_dir'] = osp.abspath(show_dir)
-
-
-def has_hook(cfg: Config, names: Sequence[str]) -> bool:
-    """Whether ``cfg.custom_hooks`` has a hook of one of ``names``."""
-    for entry in cfg.get('custom_hooks') or []:
-        kind = entry.get('type') if isinstance(entry, dict) else None
-        name = kind if isinstance(kind, str) else getattr(kind, '__name__',
-                                                          None)
-        if name in names:
-            return True
-    return False
 
 
 def build_runner(cfg: Config):

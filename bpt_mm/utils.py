@@ -1,6 +1,6 @@
 """Trainable-parameter accounting, per group, for any bpt_mm model."""
 from collections import OrderedDict
-from typing import Dict
+from typing import Any, Dict, Optional, Sequence
 
 import torch.nn as nn
 
@@ -69,3 +69,18 @@ def format_trainable_parameters(model: nn.Module) -> str:
                      f"{c['trainable'] / 1e4:>9.2f} "
                      f"{100.0 * c['trainable'] / total:>9.3f}%")
     return '\n'.join(lines)
+
+
+def find_hook_entry(cfg: Any, names: Sequence[str]) -> Optional[dict]:
+    """The first entry of ``cfg.custom_hooks`` whose ``type`` is one of
+    ``names`` (a registered name, or the class itself as pure-Python
+    configs give it), or None."""
+    for entry in cfg.get('custom_hooks', None) or []:
+        if not isinstance(entry, dict):
+            continue
+        kind = entry.get('type')
+        name = kind if isinstance(kind, str) else getattr(kind, '__name__',
+                                                          None)
+        if name in names:
+            return entry
+    return None

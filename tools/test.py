@@ -21,7 +21,8 @@ from bpt_mm.engine.checkpoint_hooks import \
     TRAINABLE_CHECKPOINT_HOOK_TYPES  # noqa: E402
 from bpt_mm.launch import (add_common_arguments,  # noqa: E402
                            build_runner, config_from_args,
-                           enable_visualization, has_hook)
+                           enable_visualization)
+from bpt_mm.utils import find_hook_entry  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def main(argv=None) -> dict:
     cfg = config_from_args(args)
     cfg.load_from = args.checkpoint
     cfg.resume = False
-    if not has_hook(cfg, TRAINABLE_CHECKPOINT_HOOK_TYPES):
+    if find_hook_entry(cfg, TRAINABLE_CHECKPOINT_HOOK_TYPES) is None:
         # The guard that completes (or refuses) a checkpoint without the
         # frozen backbone; it never changes a full checkpoint.
         cfg.setdefault('custom_hooks', []).append(

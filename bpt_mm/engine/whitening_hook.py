@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from bpt_mm.models.vit import find_prompted_backbone, unwrap_model
 from bpt_mm.registry import register_hook
+from bpt_mm.utils import find_hook_entry
 from bpt_mm.whitening import (BASIS_MODES, FewTokensWarning,
                               WhiteningStatistics)
 from bpt_mm.whitening_collect import (apply_whitening, collect_whitening,
@@ -85,17 +86,8 @@ def _stacked_inputs(out: Any) -> Iterator[Tensor]:
 def hook_options_from_config(cfg) -> Dict[str, Any]:
     """The keyword arguments of the BPTWhiteningHook entry of
     ``cfg.custom_hooks`` ({} when there is none)."""
-    for entry in cfg.get('custom_hooks', None) or []:
-        if not isinstance(entry, dict):
-            continue
-        kind = entry.get('type')
-        # A name, or the class itself in a pure-Python (lazy) config.
-        name = kind if isinstance(kind, str) else getattr(kind, '__name__',
-                                                          None)
-        if name in HOOK_TYPES:
-            return {k: v for k, v in entry.items()
-                    if k not in ('type', 'priority')}
-    return {}
+    entry = find_hook_entry(cfg, HOOK_TYPES) or {}
+    return {k: v for k, v in entry.items() if k not in ('type', 'priority')}
 
 
 @register_hook()
