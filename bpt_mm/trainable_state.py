@@ -173,6 +173,14 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
                and prefix + k not in state]
     if not missing:
         return []
+    # Checked before anything is loaded: weights that train cannot come
+    # from the pretrained file.
+    trained = sorted(set(missing) - set(backbone.frozen_state_keys()))
+    if trained:
+        raise CheckpointError(
+            f'the checkpoint lacks backbone weights that train in this model '
+            f'(e.g. {prefix + trained[0]!r}); they cannot come from the '
+            f'pretrained file')
     if not backbone.pretrained_loaded:
         if backbone.pretrained_checkpoint is None:
             what = ' (it holds trainable weights only)' if record else ''
@@ -187,12 +195,6 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
                 f'or load a full checkpoint (tools/merge_checkpoint.py '
                 f'makes one)')
         backbone.init_weights()
-    if not set(missing) <= set(backbone.frozen_state_keys()):
-        trained = sorted(set(missing) - set(backbone.frozen_state_keys()))
-        raise CheckpointError(
-            f'the checkpoint lacks backbone weights that train in this model '
-            f'(e.g. {prefix + trained[0]!r}); they cannot come from the '
-            f'pretrained file')
     expected = record.get('backbone_fingerprint')
     if expected is not None:
         actual = backbone_fingerprint(backbone)

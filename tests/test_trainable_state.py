@@ -136,9 +136,10 @@ def test_missing_trainable_backbone_weights_are_refused(pretrained):
     model = Detector(pretrained, frozen=False)
     state = {k: v for k, v in model.state_dict().items()
              if not k.startswith('backbone.blocks.1.')}
+    fresh = Detector(pretrained, frozen=False)
     with pytest.raises(CheckpointError, match='train in this model'):
-        restore_frozen_backbone(Detector(pretrained, frozen=False),
-                                dict(state_dict=state))
+        restore_frozen_backbone(fresh, dict(state_dict=state))
+    assert not fresh.backbone.pretrained_loaded  # refused before loading
 
 
 def test_check_can_strip_refusals(pretrained):
