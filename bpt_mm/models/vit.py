@@ -272,6 +272,8 @@ class PromptedViT(BaseModule):
         # Deep prompts' keys/values at inference (see _cached_prompt_kv);
         # not state: never saved, rebuilt on demand.
         self._prompt_kv_cache: Dict[int, tuple] = {}
+        # Frozen position embeddings resampled per grid size; not state.
+        self._pos_embed_cache: Dict[Tuple[int, int], tuple] = {}
 
     # ------------------------------------------------------------------ set-up
     def _init_backbone_weights(self) -> None:
@@ -516,12 +518,33 @@ class PromptedViT(BaseModule):
         x = x.flatten(2).transpose(1, 2)
         pos = self.pos_embed
         if (h, w) != self.pretrain_grid:
-            pos = resample_abs_pos_embed(
-                pos, new_size=[h, w], old_size=list(self.pretrain_grid),
-                num_prefix_tokens=self.num_prefix_tokens)
+            pos = self._resampled_pos_embed(h, w)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return x + pos, (h, w)
+
+    def _resampled_pos_embed(self, h: int, w: int) -> Tensor:
+        """The position embeddings resampled to an ``h x w`` grid.
+
+        A frozen table is resampled once per grid size and reused until it
+        changes (the staleness rules of :meth:`_cached_prompt_kv`): the
+        bicubic resampling is a fixed cost of every forward otherwise.
+        """
+        pos = self.pos_embed
+        cacheable = not pos.requires_grad and \
+            not torch.is_inference_mode_enabled()
+        key = (pos.data_ptr(), pos._version, pos.dtype, pos.device)
+        hit = self._pos_embed_cache.get((h, w)) if cacheable else None
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        resampled = resample_abs_pos_embed(
+            pos, new_size=[h, w], old_size=list(self.pretrain_grid),
+            num_prefix_tokens=self.num_prefix_tokens)
+        if cacheable:
+            if len(self._pos_embed_cache) >= 4:  # a few input sizes at most
+                self._pos_embed_cache.pop(next(iter(self._pos_embed_cache)))
+            self._pos_embed_cache[(h, w)] = (key, resampled)
+        return resampled
 
     def _block_needs_grad(self, index: int) -> bool:
         """Whether block ``index`` must be recorded by autograd.
@@ -536,8 +559,8 @@ class PromptedViT(BaseModule):
             return False
         return index >= self.prompt_cfg['layers'][0]
 
-    def iter_blocks(self, x: Tensor) -> Iterator[Tuple[int, Tensor, Tensor,
-                                                        Tuple[int, int]]]:
+    def iter_blocks(self, x: Tensor, last: Optional[int] = None
+                    ) -> Iterator[Tuple[int, Tensor, Tensor, Tuple[int, int]]]:
         """Run the ViT block by block.
 
         Yields, for each block ``i``, ``(i, tokens_in, tokens_out, (h, w))``
@@ -545,6 +568,14 @@ class PromptedViT(BaseModule):
         ``[CLS, shallow prompts, patches]`` (deep prompts are never part of
         the sequence). Used by :meth:`forward` and by tools that need the
         tokens entering each block (whitening, analysis).
+
+        Args:
+            x (Tensor): Images ``(B, 3, H, W)``.
+            last (int, optional): The last block whose output is used. No
+                block above it runs, and in it the prefix tokens (class
+                token, shallow prompts) only give keys and values: their
+                rows of its ``tokens_out`` are its inputs. ``None``: every
+                block, every row computed.
         """
         if self.training and self.prompts:
             self._check_whitening()
@@ -552,6 +583,8 @@ class PromptedViT(BaseModule):
         with torch.set_grad_enabled(grad_enabled and
                                     self._block_needs_grad(0)):
             x, hw = self._embed(x)
+        # Whether the patch tokens reach anything trainable upstream.
+        patches_trainable = x.requires_grad
         deep = self.prompt_cfg is not None and \
             self.prompt_cfg['depth'] == 'deep'
         num_prefix = self.num_prefix_tokens
@@ -573,29 +606,41 @@ class PromptedViT(BaseModule):
                            or i in self.global_attn_indexes) \
                 else self.window_size
             needs_grad = grad_enabled and self._block_needs_grad(i)
+            options = dict(
+                prefix_kv_only=i == last,
+                # The first block after shallow prompts enter a frozen ViT:
+                # the patch rows carry no gradient into it.
+                frozen_patches=(i == 0 and needs_grad and self.prompts
+                                and not deep and not patches_trainable
+                                and not any(p.requires_grad
+                                            for p in block.parameters())))
             with torch.set_grad_enabled(needs_grad):
                 if self.with_cp and needs_grad and self.training:
                     out = checkpoint(prompted_block_forward, block, x, kv,
                                      window, num_prefix, hw,
-                                     use_reentrant=False)
+                                     use_reentrant=False, **options)
                 else:
                     out = prompted_block_forward(block, x, kv, window,
-                                                 num_prefix, hw, prompt_kv)
+                                                 num_prefix, hw, prompt_kv,
+                                                 **options)
             yield i, x, out, hw
+            if i == last:
+                return
             x = out
 
     def _cached_prompt_kv(self, index: int, block: nn.Module):
         """Keys and values of block ``index``'s deep prompts, at inference.
 
-        They depend on the prompt parameters, the block's ``norm1`` and
-        ``qkv`` weights only, not on the image, so they are computed once
+        They depend on the prompt parameters, the block's ``norm1``,
+        ``qkv`` and key-norm weights only, not on the image, so they are computed once
         and reused until one of those tensors changes: an optimizer step or
         ``load_state_dict`` bumps a tensor's version counter, ``.to()`` or a
         reassignment changes its storage, and either makes the entry stale.
         """
         tensors = [*self.prompts[str(index)].parameters(),
                    *self.prompts[str(index)].buffers(),
-                   *block.norm1.parameters(), *block.attn.qkv.parameters()]
+                   *block.norm1.parameters(), *block.attn.qkv.parameters(),
+                   *block.attn.k_norm.parameters()]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device)
                     for t in tensors)
         hit = self._prompt_kv_cache.get(index)
@@ -619,15 +664,14 @@ class PromptedViT(BaseModule):
         outs = []
         num_prefix = self.num_sequence_prefix_tokens
         last = self.num_layers - 1
-        for i, _, tokens, (h, w) in self.iter_blocks(x):
+        for i, _, tokens, (h, w) in self.iter_blocks(
+                x, last=self.out_indices[-1]):
             if i in self.out_indices:
                 patches = tokens[:, num_prefix:]
                 if self.final_norm and i == last:
                     patches = self.norm(patches)
                 B, _, C = patches.shape
                 outs.append(patches.transpose(1, 2).reshape(B, C, h, w))
-            if i == self.out_indices[-1]:
-                break  # blocks above the last output are not needed
         return tuple(outs)
 
 
