@@ -10,6 +10,7 @@ is :func:`bpt_mm.whitening_collect.collect_whitening`.
 import copy
 import math
 import os
+import time
 import warnings
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -295,6 +296,7 @@ class BPTWhiteningHook(Hook):
 
     def _compute(self, runner, backbone, missing: List[int], get_loader,
                  when: str) -> None:
+        start = time.perf_counter()
         world = get_world_size()
         per_rank = math.ceil(self.num_images / world)
         error = batches = None
@@ -326,5 +328,7 @@ class BPTWhiteningHook(Hook):
                 f'BPTWhiteningHook: only {total} images were available '
                 f'(asked for {self.num_images})')
         self.results, self.status = results, 'computed'
-        runner.logger.info('BPTWhiteningHook: whitening per block:\n' +
-                           format_whitening_table(results))
+        runner.logger.info(
+            f'BPTWhiteningHook: whitening per block (computed in '
+            f'{time.perf_counter() - start:.1f} s):\n'
+            + format_whitening_table(results))
