@@ -183,3 +183,69 @@ def test_analyze_burstiness_errors_name_the_option(tiny_workspace, tmp_path,
     monkeypatch.chdir(tiny_workspace)
     assert '--layers: 4 is not a block of this 4-block ViT; allowed: 0 to 3' \
         in error_of('--layers', '4', '--num-images', '1')
+
+
+# ---------------------------------------------------------- param table
+#: The paper's ablation (ViT-B, m = 100, shallow) and its deep BPT.
+PAPER = {'vpt': '7.68', 'bpt_fwhiten': '7.68', 'bpt_twhiten': '66.66',
+         'bpt_bilinear_p75': '6.51', 'bpt_bilinear_deep_m50_p50': '18.36'}
+
+
+def table_rows(text):
+    """{model: [cells]} of a Markdown table printed by param_table."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if line.startswith('| ') and cells[0] != 'model':
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_param_table_of_the_builtin_variants(capsys, tmp_path):
+    from bpt_mm.param_budget import COLUMNS
+    out = tmp_path / 'table.md'
+    assert load_tool('param_table').main(['--out', str(out)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert out.read_text().strip().splitlines()[2].startswith('| vpt ')
+    total = COLUMNS.index('total')
+    for name, want in PAPER.items():
+        assert rows[f'{name} (ViT-B)'][total] == want, name
+    prompts, whitening = COLUMNS.index('prompts'), COLUMNS.index('whitening')
+    # tWhiten: 76,800 prompt + 589,824 whitening parameters
+    assert rows['bpt_twhiten (ViT-B)'][prompts] == '7.68'
+    assert rows['bpt_twhiten (ViT-B)'][whitening] == '58.98'
+    # fWhiten's W is a buffer: no trainable whitening
+    assert rows['bpt_fwhiten (ViT-B)'][whitening] == '0.00'
+    assert rows['vpt (ViT-B)'][COLUMNS.index('neck')] == '-'
+
+
+def test_param_table_of_configs_and_bad_input(capsys):
+    main = load_tool('param_table').main
+    tiny = osp.join(ROOT, 'configs', 'tiny', 'upernet_bpt_tiny.py')
+    twhiten = osp.join(ROOT, 'configs', 'mask_rcnn_bpt_twhiten.py')
+    assert main([tiny, twhiten, '--variants', 'vpt']) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert set(rows) == {'vpt (ViT-B)', 'upernet_bpt_tiny',
+                         'mask_rcnn_bpt_twhiten'}
+    # the real model built on the meta device (no checkpoint read), its
+    # groups summing to the total
+    import torch
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from bpt_mm.utils import trainable_parameters
+    cfg = Config.fromfile(tiny)
+    init_default_scope(cfg.default_scope)
+    with torch.device('meta'):
+        model = MODELS.build(cfg.model)
+    counts = trainable_parameters(model)
+    cells = rows['upernet_bpt_tiny']
+    assert cells[0] == f"{counts['prompts']['trainable'] / 1e4:.2f}"
+    assert cells[-1] == f"{counts['all']['trainable'] / 1e4:.2f}"
+    assert rows['mask_rcnn_bpt_twhiten'][:3] == ['7.68', '58.98', '0.00']
+    for args, message in (([tiny + '.missing'], 'not found'),
+                          (['--variants', 'nope'], 'invalid choice'),
+                          (['--num-tokens', '0'], '--num-tokens')):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
