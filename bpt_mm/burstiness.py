@@ -1,4 +1,4 @@
-"""Burstiness statistics of a sample of values (numpy and scipy only).
+"""Burstiness statistics of a sample of values (numpy; scipy for the fits).
 
 The BPT paper argues from measured distributions: the entries of
 ``X~ = M X^T`` (``M = W_q^T W_k``) are bursty, patch embeddings are roughly
@@ -41,8 +41,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import gammaln, logsumexp
 
 __all__ = [
     'FAMILIES', 'DistributionFit', 'as_values', 'kurtosis',
@@ -205,8 +203,8 @@ def generalized_gaussian_kurtosis(shape: float) -> float:
     if not shape > 0:
         raise ValueError(f'`shape` must be > 0, got {shape!r}')
     b = float(shape)
-    return float(math.exp(gammaln(5 / b) + gammaln(1 / b)
-                          - 2 * gammaln(3 / b)))
+    return float(math.exp(math.lgamma(5 / b) + math.lgamma(1 / b)
+                          - 2 * math.lgamma(3 / b)))
 
 
 def _bic(log_likelihood: float, num_params: int, n: int) -> float:
@@ -269,16 +267,21 @@ def _gg_profile(log_abs: np.ndarray, n: int, shape: float
     ``log|x - mu|`` of the nonzero deviations (zeros add nothing to the
     sum); the sum is formed by log-sum-exp so large shapes do not overflow.
     """
-    log_sum = float(logsumexp(shape * log_abs))
+    scaled = shape * log_abs
+    top = float(scaled.max())
+    log_sum = top + math.log(float(np.exp(scaled - top).sum()))
     log_alpha = (math.log(shape) - math.log(n) + log_sum) / shape
     ll = n * (math.log(shape) - math.log(2) - log_alpha
-              - float(gammaln(1 / shape)) - 1 / shape)
+              - math.lgamma(1 / shape) - 1 / shape)
     return ll, log_alpha
 
 
 def _gg_at(values: np.ndarray, loc: float,
            bounds: Tuple[float, float]) -> Tuple[float, float, float, bool]:
     """Shape, log-scale and log-likelihood of the GG fit at ``loc``."""
+    # scipy only here: importing bpt_mm (and the training hook, which needs
+    # just the kurtosis) does not load it.
+    from scipy.optimize import minimize_scalar
     dev = np.abs(values - loc)
     log_abs = np.log(dev[dev > 0])
     n = values.size
@@ -388,7 +391,7 @@ def log_density(fit: DistributionFit, x: Any) -> np.ndarray:
         return -np.log(2 * fit.scale) - dev / fit.scale
     if fit.family == 'generalized-gaussian':
         b = fit.shape
-        return (math.log(b) - math.log(2 * fit.scale) - float(gammaln(1 / b))
+        return (math.log(b) - math.log(2 * fit.scale) - math.lgamma(1 / b)
                 - (dev / fit.scale) ** b)
     raise ValueError(f'unknown family {fit.family!r}')
 
