@@ -249,3 +249,16 @@ def test_param_table_of_configs_and_bad_input(capsys):
             main(args)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_no_prompts_measures_the_bare_vit(tiny_workspace, capsys,
+                                          monkeypatch):
+    monkeypatch.chdir(tiny_workspace)
+    out = tiny_workspace / 'no_prompts'
+    main = load_tool('analyze_burstiness').main
+    assert main([TINY_DET, '--out', str(out), '--no-prompts',
+                 '--num-images', '4', '--layers', '1']) == 0
+    report = json.loads((out / 'burstiness.json').read_text())
+    assert report['prompts'] == 'removed (--no-prompts)'
+    assert report['blocks'] == [1] and report['images'] == 4
+    assert (out / 'block_1.png').is_file()

@@ -15,7 +15,8 @@ with the fitted densities), ``burstiness.json`` and ``burstiness.md``.
 
 Usage:
     python tools/analyze_burstiness.py CONFIG --out DIR [--checkpoint CKPT]
-        [--pretrained VIT.pth] [--num-images 100] [--layers 0 5 11]
+        [--pretrained VIT.pth] [--no-prompts] [--num-images 100]
+        [--layers 0 5 11]
         [--eps 1e-9] [--source block_input|norm1] [--tokens patch|all]
         [--product qk|kq|authors] [--center] [--max-values 1000000]
         [--seed 0] [--device cpu|cuda] [--cfg-options KEY=VALUE ...]
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--pretrained', help='ViT weights of any layout '
                         'bpt_mm reads (MAE, timm/DeiT, MoCo v3, mmpretrain, '
                         'mmseg); replaces model.backbone.init_cfg')
+    parser.add_argument('--no-prompts', action='store_true',
+                        help='analyse the backbone without its prompts (the '
+                        'pretrained ViT as the paper measured it)')
     parser.add_argument('--num-images', type=_positive_int('--num-images'),
                         default=100, help='training images (default 100)')
     parser.add_argument('--layers', type=int, nargs='+', help='blocks to '
@@ -178,6 +182,10 @@ def main(argv=None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
+    if args.no_prompts:
+        # Prompts change the tokens of every block above the first prompted
+        # one; without them the frozen ViT is measured as pretrained.
+        cfg.model.backbone.prompt = None
     if args.pretrained:
         cfg.model.backbone.init_cfg = dict(type='Pretrained',
                                            checkpoint=args.pretrained)
@@ -220,6 +228,8 @@ def main(argv=None) -> int:
         'config': args.config,
         'checkpoint': args.checkpoint,
         'pretrained': args.pretrained or (backbone.pretrained_checkpoint),
+        'prompts': 'removed (--no-prompts)' if args.no_prompts else
+        (backbone.prompt_cfg or {}).get('type'),
         'images': seen,
         'blocks': blocks,
         'token selection': dict(tokens=statistics.tokens,

@@ -18,9 +18,9 @@ scalars, so they appear in the text log and every visualiser backend
   started (kept in checkpoints, so a resumed run measures from the same
   ``W_0``).
 
-The cost is one forward pass without gradients up to the highest prompted
-block on the logged iterations only (shallow prompts: the patch embedding
-alone), in eval mode so no random numbers are drawn; the images are those
+The cost is one forward pass without gradients up to and including the
+highest prompted block on the logged iterations only (shallow prompts: the
+patch embedding and block 0), in eval mode so no random numbers are drawn; the images are those
 the backbone received in that iteration, captured by a forward pre-hook that
 exists only during logged iterations. Under DDP each process measures its
 own batch; the logger shows rank 0's.
