@@ -42,8 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import PromptedViT
 
 __all__ = [
-    'block_tokens', 'whitening_blocks', 'missing_whitening_blocks', 'collect_whitening',
-    'apply_whitening', 'save_whitening', 'load_whitening',
+    'block_tokens', 'whitening_blocks', 'missing_whitening_blocks',
+    'collect_whitening', 'apply_whitening', 'save_whitening', 'load_whitening',
     'synchronise_errors', 'format_whitening_table', 'FILE_FORMAT'
 ]
 

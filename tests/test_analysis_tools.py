@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os.path as osp
-import sys
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ checkpoint. Prints a Markdown table (``--out`` also writes it to a file).
 Usage:
     python tools/param_table.py                        # built-in variants
     python tools/param_table.py --variants vpt bpt_twhiten --arch large
-    python tools/param_table.py configs/mask_rcnn_bpt.py configs/mask_rcnn_vpt.py
+    python tools/param_table.py configs/mask_rcnn_bpt.py configs/upernet_vpt.py
 """
 import argparse
 import os.path as osp

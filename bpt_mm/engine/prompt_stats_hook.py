@@ -20,10 +20,10 @@ scalars, so they appear in the text log and every visualiser backend
 
 The cost is one forward pass without gradients up to and including the
 highest prompted block on the logged iterations only (shallow prompts: the
-patch embedding and block 0), in eval mode so no random numbers are drawn; the images are those
-the backbone received in that iteration, captured by a forward pre-hook that
-exists only during logged iterations. Under DDP each process measures its
-own batch; the logger shows rank 0's.
+patch embedding and block 0), in eval mode so no random numbers are drawn;
+the images are those the backbone received in that iteration, captured by
+a forward pre-hook that exists only during logged iterations. Under DDP
+each process measures its own batch; the logger shows rank 0's.
 """
 from typing import Any, Dict, Optional
 
