@@ -42,8 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import PromptedViT
 
 __all__ = [
-    'whitening_blocks', 'missing_whitening_blocks', 'collect_whitening',
-    'apply_whitening', 'save_whitening', 'load_whitening',
+    'block_tokens', 'whitening_blocks', 'missing_whitening_blocks',
+    'collect_whitening', 'apply_whitening', 'save_whitening', 'load_whitening',
     'synchronise_errors', 'format_whitening_table', 'FILE_FORMAT'
 ]
 
@@ -165,6 +165,62 @@ def _limited_images(batches: Iterable[Tensor], num_images: int,
             return
 
 
+def block_tokens(backbone: 'PromptedViT', x: Tensor, blocks: Sequence[int],
+                 statistics: Optional[WhiteningStatistics] = None
+                 ) -> Dict[int, Tensor]:
+    """The tokens the whitening statistic of each of ``blocks`` is made of.
+
+    Runs ``x`` through the backbone up to the highest of ``blocks`` (not
+    beyond) and selects, per block, the tokens entering it as
+    ``statistics`` says: patches only or CLS + patches (``tokens``; never
+    prompts), before or after the block's ``norm1`` (``source``). These are
+    the rows ``X`` that :func:`~bpt_mm.whitening.project_tokens` maps to
+    ``X~^T``. Gradients follow the caller's grad mode and the backbone's
+    own rules; the statistics run under ``torch.no_grad()``.
+
+    Args:
+        backbone (PromptedViT): The backbone.
+        x (Tensor): Preprocessed images ``(B, C, H, W)``.
+        blocks (Sequence[int]): Block indices in ``[0, num_layers)``.
+        statistics (WhiteningStatistics, optional): Token selection;
+            default the paper's (patches entering the block).
+
+    Returns:
+        dict[int, Tensor]: ``(B, n, d)`` tokens per block.
+    """
+    statistics = WhiteningStatistics() if statistics is None else statistics
+    wanted = sorted(set(blocks))
+    if not wanted:
+        return {}
+    bad = [i for i in wanted if isinstance(i, bool) or not isinstance(i, int)
+           or not 0 <= i < backbone.num_layers]
+    if bad:
+        raise ValueError(f'blocks {bad} are not block indices of this '
+                         f'{backbone.num_layers}-block backbone (allowed: '
+                         f'0 to {backbone.num_layers - 1})')
+    num_cls = backbone.num_prefix_tokens
+    start = backbone.num_sequence_prefix_tokens
+    out: Dict[int, Tensor] = {}
+    steps = backbone.iter_blocks(x)
+    try:
+        for index, tokens_in, _, _ in steps:
+            if index in wanted:
+                # [CLS, shallow prompts, patches]: prompts never count.
+                tokens = tokens_in[:, start:]
+                if statistics.tokens == 'all' and num_cls:
+                    tokens = torch.cat([tokens_in[:, :num_cls], tokens],
+                                       dim=1)
+                if statistics.source == 'norm1':
+                    # per token: selecting first is exact
+                    tokens = backbone.blocks[index].norm1(tokens)
+                out[index] = tokens
+            if index == wanted[-1]:
+                break
+    finally:
+        steps.close()  # do not run the blocks above
+    return out
+
+
 def _block_statistics(backbone: 'PromptedViT', images: Iterable[Tensor],
                       block: int, statistics: WhiteningStatistics,
                       device: torch.device):
@@ -175,23 +231,9 @@ def _block_statistics(backbone: 'PromptedViT', images: Iterable[Tensor],
         torch.float64), order=statistics.product)
     acc = statistics.make_accumulator(backbone.embed_dims,
                                       name=f'block {block}', device=device)
-    num_cls = backbone.num_prefix_tokens
-    start = backbone.num_sequence_prefix_tokens
     num_images = 0
     for x in images:
-        blocks = backbone.iter_blocks(x)
-        try:
-            for index, tokens_in, _, _ in blocks:
-                if index == block:
-                    break
-        finally:
-            blocks.close()  # do not run the blocks above
-        # [CLS, shallow prompts, patches]: prompts never enter the statistic.
-        tokens = tokens_in[:, start:]
-        if statistics.tokens == 'all' and num_cls:
-            tokens = torch.cat([tokens_in[:, :num_cls], tokens], dim=1)
-        if statistics.source == 'norm1':
-            tokens = blk.norm1(tokens)  # per token: selecting first is exact
+        tokens = block_tokens(backbone, x, [block], statistics)[block]
         acc.update(project_tokens(tokens, product))
         num_images += x.shape[0]
     return acc, num_images

@@ -29,6 +29,9 @@ custom_hooks = [
     dict(type='RandomStateHook'),
     # The paper's 100 images (100 x 4096 patches at 1024 px >> d = 768).
     dict(type='BPTWhiteningHook', num_images=100),
+    # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a
+    # trained W; every logger interval (50).
+    dict(type='PromptStatsHook', interval=50),
 ]
 
 # Evaluate every 6 epochs (and after the last); keep the last 3 checkpoints.

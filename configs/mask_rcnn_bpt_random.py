@@ -10,4 +10,7 @@ custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='TrainableCheckpointHook'),
     dict(type='RandomStateHook'),
+    # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a
+    # trained W; every logger interval (50).
+    dict(type='PromptStatsHook', interval=50),
 ]

@@ -30,4 +30,7 @@ custom_hooks = [
     dict(type='RandomStateHook'),
     # 100 images x 1024 patches (512 px crops) >> d = 768.
     dict(type='BPTWhiteningHook', num_images=100),
+    # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a
+    # trained W; every logger interval (50).
+    dict(type='PromptStatsHook', interval=50),
 ]

@@ -119,6 +119,7 @@ VIT_B_PROMPT_PARAMS = {
 #: The narrow ViT the full-size models are built with.
 SMALL_ARCH = dict(embed_dims=32, num_layers=12, num_heads=2, mlp_ratio=1.0)
 WHITENING_HOOKS = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
+STATS_HOOKS = ('PromptStatsHook', 'bpt_mm.PromptStatsHook')
 
 
 def parse_name(name: str) -> Tuple[str, str]:
@@ -302,6 +303,18 @@ def test_whitening_hook_exactly_where_needed(name, model):
     # and the table agrees with what the built model asks for
     needs = bool(whitening_blocks(model.backbone))
     assert needs == VARIANTS[variant].hook, name
+
+
+def test_prompt_stats_hook_exactly_in_the_bpt_configs(name):
+    _, variant = parse_name(name)
+    cfg = load(name)
+    entries = [h for h in cfg.get('custom_hooks', [])
+               if h['type'] in STATS_HOOKS]
+    # on in every BPT config (whitened, random-basis, tiny), off elsewhere
+    assert len(entries) == int(variant.startswith('bpt')), name
+    for entry in entries:
+        # measured on exactly the iterations the logger writes
+        assert entry['interval'] == cfg.default_hooks.logger.interval, name
 
 
 def test_trainable_groups_match_the_name(name, model):

@@ -2,6 +2,7 @@ from .checkpoint_io import install_checkpoint_loader, load_local_checkpoint
 from .checkpoint_hooks import RandomStateHook, TrainableCheckpointHook
 from .hooks import TrainableParametersHook
 from .optim import LayerDecayOptimWrapperConstructor
+from .prompt_stats_hook import PromptStatsHook
 from .whitening_hook import BPTWhiteningHook
 
 # mmengine reads local checkpoints (--resume, load_from, test) through this.
@@ -9,4 +10,5 @@ install_checkpoint_loader()
 
 __all__ = ['TrainableParametersHook', 'BPTWhiteningHook', 'RandomStateHook',
            'TrainableCheckpointHook', 'LayerDecayOptimWrapperConstructor',
+           'PromptStatsHook',
            'load_local_checkpoint', 'install_checkpoint_loader']

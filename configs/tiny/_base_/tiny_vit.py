@@ -48,5 +48,8 @@ custom_hooks = [
     # spectrum and larger than the paper-size default because a random tiny
     # ViT gives a badly conditioned Sigma.
     dict(type='BPTWhiteningHook', num_images=16, eps=1e-3),
+    # Per prompted block: |P~|, prompt-logit kurtosis (and the drift of a
+    # trained W); every 10 iterations, the tiny configs' logging interval.
+    dict(type='PromptStatsHook', interval=10),
 ]
 randomness = dict(seed=0)
