@@ -522,7 +522,8 @@ class PromptedViT(BaseModule):
     def _check_whitening(self) -> None:
         if self._whitening_confirmed or not self.prompts:
             return
-        missing = [k for k, p in self.prompts.items() if not p.is_whitened]
+        missing = [int(k) for k, p in self.prompts.items()
+                   if not p.is_whitened]
         if not missing:
             self._whitening_confirmed = True
             return
