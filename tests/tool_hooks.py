@@ -3,6 +3,7 @@
 PYTHONPATH)."""
 import os
 import os.path as osp
+import time
 
 import torch
 from mmengine.dist import get_rank
@@ -26,16 +27,17 @@ class DumpTrainableHook(Hook):
 
 
 @HOOKS.register_module()
-class CrashHook(Hook):
-    """End the process abruptly, as a killed job does, after iteration
-    ``at_iter`` (1-based) has run its other hooks (checkpointing included)."""
+class StallHook(Hook):
+    """Stop making progress before iteration ``at_iter`` (1-based), as a
+    job that is still running when it is killed: the test sends SIGKILL at
+    some point before, so the run never reaches its end on its own."""
 
     priority = 'LOWEST'
 
-    def __init__(self, at_iter: int) -> None:
+    def __init__(self, at_iter: int, seconds: float = 600) -> None:
         self.at_iter = at_iter
+        self.seconds = seconds
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None) -> None:
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if runner.iter + 1 == self.at_iter:
-            os._exit(3)
+            time.sleep(self.seconds)
