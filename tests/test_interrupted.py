@@ -217,3 +217,31 @@ def test_resume_skips_an_empty_or_stale_marker(tmp_path):
             assert latest_checkpoint(str(tmp_path)) == \
                 str(tmp_path / 'iter_4.pth')
         assert any('last_checkpoint' in str(w.message) for w in caught)
+
+
+def test_a_rank_failing_in_whitening_stops_the_job_naming_it(
+        tiny_workspace, tmp_path):
+    """Two gloo processes under tools/dist_train.sh; rank 1's whitening
+    images are NaN. Rank 0, whose data is fine, must not wait for rank 1 in
+    a collective: both stop with the failing rank named, and the job
+    exits."""
+    def edit(cfg):
+        cfg.custom_imports.imports.append('tool_hooks')
+        cfg.custom_hooks.append(dict(type='PoisonWhiteningHook', rank=1))
+        cfg.train_cfg.max_iters = 2
+        no_val(cfg)
+
+    config = write_config(tmp_path, TINY['mask_rcnn'], edit)
+    # `run` raises on a hang (timeout) and checks the exit status.
+    text = run(['bash', os.path.join(ROOT, 'tools', 'dist_train.sh'), config,
+                '2', '--work-dir', tmp_path / 'work'], tiny_workspace,
+               threads=1, expect=1, timeout=300, PYTHON=sys.executable,
+               PORT='29523')
+    message = ('whitening failed on rank(s) [1] while collecting the '
+               'statistics of block 0')
+    # Both ranks raise it (rank 0 learns it from the flag all-reduce) ...
+    assert text.count(message) >= 2, text[-4000:]
+    assert 'non-finite' in text
+    # ... and neither trained.
+    assert 'Iter(train)' not in text
+    assert not (tmp_path / 'work' / 'iter_2.pth').exists()

@@ -41,3 +41,22 @@ class StallHook(Hook):
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if runner.iter + 1 == self.at_iter:
             time.sleep(self.seconds)
+
+
+@HOOKS.register_module()
+class PoisonWhiteningHook(Hook):
+    """Make rank ``rank``'s images non-finite while BPTWhiteningHook reads
+    them (it runs after this hook in ``before_train``), as a corrupt shard
+    or an fp16 overflow on one machine would; other ranks are untouched."""
+
+    priority = 'HIGH'
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def before_train(self, runner) -> None:
+        if get_rank() != self.rank:
+            return
+        model = getattr(runner.model, 'module', runner.model)
+        model.backbone.patch_embed.register_forward_pre_hook(
+            lambda module, args: (torch.full_like(args[0], float('nan')), ))
