@@ -45,18 +45,27 @@ class StallHook(Hook):
 
 @HOOKS.register_module()
 class PoisonWhiteningHook(Hook):
-    """Make rank ``rank``'s images non-finite while BPTWhiteningHook reads
-    them (it runs after this hook in ``before_train``), as a corrupt shard
-    or an fp16 overflow on one machine would; other ranks are untouched."""
+    """Make rank ``rank`` fail while BPTWhiteningHook (which runs after this
+    hook in ``before_train``) reads its images: ``mode='nan'`` makes them
+    non-finite, as a corrupt shard or an fp16 overflow on one machine
+    would; ``mode='exit'`` ends the process abruptly (``os._exit(7)``), as
+    the kernel's OOM killer would. Other ranks are untouched."""
 
     priority = 'HIGH'
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, mode: str = 'nan') -> None:
+        assert mode in ('nan', 'exit'), mode
         self.rank = rank
+        self.mode = mode
 
     def before_train(self, runner) -> None:
         if get_rank() != self.rank:
             return
         model = getattr(runner.model, 'module', runner.model)
-        model.backbone.patch_embed.register_forward_pre_hook(
-            lambda module, args: (torch.full_like(args[0], float('nan')), ))
+
+        def poison(module, args):
+            if self.mode == 'exit':
+                os._exit(7)
+            return (torch.full_like(args[0], float('nan')), )
+
+        model.backbone.patch_embed.register_forward_pre_hook(poison)
