@@ -304,8 +304,9 @@ def check_whitening_source(cfg: Config) -> None:
     prompt = backbone.get('prompt')
     if not _prompt_needs_whitening(prompt):
         return
-    if find_hook_entry(cfg, HOOK_TYPES) is not None or cfg.get('load_from') \
-            or cfg.get('resume'):
+    # `resume=True` without `load_from` loads nothing (a first run, or
+    # mmengine's own marker lookup): only a checkpoint path counts.
+    if find_hook_entry(cfg, HOOK_TYPES) is not None or cfg.get('load_from'):
         return
     kind = str(prompt.get('type')).split('.')[-1]
     raise ValueError(
