@@ -7,7 +7,9 @@ The tools stay thin scripts over these functions, as mmdet's and mmseg's do.
 import argparse
 import os
 import os.path as osp
-from typing import Any, Dict, Optional
+import re
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config, DictAction
@@ -184,6 +186,184 @@ def enable_visualization(cfg: Config, show_dir: str) -> None:
         # default); --show-dir means every prediction, as in mmdet.
         vis['interval'] = 1
         cfg.visualizer['save_dir'] = osp.abspath(show_dir)
+
+
+def _dataset_paths(dataset: Any, key: str) -> List[Tuple[str, str, str]]:
+    """``(config key, path, 'dir' | 'file')`` of the local paths a dataset
+    config names: ``data_root``, ``ann_file`` and ``data_prefix`` entries
+    (the latter two joined with ``data_root`` when relative, as mmdet's and
+    mmseg's datasets do), through ``dataset``/``datasets`` wrappers."""
+    if not isinstance(dataset, dict):
+        return []
+    if dataset.get('backend_args'):
+        return []  # a remote or custom backend: not ours to check
+    found: List[Tuple[str, str, str]] = []
+    inner = dataset.get('dataset')
+    if isinstance(inner, dict):
+        found += _dataset_paths(inner, f'{key}.dataset')
+    for i, part in enumerate(dataset.get('datasets') or []):
+        found += _dataset_paths(part, f'{key}.datasets[{i}]')
+    root = dataset.get('data_root')
+    local = isinstance(root, str) and bool(root) and '://' not in root
+    if local:
+        found.append((f'{key}.data_root', root, 'dir'))
+    base = root if local else ''
+
+    def joined(path: str) -> str:
+        return path if osp.isabs(path) or not base else osp.join(base, path)
+
+    ann = dataset.get('ann_file')
+    if isinstance(ann, str) and ann and '://' not in ann:
+        found.append((f'{key}.ann_file', joined(ann), 'file'))
+    prefix = dataset.get('data_prefix')
+    if isinstance(prefix, dict):
+        for name, path in prefix.items():
+            if isinstance(path, str) and path and '://' not in path:
+                found.append((f'{key}.data_prefix.{name}', joined(path),
+                              'dir'))
+    return found
+
+
+def check_data_paths(cfg: Config, dataloaders: Sequence[str]) -> None:
+    """Refuse a config whose data sets name local paths that do not exist.
+
+    mmdet's and mmseg's own errors for this come late (after the model is
+    built) and vary: a missing annotation file fails deep in a json reader,
+    a missing image directory can even give an empty data set. This checks
+    ``data_root``, ``ann_file`` and ``data_prefix`` of each named
+    dataloader's dataset, and the evaluator's ``ann_file``, before anything
+    is built.
+
+    Args:
+        cfg (Config): The config.
+        dataloaders (Sequence[str]): e.g. ``('train_dataloader',
+            'val_dataloader')``; missing or None entries are skipped.
+
+    Raises:
+        FileNotFoundError: Naming the config key, the path and the working
+            directory relative paths are taken from.
+    """
+    checks: List[Tuple[str, str, str]] = []
+    for name in dataloaders:
+        loader = cfg.get(name)
+        if isinstance(loader, dict):
+            checks += _dataset_paths(loader.get('dataset'),
+                                     f'{name}.dataset')
+        evaluator = cfg.get(name.replace('_dataloader', '_evaluator'))
+        for i, ev in enumerate(evaluator if isinstance(evaluator, list)
+                               else [evaluator]):
+            ann = ev.get('ann_file') if isinstance(ev, dict) else None
+            if isinstance(ann, str) and ann and '://' not in ann:
+                key = name.replace('_dataloader', '_evaluator')
+                checks.append((f'{key}.ann_file', ann, 'file'))
+    for key, path, kind in checks:
+        exists = osp.isdir(path) if kind == 'dir' else osp.isfile(path)
+        if not exists:
+            where = '' if osp.isabs(path) else \
+                f' (relative to the working directory {os.getcwd()!r})'
+            what = 'a directory' if kind == 'dir' else 'a file'
+            raise FileNotFoundError(
+                f'`{key}` is {path!r}, which does not exist{where}; expected '
+                f'{what} of the data set. Fix the path in the config or with '
+                f'--cfg-options (the tiny configs\' data is made by '
+                f'`python tools/make_tiny_data.py`)')
+
+
+def _prompt_needs_whitening(prompt: Any) -> bool:
+    if not isinstance(prompt, dict):
+        return False
+    kind = str(prompt.get('type', '')).split('.')[-1]
+    if prompt.get('allow_identity_whitening') is True:
+        return False
+    return kind == 'WhitenedPrompt' or (
+        kind == 'BilinearPrompt' and prompt.get('whitening_init') is True)
+
+
+def check_whitening_source(cfg: Config) -> None:
+    """Refuse, before anything is built, a training config whose prompts
+    need whitening that nothing will provide.
+
+    ``WhitenedPrompt`` and ``BilinearPrompt(whitening_init=True)`` need
+    matrices computed from data (``BPTWhiteningHook``, which can also read a
+    ``whitening_file``) or restored from a checkpoint (``--resume``,
+    ``load_from``). The model itself refuses at the first training step
+    (``WhiteningNotReadyError``); this says so before data and model are
+    built, naming the config key.
+
+    Raises:
+        ValueError: No BPTWhiteningHook in ``custom_hooks``, no checkpoint to
+            load and no ``allow_identity_whitening=True``.
+    """
+    from bpt_mm.engine.whitening_hook import HOOK_TYPES
+    from bpt_mm.utils import find_hook_entry
+    model = cfg.get('model') or {}
+    backbone = model.get('backbone') if isinstance(model, dict) else None
+    if not isinstance(backbone, dict) or not str(
+            backbone.get('type', '')).endswith('PromptedViT'):
+        return
+    prompt = backbone.get('prompt')
+    if not _prompt_needs_whitening(prompt):
+        return
+    # `resume=True` without `load_from` loads nothing (a first run, or
+    # mmengine's own marker lookup): only a checkpoint path counts.
+    if find_hook_entry(cfg, HOOK_TYPES) is not None or cfg.get('load_from'):
+        return
+    kind = str(prompt.get('type')).split('.')[-1]
+    raise ValueError(
+        f'`model.backbone.prompt.type` is {kind!r}'
+        f"{' with whitening_init=True' if kind == 'BilinearPrompt' else ''}"
+        f', which needs whitening matrices, but the config has no '
+        f"BPTWhiteningHook in `custom_hooks` and no checkpoint to load. "
+        f"Add custom_hooks=[dict(type='BPTWhiteningHook', num_images=100)] "
+        f"(or dict(type='BPTWhiteningHook', whitening_file=FILE) with a "
+        f'file from tools/compute_whitening.py), or set '
+        f'`model.backbone.prompt.allow_identity_whitening=True`')
+
+
+_CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
+
+
+def latest_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` (without a path) continues from.
+
+    mmengine's ``last_checkpoint`` marker when it names an existing file.
+    The marker is rewritten in place after each save, so a job killed at
+    that moment can leave it empty; then (or when it names a file that is
+    gone) the newest ``iter_N.pth``/``epoch_N.pth`` of ``work_dir`` is used
+    and a warning says so. Checkpoints themselves are written atomically
+    (see :class:`bpt_mm.engine.checkpoint_io.AtomicLocalBackend`), so every
+    such file is complete.
+
+    Returns:
+        str | None: The path, or None when the work dir has no marker (a
+        run that never saved).
+
+    Raises:
+        FileNotFoundError: The marker is unusable and no checkpoint file is
+            left to fall back on.
+    """
+    marker = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(marker):
+        return None
+    with open(marker) as f:
+        named = f.read().strip()
+    if named and osp.isfile(named):
+        return named
+    found = []
+    for name in os.listdir(work_dir):
+        match = _CKPT_NAME.match(name)
+        if match and osp.isfile(osp.join(work_dir, name)):
+            found.append((match.group(1) == 'iter', int(match.group(2)),
+                          osp.join(work_dir, name)))
+    what = f'names {named!r}, which does not exist' if named else 'is empty'
+    if not found:
+        raise FileNotFoundError(
+            f'--resume: {marker!r} {what}, and {work_dir!r} holds no '
+            f'iter_N.pth or epoch_N.pth checkpoint to resume from')
+    newest = max(found)[2]
+    warnings.warn(f'--resume: {marker!r} {what}; resuming from the newest '
+                  f'checkpoint in the work dir, {newest!r}')
+    return newest
 
 
 def build_runner(cfg: Config):

@@ -134,8 +134,50 @@ def is_trainable_only(checkpoint: Dict[str, Any]) -> bool:
                 and (meta.get(META_KEY) or {}).get('trainable_only'))
 
 
+def check_backbone_shapes(model: nn.Module, checkpoint: Dict[str, Any],
+                          source: Optional[str] = None) -> None:
+    """Refuse a checkpoint made for another backbone architecture.
+
+    mmengine loads checkpoints non-strictly: a tensor whose shape differs
+    from the model's is skipped with a warning, and blocks the model does
+    not have are ignored, so a checkpoint of another ViT would be run with
+    the skipped weights left at their (random) initialisation.
+
+    Raises:
+        CheckpointError: A backbone tensor of the checkpoint has another
+            shape than the model's, or the checkpoint has blocks the model
+            lacks; the message names the key, both shapes and ``source``.
+    """
+    backbone = find_prompted_backbone(model)
+    state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) \
+        else None
+    if backbone is None or not isinstance(state, dict):
+        return
+    prefix = backbone_prefix(model, backbone)
+    where = f' {source!r}' if source else ''
+    own = backbone.state_dict()
+    for key, value in state.items():
+        if not key.startswith(prefix) or not isinstance(value, torch.Tensor):
+            continue
+        name = key[len(prefix):]
+        if name in own and tuple(own[name].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f'checkpoint{where} is for another backbone: {key!r} has '
+                f'shape {tuple(value.shape)}, the model expects '
+                f'{tuple(own[name].shape)} (embed_dims '
+                f'{backbone.embed_dims}, {backbone.num_layers} blocks, patch '
+                f'size {backbone.patch_size})')
+        parts = name.split('.')
+        if parts[0] == 'blocks' and len(parts) > 1 and parts[1].isdigit() \
+                and int(parts[1]) >= backbone.num_layers:
+            raise CheckpointError(
+                f'checkpoint{where} is for another backbone: it has {key!r}, '
+                f'the model has {backbone.num_layers} blocks')
+
+
 def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
-                            logger: Any = None) -> List[str]:
+                            logger: Any = None,
+                            source: Optional[str] = None) -> List[str]:
     """Make ``checkpoint`` whole again before it is loaded into ``model``.
 
     When the checkpoint lacks frozen backbone keys (a trainable-only
@@ -150,12 +192,16 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
         checkpoint (dict): The loaded checkpoint (modified in place).
         logger (optional): Gets one ``info`` line when the backbone is
             restored.
+        source (str, optional): Where the checkpoint came from, for
+            messages.
 
     Returns:
         list[str]: The keys filled in from the pretrained backbone.
 
     Raises:
-        CheckpointError: Backbone keys are missing and ``init_cfg`` names no
+        CheckpointError: The checkpoint is for another backbone
+            architecture (:func:`check_backbone_shapes`). Backbone keys are
+            missing and ``init_cfg`` names no
             pretrained checkpoint, or the pretrained backbone's fingerprint
             differs from the one the checkpoint was trained on.
     """
@@ -164,6 +210,7 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
         else None
     if backbone is None or not isinstance(state, dict):
         return []
+    check_backbone_shapes(model, checkpoint, source)
     prefix = backbone_prefix(model, backbone)
     record = (checkpoint.get('meta') or {}).get(META_KEY) or {}
     # The keys the model's backbone has and the checkpoint lacks, frozen or

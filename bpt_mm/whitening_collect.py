@@ -320,7 +320,9 @@ def collect_whitening(backbone: 'PromptedViT',
                       distributed: bool = True,
                       blocks: Optional[Sequence[int]] = None,
                       bilinear_mode: str = 'random',
-                      seed: int = 0) -> Dict[int, Dict[str, Any]]:
+                      seed: int = 0,
+                      allow_few_tokens: bool = True
+                      ) -> Dict[int, Dict[str, Any]]:
     """Compute (and write) the whitening of every prompt that needs it.
 
     For each block ``i`` whose prompt needs whitening (ascending), the first
@@ -358,6 +360,12 @@ def collect_whitening(backbone: 'PromptedViT',
             (see :func:`~bpt_mm.whitening.whitened_bilinear_basis`).
         seed (int): Seed of the random ``C``; block ``i`` uses
             ``seed + i``.
+        allow_few_tokens (bool): With False, the paper's statistic over
+            fewer tokens (all processes together) than channels is refused
+            with a ValueError naming the block and the counts, on every
+            rank alike. Defaults to True (a FewTokensWarning), for timing
+            and experiments; the hook and ``tools/compute_whitening.py``
+            refuse unless told otherwise.
 
     Returns:
         dict[int, dict]: Per block: ``whitening`` (``W``, float32 CPU),
@@ -417,6 +425,16 @@ def collect_whitening(backbone: 'PromptedViT',
                     dist.all_reduce(count, op=dist.ReduceOp.SUM)
                     n_img = int(count.item())
                     acc.all_reduce()
+                if not allow_few_tokens and statistics.statistic == 'paper' \
+                        and acc.num_tokens < dim:
+                    # Same counts on every rank after the reduction, so every
+                    # rank raises here and none waits in a collective.
+                    raise ValueError(
+                        f'whitening block {block}: only {acc.num_tokens} '
+                        f'tokens from {n_img} images for d={dim} channels; '
+                        f'the statistic needs at least {dim} tokens (the '
+                        f'paper uses N >> d), so use more images '
+                        f'(`num_images`) or set allow_few_tokens=True')
                 solved = None
                 if not use_dist or dist.get_rank() == 0:
                     try:

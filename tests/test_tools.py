@@ -159,49 +159,6 @@ def test_slurm_train_passes_its_settings_to_srun(tiny_workspace, tmp_path):
     assert (work / 'iter_2.pth').is_file()
 
 
-def test_resume_after_a_crash_ends_like_an_uninterrupted_run(
-        tiny_workspace, tmp_path):
-    def edit(crash_at=None):
-        def apply(cfg):
-            cfg.randomness = dict(seed=0, deterministic=True)
-            cfg.train_cfg.max_iters = 4
-            cfg.default_hooks.checkpoint.update(interval=2, max_keep_ckpts=-1)
-            no_val(cfg)
-            if not any(h['type'] == 'RandomStateHook'
-                       for h in cfg.custom_hooks):
-                cfg.custom_hooks.append(dict(type='RandomStateHook'))
-            if crash_at:
-                cfg.custom_imports.imports.append('tool_hooks')
-                cfg.custom_hooks.append(dict(type='CrashHook',
-                                             at_iter=crash_at))
-        return apply
-
-    straight = write_config(tmp_path, TINY['mask_rcnn'], edit(), 'a.py')
-    crashing = write_config(tmp_path, TINY['mask_rcnn'], edit(3), 'b.py')
-    run(tool('train.py', straight, '--work-dir', tmp_path / 'a'),
-        tiny_workspace)
-    run(tool('train.py', crashing, '--work-dir', tmp_path / 'b'),
-        tiny_workspace, expect=3)
-    assert (tmp_path / 'b' / 'iter_2.pth').is_file()
-    assert not (tmp_path / 'b' / 'iter_4.pth').exists()
-    text = run(tool('train.py', straight, '--work-dir', tmp_path / 'b',
-                    '--resume'), tiny_workspace)
-    assert 'resumed epoch: 0, iter: 2' in text
-    assert 'BPTWhiteningHook: whitening matrices restored' in text
-    assert 'random generator states restored' in text
-
-    a = torch.load(tmp_path / 'a' / 'iter_4.pth', weights_only=False)
-    b = torch.load(tmp_path / 'b' / 'iter_4.pth', weights_only=False)
-    assert sorted(a['state_dict']) == sorted(b['state_dict'])
-    for key, value in a['state_dict'].items():
-        assert torch.equal(value, b['state_dict'][key]), key
-    # and training did move them: the comparison is not of two inits
-    first = torch.load(tmp_path / 'b' / 'iter_2.pth', weights_only=False)
-    assert not torch.equal(first['state_dict'][
-        'backbone.prompts.0.coefficients'],
-        a['state_dict']['backbone.prompts.0.coefficients'])
-
-
 def test_custom_imports_from_another_directory(tiny_workspace, tmp_path):
     """A user's own mmdet config, outside this repo, run the way mmdet's
     tools/train.py runs it: only custom_imports brings bpt_mm in."""

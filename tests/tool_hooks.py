@@ -3,6 +3,7 @@
 PYTHONPATH)."""
 import os
 import os.path as osp
+import time
 
 import torch
 from mmengine.dist import get_rank
@@ -26,16 +27,45 @@ class DumpTrainableHook(Hook):
 
 
 @HOOKS.register_module()
-class CrashHook(Hook):
-    """End the process abruptly, as a killed job does, after iteration
-    ``at_iter`` (1-based) has run its other hooks (checkpointing included)."""
+class StallHook(Hook):
+    """Stop making progress before iteration ``at_iter`` (1-based), as a
+    job that is still running when it is killed: the test sends SIGKILL at
+    some point before, so the run never reaches its end on its own."""
 
     priority = 'LOWEST'
 
-    def __init__(self, at_iter: int) -> None:
+    def __init__(self, at_iter: int, seconds: float = 600) -> None:
         self.at_iter = at_iter
+        self.seconds = seconds
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None) -> None:
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if runner.iter + 1 == self.at_iter:
-            os._exit(3)
+            time.sleep(self.seconds)
+
+
+@HOOKS.register_module()
+class PoisonWhiteningHook(Hook):
+    """Make rank ``rank`` fail while BPTWhiteningHook (which runs after this
+    hook in ``before_train``) reads its images: ``mode='nan'`` makes them
+    non-finite, as a corrupt shard or an fp16 overflow on one machine
+    would; ``mode='exit'`` ends the process abruptly (``os._exit(7)``), as
+    the kernel's OOM killer would. Other ranks are untouched."""
+
+    priority = 'HIGH'
+
+    def __init__(self, rank: int, mode: str = 'nan') -> None:
+        assert mode in ('nan', 'exit'), mode
+        self.rank = rank
+        self.mode = mode
+
+    def before_train(self, runner) -> None:
+        if get_rank() != self.rank:
+            return
+        model = getattr(runner.model, 'module', runner.model)
+
+        def poison(module, args):
+            if self.mode == 'exit':
+                os._exit(7)
+            return (torch.full_like(args[0], float('nan')), )
+
+        model.backbone.patch_embed.register_forward_pre_hook(poison)

@@ -13,7 +13,7 @@ Usage:
         [--num-images 100] [--eps 1e-5] [--source block_input|norm1]
         [--tokens patch|all] [--center|--no-center]
         [--statistic paper|authors] [--product qk|kq|authors]
-        [--bilinear-init random|eigen|identity] [--seed 0]
+        [--bilinear-init random|eigen|identity] [--seed 0] [--allow-few-tokens]
         [--device cuda|cpu] [--cfg-options KEY=VALUE ...]
 """
 import argparse
@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 #: Hook option -> command-line destination.
 OPTIONS = ('num_images', 'eps', 'source', 'tokens', 'center', 'statistic',
-           'product', 'bilinear_init', 'seed')
+           'product', 'bilinear_init', 'seed', 'allow_few_tokens')
 
 
 def parse_args(argv=None):
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument('--product', choices=QK_ORDERS)
     parser.add_argument('--bilinear-init', choices=BASIS_MODES)
     parser.add_argument('--seed', type=int)
+    parser.add_argument('--allow-few-tokens', action='store_true',
+                        default=None, help='whiten even with fewer tokens '
+                        'than channels (refused by default)')
     parser.add_argument('--device', default=None,
                         help="default: 'cuda' when available, else 'cpu'")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
     results = collect_whitening(
         backbone, preprocessed_images(model, loader), hook.statistics,
         hook.num_images, distributed=False,
-        bilinear_mode=hook.bilinear_init, seed=hook.seed)
+        bilinear_mode=hook.bilinear_init, seed=hook.seed,
+        allow_few_tokens=hook.allow_few_tokens)
     save_whitening(args.out, results, backbone, hook.statistics)
     print(f'whitening of {len(results)} block(s) from '
           f"{min(r['num_images'] for r in results.values())} images, "

@@ -20,7 +20,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from bpt_mm.engine.checkpoint_hooks import \
     TRAINABLE_CHECKPOINT_HOOK_TYPES  # noqa: E402
 from bpt_mm.launch import (add_common_arguments,  # noqa: E402
-                           build_runner, config_from_args,
+                           build_runner, check_data_paths, config_from_args,
                            enable_visualization)
 from bpt_mm.utils import find_hook_entry  # noqa: E402
 
@@ -50,6 +50,7 @@ def main(argv=None) -> dict:
             dict(type='TrainableCheckpointHook', save_trainable_only=False))
     if args.show_dir:
         enable_visualization(cfg, args.show_dir)
+    check_data_paths(cfg, ['test_dataloader'])
     runner = build_runner(cfg)
     return runner.test()
 

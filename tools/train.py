@@ -17,7 +17,9 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from bpt_mm.launch import (add_common_arguments,  # noqa: E402
-                           build_runner, config_from_args, enable_amp)
+                           build_runner, check_data_paths,
+                           check_whitening_source, config_from_args,
+                           enable_amp, latest_checkpoint)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,9 +49,11 @@ def main(argv=None) -> None:
                              '`auto_scale_lr.base_batch_size` in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-        from mmengine.runner import find_latest_checkpoint
-        if find_latest_checkpoint(cfg.work_dir) is None:
+        # Resolved here rather than by mmengine, which would try to load an
+        # empty `last_checkpoint` marker (left by a kill while rewriting it)
+        # as the path ''.
+        cfg.resume, cfg.load_from = True, latest_checkpoint(cfg.work_dir)
+        if cfg.load_from is None:
             # mmengine starts from scratch then; say so before it does.
             print(f'--resume: no checkpoint in {cfg.work_dir!r} yet '
                   f'(no last_checkpoint file); training starts from '
@@ -59,6 +63,9 @@ def main(argv=None) -> None:
             raise FileNotFoundError(f'--resume: no checkpoint file '
                                     f'{args.resume!r}')
         cfg.resume, cfg.load_from = True, args.resume
+    check_data_paths(cfg, ['train_dataloader'] + (
+        ['val_dataloader'] if cfg.get('val_cfg') else []))
+    check_whitening_source(cfg)
     runner = build_runner(cfg)
     runner.train()
 

@@ -1,4 +1,5 @@
-from .checkpoint_io import install_checkpoint_loader, load_local_checkpoint
+from .checkpoint_io import (install_atomic_local_backend,
+                            install_checkpoint_loader, load_local_checkpoint)
 from .checkpoint_hooks import RandomStateHook, TrainableCheckpointHook
 from .hooks import TrainableParametersHook
 from .optim import LayerDecayOptimWrapperConstructor
@@ -7,8 +8,10 @@ from .whitening_hook import BPTWhiteningHook
 
 # mmengine reads local checkpoints (--resume, load_from, test) through this.
 install_checkpoint_loader()
+# ... and writes local files (checkpoints) atomically: temporary file, rename.
+install_atomic_local_backend()
 
 __all__ = ['TrainableParametersHook', 'BPTWhiteningHook', 'RandomStateHook',
            'TrainableCheckpointHook', 'LayerDecayOptimWrapperConstructor',
-           'PromptStatsHook',
-           'load_local_checkpoint', 'install_checkpoint_loader']
+           'PromptStatsHook', 'load_local_checkpoint',
+           'install_checkpoint_loader', 'install_atomic_local_backend']

@@ -86,7 +86,10 @@ class TrainableCheckpointHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: Dict[str, Any]
                               ) -> None:
-        restore_frozen_backbone(runner.model, checkpoint, runner.logger)
+        # runner._load_from is the file of --resume PATH, load_from and
+        # tools/test.py's checkpoint: named in refusals.
+        restore_frozen_backbone(runner.model, checkpoint, runner.logger,
+                                source=getattr(runner, '_load_from', None))
 
 
 def _rng_states() -> Dict[str, Any]:

@@ -20,6 +20,8 @@ work with any tool that imports ``bpt_mm`` (``custom_imports`` included).
 """
 import argparse
 import collections
+import contextlib
+import os
 import os.path as osp
 import pickle
 import types
@@ -27,13 +29,15 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..models.checkpoint import CheckpointError
 
 __all__ = ['load_local_checkpoint', 'install_checkpoint_loader',
-           'RESTRICTED_PICKLE']
+           'RESTRICTED_PICKLE', 'atomic_write_bytes', 'AtomicLocalBackend',
+           'install_atomic_local_backend']
 
 
 def _numpy_globals() -> dict:
@@ -75,6 +79,11 @@ _HISTORY_BUFFER_METHODS = frozenset(
     if not name.startswith('_') and callable(value))
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The file asks for something outside the allow-list (as opposed to
+    a file that is not a valid pickle at all)."""
+
+
 def _guarded_getattr(obj: Any, name: str) -> Any:
     """``getattr`` limited to what mmengine pickles: HistoryBuffer's
     statistics methods (``min``, ``mean``, ...), which it registers on the
@@ -82,7 +91,7 @@ def _guarded_getattr(obj: Any, name: str) -> Any:
     is_buffer = obj is HistoryBuffer or isinstance(obj, HistoryBuffer)
     if is_buffer and name in _HISTORY_BUFFER_METHODS:
         return getattr(obj, name)
-    raise pickle.UnpicklingError(
+    raise _RefusedGlobal(
         f'refusing getattr({type(obj).__name__}, {name!r}): only the public '
         f'methods of mmengine HistoryBuffer may be looked up '
         f'({sorted(_HISTORY_BUFFER_METHODS)})')
@@ -101,7 +110,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == 'torch' and isinstance(getattr(torch, name, None),
                                             torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(
+        raise _RefusedGlobal(
             f'the checkpoint asks for the global {module}.{name}, which is '
             f'neither a tensor, a container, a numpy array nor mmengine '
             f'training state; constructing it could run code from the file')
@@ -149,14 +158,95 @@ def load_local_checkpoint(filename: str,
                           weights_only=True)
     except pickle.UnpicklingError:
         pass  # mmengine training state: try the wider, still closed, list
+    except Exception as exc:  # noqa: BLE001 (truncated, empty, not torch)
+        raise _corrupt(filename, exc) from exc
     try:
         return torch.load(filename, map_location=map_location,
                           weights_only=False,
                           pickle_module=RESTRICTED_PICKLE)
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise CheckpointError(
             f'refusing to load {filename!r}: {exc}. If you trust the file, '
             f'convert it in a separate trusted step.') from exc
+    except Exception as exc:  # noqa: BLE001
+        raise _corrupt(filename, exc) from exc
+
+
+def _corrupt(filename: str, exc: BaseException) -> CheckpointError:
+    """The error for a file torch cannot read at all: torch's own message
+    (e.g. 'failed finding central directory', or a bare EOFError) names
+    neither the file nor the likely cause."""
+    size = osp.getsize(filename)
+    return CheckpointError(
+        f'cannot read checkpoint {filename!r} ({size} bytes): it is '
+        f'truncated, corrupt or not a torch checkpoint '
+        f'({type(exc).__name__}: {str(exc)[:200]}). If a run was killed '
+        f'while writing it, resume from an earlier checkpoint.')
+
+
+def atomic_write_bytes(data: bytes, path: Union[str, os.PathLike]) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either its old self or
+    complete, never partly written.
+
+    The bytes go to ``<path>.tmp-<pid>`` in the same directory (the same
+    file system, so the rename is atomic), are flushed and fsynced, and the
+    temporary file is then renamed over ``path``; the directory is fsynced
+    so the rename survives a power cut. A process killed at any point
+    leaves at most a ``.tmp-<pid>`` file beside an intact ``path``.
+    """
+    path = os.fspath(path)
+    parent = osp.dirname(osp.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # not every file system allows it
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend, with :func:`atomic_write_bytes` for
+    ``put`` and ``put_text``.
+
+    mmengine's ``save_checkpoint`` serialises a checkpoint to memory and
+    hands the bytes to the backend of the path; the stock backend opens the
+    final path and writes into it, so a job killed during a save leaves a
+    file that has the final name but not the full content (and the next
+    ``--resume`` would pick an earlier marker, or a later run would trip on
+    the half file). ``CheckpointHook`` writes its ``last_checkpoint`` marker
+    only after ``save_checkpoint`` returns, i.e. after the rename, so the
+    marker never points at an incomplete file.
+    """
+
+    def put(self, obj: bytes, filepath: Union[str, os.PathLike]) -> None:
+        atomic_write_bytes(obj, filepath)
+
+    def put_text(self, obj: str, filepath: Union[str, os.PathLike],
+                 encoding: str = 'utf-8') -> None:
+        atomic_write_bytes(obj.encode(encoding), filepath)
+
+
+def install_atomic_local_backend() -> None:
+    """Make :class:`AtomicLocalBackend` mmengine's backend for local paths
+    (the ``''`` prefix and ``backend='local'``). Idempotent.
+
+    Backends are looked up per call by ``get_file_backend`` (no cached
+    instance unless ``enable_singleton``), so every later checkpoint save
+    uses it.
+    """
+    register_backend('local', AtomicLocalBackend, force=True, prefixes='')
 
 
 def install_checkpoint_loader() -> None:

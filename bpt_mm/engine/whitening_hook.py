@@ -8,6 +8,8 @@ persistent buffer ``whitening_ready``) skips the computation. The work itself
 is :func:`bpt_mm.whitening_collect.collect_whitening`.
 """
 import copy
+import difflib
+import inspect
 import math
 import os
 import time
@@ -131,6 +133,11 @@ class BPTWhiteningHook(Hook):
             by ``tools/compute_whitening.py`` instead of computing them.
         seed (int): Seed of the random ``C`` (block ``i`` uses
             ``seed + i``). Defaults to 0.
+        allow_few_tokens (bool): Whiten even when the paper's statistic has
+            fewer tokens (over all processes) than channels, where ``Sigma``
+            is rank deficient and ``W`` is set by ``eps`` alone in the
+            missing directions. Defaults to False: refused, naming the block
+            and the counts.
 
     Attributes:
         status (str): What the last call did: ``'not_run'``,
@@ -153,7 +160,24 @@ class BPTWhiteningHook(Hook):
                  product: str = 'qk',
                  bilinear_init: str = 'random',
                  whitening_file: Optional[str] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0,
+                 allow_few_tokens: bool = False,
+                 **unknown: Any) -> None:
+        if unknown:
+            # Python's own message names the key but not the options: a
+            # typo such as `num_imgs` deserves the list and a suggestion.
+            allowed = [name for name in inspect.signature(
+                BPTWhiteningHook.__init__).parameters
+                if name not in ('self', 'unknown')]
+            key = sorted(unknown)[0]
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            raise TypeError(f'BPTWhiteningHook got unknown option(s) '
+                            f'{sorted(unknown)}{hint}; allowed options: '
+                            f'{allowed}')
+        if not isinstance(allow_few_tokens, bool):
+            raise ValueError('BPTWhiteningHook `allow_few_tokens` must be a '
+                             f'bool, got {allow_few_tokens!r}')
         if isinstance(num_images, bool) or not isinstance(num_images, int) \
                 or num_images < 1:
             raise ValueError('BPTWhiteningHook `num_images` must be a '
@@ -177,6 +201,7 @@ class BPTWhiteningHook(Hook):
         self.bilinear_init = bilinear_init
         self.whitening_file = whitening_file
         self.seed = seed
+        self.allow_few_tokens = allow_few_tokens
         self.status = 'not_run'
         self.results: Dict[int, Dict[str, Any]] = {}
         self._confirmed = False
@@ -315,7 +340,8 @@ class BPTWhiteningHook(Hook):
             results = collect_whitening(
                 backbone, batches, self.statistics, per_rank,
                 distributed=True, blocks=missing,
-                bilinear_mode=self.bilinear_init, seed=self.seed)
+                bilinear_mode=self.bilinear_init, seed=self.seed,
+                allow_few_tokens=self.allow_few_tokens)
         for warning in caught:
             if issubclass(warning.category, FewTokensWarning):
                 runner.logger.warning(f'BPTWhiteningHook: {warning.message}')

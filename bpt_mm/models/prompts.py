@@ -46,6 +46,17 @@ def check_positive_int(value, key: str) -> int:
     return value
 
 
+def check_init_std(value, key: str = 'prompt.init_std') -> float:
+    """Return ``value`` if it is a finite float >= 0, else raise naming
+    ``key`` (torch's own error would name neither the key nor the prompt)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'`{key}` must be a float >= 0, got {value!r} '
+                        f'({type(value).__name__})')
+    if not 0 <= value < math.inf:
+        raise ValueError(f'`{key}` must be a finite float >= 0, got {value}')
+    return float(value)
+
+
 class BasePrompt(nn.Module):
     """Interface of a prompt parameterisation for one block.
 
@@ -157,6 +168,7 @@ class WhitenedPrompt(BasePrompt):
                          trainable_projection=tunable and trainable_projection,
                          **kwargs)
         self.tunable = tunable
+        check_init_std(init_std)
         self.tokens = nn.Parameter(
             torch.empty(num_tokens, embed_dims).normal_(0, init_std))
         self._projection('whitening', torch.eye(embed_dims))
@@ -219,6 +231,7 @@ class BilinearPrompt(BasePrompt):
                          trainable_projection=trainable_projection, **kwargs)
         self.rank = check_positive_int(rank, 'prompt.rank')
         self.whitening_init = whitening_init
+        check_init_std(init_std)
         self.coefficients = nn.Parameter(
             torch.empty(num_tokens, rank).normal_(0, init_std))
         basis = torch.empty(embed_dims, rank)

@@ -83,12 +83,35 @@ def _parse_arch(arch: Union[str, dict]) -> dict:
                              f', unknown {sorted(unknown)}')
         for key in required:
             check_positive_int(arch[key], f'arch.{key}')
+        ratio = arch.get('mlp_ratio', 4.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) \
+                or not 0 < ratio < float('inf'):
+            raise ValueError(f'`arch.mlp_ratio` must be a positive number, '
+                             f'got {ratio!r}')
         if arch['embed_dims'] % arch['num_heads']:
             raise ValueError(f"`arch.embed_dims` ({arch['embed_dims']}) must "
                              f"be divisible by `arch.num_heads` "
                              f"({arch['num_heads']})")
         return {'mlp_ratio': 4.0, **arch}
     raise TypeError(f'`arch` must be a str or a dict, got {type(arch)}')
+
+
+def _check_bool(value, key: str) -> bool:
+    """Refuse non-bools: ``frozen='False'`` is a truthy string, so a typo
+    would silently train (or freeze) the wrong weights."""
+    if not isinstance(value, bool):
+        raise TypeError(f'`{key}` must be True or False, got {value!r} '
+                        f'({type(value).__name__})')
+    return value
+
+
+def _check_img_size(img_size) -> None:
+    sizes = img_size if isinstance(img_size, (list, tuple)) else (img_size, )
+    if len(sizes) not in (1, 2) or any(
+            isinstance(s, bool) or not isinstance(s, int) or s <= 0
+            for s in sizes):
+        raise ValueError(f'`img_size` must be a positive int or a (height, '
+                         f'width) pair of positive ints, got {img_size!r}')
 
 
 def _normalise_indices(indices, num_layers: int, key: str) -> Tuple[int, ...]:
@@ -215,6 +238,16 @@ class PromptedViT(BaseModule):
         self.num_layers = settings['num_layers']
         self.num_heads = settings['num_heads']
         check_positive_int(patch_size, 'patch_size')
+        check_positive_int(in_channels, 'in_channels')
+        _check_img_size(img_size)
+        for key, value in (('frozen', frozen), ('with_cp', with_cp),
+                           ('final_norm', final_norm), ('qkv_bias', qkv_bias),
+                           ('class_token', class_token)):
+            _check_bool(value, key)
+        if isinstance(drop_path_rate, bool) or not isinstance(
+                drop_path_rate, (int, float)):
+            raise TypeError(f'`drop_path_rate` must be a float in [0, 1), '
+                            f'got {drop_path_rate!r}')
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f'`drop_path_rate` must be in [0, 1), got '
                              f'{drop_path_rate!r}')
@@ -491,7 +524,8 @@ class PromptedViT(BaseModule):
     def _check_whitening(self) -> None:
         if self._whitening_confirmed or not self.prompts:
             return
-        missing = [k for k, p in self.prompts.items() if not p.is_whitened]
+        missing = [int(k) for k, p in self.prompts.items()
+                   if not p.is_whitened]
         if not missing:
             self._whitening_confirmed = True
             return

@@ -1,0 +1,489 @@
+"""A catalogue of bad inputs, each refused with a message that names it.
+
+Every case is one bad input: a call, the exception type it must raise and
+regular expressions that must all occur in the message: one naming the
+offending key, argument or file, one saying what was expected. Cases are
+cheap (a 32-channel ViT with 2-4 blocks, 32x32 images, pure function calls);
+the only subprocesses are the shell launcher's, which checks its arguments
+before any Python starts.
+
+The interrupted-run, atomic-save and distributed guarantees are in
+``tests/test_interrupted.py`` and ``tests/test_whitening_hook.py``.
+"""
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+import uuid
+from typing import Callable, List, NamedTuple, Type
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import _load_checkpoint
+
+from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
+from bpt_mm.launch import (check_data_paths, check_whitening_source,
+                           latest_checkpoint)
+from bpt_mm.models import PromptedViT, WhiteningNotReadyError
+from bpt_mm.models.checkpoint import CheckpointError, load_pretrained
+from bpt_mm.trainable_state import restore_frozen_backbone
+from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
+                              zca_whitening_matrix)
+from bpt_mm.whitening_collect import (collect_whitening, load_whitening,
+                                      save_whitening)
+from whitening_toy import BPTWhiteningToyModel, small_backbone, toy_images
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOLS = osp.join(ROOT, 'tools')
+TINY_MASK_RCNN = osp.join(ROOT, 'configs', 'tiny', 'mask_rcnn_bpt_tiny.py')
+# 32 channels, 4 blocks: enough for deep prompts in some blocks only.
+ARCH = dict(embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=2.0)
+FWHITEN = dict(type='WhitenedPrompt', num_tokens=4)
+
+
+def vit(**kwargs) -> PromptedViT:
+    kwargs.setdefault('arch', ARCH)
+    kwargs.setdefault('img_size', 32)
+    return PromptedViT(patch_size=kwargs.pop('patch_size', 16), **kwargs)
+
+
+def with_prompt(**prompt) -> Callable[[str], object]:
+    return lambda tmp: vit(prompt=prompt)
+
+
+class Case(NamedTuple):
+    id: str
+    call: Callable[[str], object]  # gets a fresh temporary directory
+    error: Type[BaseException]
+    patterns: List[str]
+
+
+# ------------------------------------------------------------- helper files
+def truncated(tmp: str, name: str = 'cut.pth') -> str:
+    """The first half of a real checkpoint: what a killed writer leaves."""
+    full = osp.join(tmp, 'full.pth')
+    torch.save({'state_dict': {'w': torch.randn(256)}}, full)
+    with open(full, 'rb') as f:
+        data = f.read()
+    path = osp.join(tmp, name)
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    return path
+
+
+def text_file(tmp: str, name: str = 'notes.pth', text: str = 'hello') -> str:
+    path = osp.join(tmp, name)
+    with open(path, 'w') as f:
+        f.write(text)
+    return path
+
+
+def whitening_file(tmp: str, name: str, **kwargs) -> str:
+    """A whitening file of the toy backbone (3 blocks, d = 32), or of the
+    backbone ``kwargs`` describe."""
+    torch.manual_seed(0)
+    prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
+    prompt.update(kwargs.pop('prompt', {}))
+    backbone = small_backbone(prompt=prompt, **kwargs)
+    stats = WhiteningStatistics(eps=1e-3)
+    results = collect_whitening(backbone, toy_images(8).split(4), stats, 8)
+    path = osp.join(tmp, name)
+    save_whitening(path, results, backbone, stats)
+    return path
+
+
+def deep_toy() -> PromptedViT:
+    torch.manual_seed(0)
+    return small_backbone(prompt=dict(type='WhitenedPrompt', num_tokens=4,
+                                      depth='deep'))
+
+
+def own_checkpoint(arch: dict) -> dict:
+    """An mmengine checkpoint of the whitening toy model with ``arch``."""
+    torch.manual_seed(0)
+    model = BPTWhiteningToyModel(backbone=dict(arch=arch))
+    return {'state_dict': model.state_dict(), 'meta': {}}
+
+
+def few_tokens_run(tmp: str) -> None:
+    """Training whose BPTWhiteningHook sees 1 image: 16 tokens, d = 32."""
+    torch.manual_seed(0)
+    Runner(
+        model=BPTWhiteningToyModel(backbone=dict(prompt=dict(FWHITEN))),
+        work_dir=tmp, experiment_name=f'few_{uuid.uuid4().hex[:8]}',
+        train_dataloader=dict(
+            dataset=dict(type='BPTWhiteningToyDataset', num_images=4),
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            batch_size=1, num_workers=0),
+        train_cfg=dict(by_epoch=False, max_iters=1),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        custom_hooks=[dict(type='BPTWhiteningHook', num_images=1)],
+        default_hooks=dict(checkpoint=None, logger=None),
+        log_level='WARNING').train()
+
+
+def tiny_config(edit=None) -> Config:
+    cfg = Config.fromfile(TINY_MASK_RCNN)
+    if edit:
+        edit(cfg)
+    return cfg
+
+
+def without_whitening_hook(cfg: Config) -> None:
+    cfg.custom_hooks = [h for h in cfg.custom_hooks
+                        if h['type'] != 'BPTWhiteningHook']
+
+
+def load_tool(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        f'bpt_mm_tool_{name}_{uuid.uuid4().hex[:6]}',
+        osp.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_with_missing_data(tmp: str) -> None:
+    missing = osp.join(tmp, 'no_such_data') + '/'
+    load_tool('train').main([
+        TINY_MASK_RCNN, '--work-dir', osp.join(tmp, 'work'), '--cfg-options',
+        f'train_dataloader.dataset.data_root={missing}'])
+
+
+def evaluate_with_missing_annotations(tmp: str) -> None:
+    ckpt = osp.join(tmp, 'any.pth')
+    torch.save({'state_dict': {}}, ckpt)
+    data = osp.join(tmp, 'data')
+    os.makedirs(osp.join(data, 'val2017'))
+    load_tool('test').main([
+        TINY_MASK_RCNN, ckpt, '--work-dir', osp.join(tmp, 'work'),
+        '--cfg-options', f'test_dataloader.dataset.data_root={data}/'])
+
+
+def image_dir_missing(tmp: str) -> None:
+    """Data root and annotation file exist, the image folder does not."""
+    cfg = tiny_config(lambda c: c.train_dataloader.dataset.update(
+        data_root=tmp + '/', ann_file=text_file(tmp, 'ann.json', '{}'),
+        data_prefix=dict(img='images/')))
+    check_data_paths(cfg, ['train_dataloader'])
+
+
+def empty_marker(tmp: str):
+    text_file(tmp, 'last_checkpoint', '')
+    return latest_checkpoint(tmp)
+
+
+def dist_train(gpus: str) -> Callable[[str], object]:
+    def call(tmp: str) -> None:
+        out = subprocess.run(
+            ['bash', osp.join(TOOLS, 'dist_train.sh'), TINY_MASK_RCNN, gpus],
+            cwd=tmp, capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PYTHON=sys.executable))
+        # The launcher's contract: exit status 2 and a message on stderr.
+        raise SystemExit(f'exit {out.returncode}: {out.stderr.strip()}')
+    return call
+
+
+# ---------------------------------------------------------------- catalogue
+CASES = [
+    # ------------------------------------------------ backbone (PromptedViT)
+    Case('arch-unknown-name', lambda t: vit(arch='gigantic'), ValueError,
+         [r'`arch`', r"must be one of \['base'", r"'gigantic'"]),
+    Case('arch-dict-missing-key',
+         lambda t: vit(arch=dict(embed_dims=32, num_layers=2)), ValueError,
+         [r"missing \['num_heads'\]", r'needs keys']),
+    Case('arch-dict-unknown-key', lambda t: vit(arch=dict(ARCH, depth=3)),
+         ValueError, [r"unknown \['depth'\]", r'needs keys']),
+    Case('arch-not-str-or-dict', lambda t: vit(arch=12), TypeError,
+         [r'`arch`', r'a str or a dict']),
+    Case('arch-zero-embed-dims',
+         lambda t: vit(arch=dict(ARCH, embed_dims=0)), ValueError,
+         [r'`arch.embed_dims`', r'positive int, got 0']),
+    Case('arch-heads-do-not-divide',
+         lambda t: vit(arch=dict(ARCH, embed_dims=30, num_heads=4)),
+         ValueError, [r'`arch.embed_dims` \(30\)',
+                      r'divisible by `arch.num_heads` \(4\)']),
+    Case('arch-negative-mlp-ratio',
+         lambda t: vit(arch=dict(ARCH, mlp_ratio=-1)), ValueError,
+         [r'`arch.mlp_ratio`', r'positive number, got -1']),
+    Case('patch-size-zero', lambda t: vit(patch_size=0), ValueError,
+         [r'`patch_size`', r'positive int, got 0']),
+    Case('patch-size-string', lambda t: vit(patch_size='16'), TypeError,
+         [r'`patch_size`', r"positive int, got '16' \(str\)"]),
+    Case('img-size-zero', lambda t: vit(img_size=0), ValueError,
+         [r'`img_size`', r'positive int']),
+    Case('in-channels-zero', lambda t: vit(in_channels=0), ValueError,
+         [r'`in_channels`', r'positive int, got 0']),
+    Case('out-indices-outside-model', lambda t: vit(out_indices=4),
+         ValueError, [r'`out_indices`', r'\[-4, 3\]', r'4 blocks']),
+    Case('window-size-negative', lambda t: vit(window_size=-2), ValueError,
+         [r'`window_size`', r'int >= 0, got -2']),
+    Case('global-attention-without-windows',
+         lambda t: vit(global_attn_indexes=(1, )), ValueError,
+         [r'`global_attn_indexes`', r'`window_size > 0`']),
+    Case('drop-path-rate-one', lambda t: vit(drop_path_rate=1.0),
+         ValueError, [r'`drop_path_rate`', r'\[0, 1\)']),
+    Case('frozen-as-string', lambda t: vit(frozen='False'), TypeError,
+         [r'`frozen`', r"True or False, got 'False'"]),
+    Case('pretrained-and-init-cfg',
+         lambda t: vit(pretrained='a.pth', init_cfg=dict(
+             type='Pretrained', checkpoint='b.pth')), ValueError,
+         [r'`pretrained`', r'`init_cfg`, not both']),
+    Case('init-cfg-unknown-key',
+         lambda t: vit(init_cfg=dict(type='Pretrained', checkpoint='x.pth',
+                                     map_location='cpu')).init_weights(),
+         ValueError, [r"unknown \['map_location'\]",
+                      r"accepts keys \['type', 'checkpoint'\]"]),
+    Case('init-cfg-without-checkpoint',
+         lambda t: vit(init_cfg=dict(type='Pretrained')).init_weights(),
+         ValueError, [r'`checkpoint`', r'the path of the weights']),
+    # --------------------------------------------------------------- prompts
+    Case('prompt-key-typo',
+         with_prompt(type='VPTPrompt', num_token=100), ValueError,
+         [r'unknown key `prompt.num_token`', r"did you mean 'num_tokens'",
+          r'allowed keys']),
+    Case('prompt-num-tokens-string',
+         with_prompt(type='VPTPrompt', num_tokens='100'), TypeError,
+         [r'`prompt.num_tokens`', r"positive int, got '100' \(str\)"]),
+    Case('prompt-num-tokens-zero',
+         with_prompt(type='VPTPrompt', num_tokens=0), ValueError,
+         [r'`prompt.num_tokens`', r'positive int, got 0']),
+    Case('prompt-num-tokens-negative',
+         with_prompt(type='VPTPrompt', num_tokens=-5), ValueError,
+         [r'`prompt.num_tokens`', r'positive int, got -5']),
+    Case('prompt-num-tokens-bool',
+         with_prompt(type='VPTPrompt', num_tokens=True), TypeError,
+         [r'`prompt.num_tokens`', r'positive int, got True \(bool\)']),
+    Case('prompt-num-tokens-missing', with_prompt(type='VPTPrompt'),
+         ValueError, [r'`prompt.num_tokens` is required',
+                      r'number of prompt tokens']),
+    Case('prompt-unknown-type', with_prompt(type='VPT', num_tokens=4),
+         ValueError, [r'`prompt.type`',
+                      r"one of \['BilinearPrompt', 'VPTPrompt', "
+                      r"'WhitenedPrompt'\], got 'VPT'"]),
+    Case('prompt-not-a-dict', lambda t: vit(prompt='VPTPrompt'), TypeError,
+         [r'`prompt`', r'None or a dict, got str']),
+    Case('bilinear-without-rank',
+         with_prompt(type='BilinearPrompt', num_tokens=4), ValueError,
+         [r'`prompt.rank`', r'required for BilinearPrompt']),
+    Case('bilinear-rank-zero',
+         with_prompt(type='BilinearPrompt', num_tokens=4, rank=0),
+         ValueError, [r'`prompt.rank`', r'positive int, got 0']),
+    Case('key-of-another-prompt-type',
+         with_prompt(type='WhitenedPrompt', num_tokens=4, rank=8),
+         ValueError, [r'`prompt.rank` for WhitenedPrompt', r'allowed keys']),
+    Case('prompt-depth-unknown',
+         with_prompt(type='VPTPrompt', num_tokens=4, depth='middle'),
+         ValueError, [r'`prompt.depth`', r"'shallow' or 'deep'",
+                      r"'middle'"]),
+    Case('prompt-layers-outside-model',
+         with_prompt(type='VPTPrompt', num_tokens=4, depth='deep',
+                     layers=[1, 4]), ValueError,
+         [r'`prompt.layers`', r'\[-4, 3\]', r'has 4 blocks', r'got 4']),
+    Case('prompt-layers-for-shallow',
+         with_prompt(type='VPTPrompt', num_tokens=4, layers=[1]),
+         ValueError, [r'`prompt.layers`', r"only for depth='deep'"]),
+    Case('prompt-layers-duplicated',
+         with_prompt(type='VPTPrompt', num_tokens=4, depth='deep',
+                     layers=[1, -3]), ValueError,
+         [r'`prompt.layers`', r'duplicated blocks']),
+    Case('trainable-projection-layers-not-prompted',
+         with_prompt(type='BilinearPrompt', num_tokens=4, rank=4,
+                     depth='deep', layers=[2, 3],
+                     trainable_projection_layers=[1]), ValueError,
+         [r'`prompt.trainable_projection_layers` \[1\]',
+          r'not prompted blocks', r'\(2, 3\)']),
+    Case('trainable-projection-layers-for-vpt',
+         with_prompt(type='VPTPrompt', num_tokens=4, depth='deep',
+                     trainable_projection_layers=[3]), ValueError,
+         [r'`prompt.trainable_projection_layers`',
+          r'needs a prompt with a trainable projection']),
+    Case('prompt-dropout-one',
+         with_prompt(type='VPTPrompt', num_tokens=4, dropout=1.0),
+         ValueError, [r'`prompt.dropout`', r'\[0, 1\), got 1.0']),
+    Case('whitened-tunable-string',
+         with_prompt(type='WhitenedPrompt', num_tokens=4, tunable='yes'),
+         TypeError, [r'`tunable`', r'True \(tWhiten\)', r"'yes'"]),
+    Case('bilinear-whitening-init-int',
+         with_prompt(type='BilinearPrompt', num_tokens=4, rank=4,
+                     whitening_init=1), TypeError,
+         [r'`whitening_init`', r'must be a bool, got 1']),
+    Case('prompt-init-std-negative',
+         with_prompt(type='BilinearPrompt', num_tokens=4, rank=4,
+                     init_std=-0.1), ValueError,
+         [r'`prompt.init_std`', r'float >= 0, got -0.1']),
+    Case('prompt-allow-identity-string',
+         with_prompt(type='WhitenedPrompt', num_tokens=4,
+                     allow_identity_whitening='no'), TypeError,
+         [r'`prompt.allow_identity_whitening`', r"bool, got 'no'"]),
+    # ------------------------------------------------------------- whitening
+    Case('training-without-whitening',
+         lambda t: vit(prompt=dict(FWHITEN)).train()(torch.rand(1, 3, 32,
+                                                                32)),
+         WhiteningNotReadyError,
+         [r'WhitenedPrompt prompts of blocks \[0\]', r'BPTWhiteningHook']),
+    Case('hook-whitening-on-fewer-tokens-than-channels', few_tokens_run,
+         ValueError, [r'block 0', r'only 16 tokens from 1 images',
+                      r'd=32', r'at least 32 tokens']),
+    Case('whitening-features-with-nan',
+         lambda t: collect_whitening(
+             deep_toy(),
+             [toy_images(4).index_put_((torch.tensor(1), ),
+                                       torch.tensor(float('nan')))],
+             WhiteningStatistics(), 4), ValueError,
+         [r'block 0', r'non-finite value']),
+    Case('whitening-tokens-with-inf',
+         lambda t: SecondMomentAccumulator(4, name='block 3').update(
+             torch.tensor([[1., float('inf'), 0., 0.]])), ValueError,
+         [r'block 3', r'1 non-finite value\(s\)']),
+    Case('zca-of-nan-sigma',
+         lambda t: zca_whitening_matrix(torch.full((4, 4), float('nan'))),
+         ValueError, [r'`sigma`', r'non-finite']),
+    Case('zca-of-non-square-sigma',
+         lambda t: zca_whitening_matrix(torch.eye(4)[:3]), ValueError,
+         [r'`sigma`', r'square \(d, d\) matrix']),
+    Case('whitening-tokens-option-unknown',
+         lambda t: WhiteningStatistics(tokens='cls'), ValueError,
+         [r'`tokens`', r"one of \('patch', 'all'\), got 'cls'"]),
+    Case('whitening-eps-negative',
+         lambda t: WhiteningStatistics(eps=-1.0), ValueError,
+         [r'`eps`', r'finite float >= 0']),
+    Case('whitening-file-for-another-arch',
+         lambda t: load_whitening(
+             whitening_file(t, 'd16.pth', arch=dict(
+                 embed_dims=16, num_layers=3, num_heads=2)), deep_toy()),
+         ValueError, [r'd16\.pth', r'embed_dims=16', r'model has '
+                      r'embed_dims=32']),
+    Case('whitening-file-for-other-layers',
+         lambda t: load_whitening(whitening_file(
+             t, 'upper.pth', prompt=dict(layers=[1, 2])), deep_toy()),
+         ValueError, [r'upper\.pth', r'blocks \[1, 2\]',
+                      r'blocks \[0\] need it']),
+    Case('whitening-file-missing',
+         lambda t: load_whitening(osp.join(t, 'gone.pth'), deep_toy()),
+         FileNotFoundError, [r'gone\.pth', r'does not exist']),
+    Case('whitening-file-is-a-checkpoint',
+         lambda t: load_whitening(
+             (torch.save({'state_dict': {}}, osp.join(t, 'ck.pth')),
+              osp.join(t, 'ck.pth'))[1], deep_toy()), ValueError,
+         [r'ck\.pth', r'not a bpt_mm whitening file',
+          r'tools/compute_whitening.py']),
+    Case('whitening-file-truncated',
+         lambda t: load_whitening(truncated(t, 'w_cut.pth'), deep_toy()),
+         ValueError, [r'w_cut\.pth', r'not a readable whitening file']),
+    Case('whitening-matrix-of-wrong-shape',
+         lambda t: vit(prompt=dict(FWHITEN)).prompts['0'].set_whitening(
+             torch.eye(16)), ValueError,
+         [r'whitening matrix must have shape \(32, 32\)',
+          r'got \(16, 16\)']),
+    # ----------------------------------------------------------------- hooks
+    Case('whitening-hook-option-typo',
+         lambda t: BPTWhiteningHook(num_imgs=100), TypeError,
+         [r"\['num_imgs'\]", r"did you mean 'num_images'",
+          r'allowed options']),
+    Case('whitening-hook-zero-images',
+         lambda t: BPTWhiteningHook(num_images=0), ValueError,
+         [r'`num_images`', r'positive int, got 0']),
+    Case('whitening-hook-bilinear-init-unknown',
+         lambda t: BPTWhiteningHook(bilinear_init='svd'), ValueError,
+         [r'`bilinear_init`', r"one of \('random', 'eigen', 'identity'\)",
+          r"'svd'"]),
+    Case('whitening-hook-file-not-a-path',
+         lambda t: BPTWhiteningHook(whitening_file=123), ValueError,
+         [r'`whitening_file`', r'None or a path, got 123']),
+    Case('trainable-checkpoint-hook-flag-string',
+         lambda t: TrainableCheckpointHook(save_trainable_only='yes'),
+         TypeError, [r'`save_trainable_only`', r"bool, got 'yes'"]),
+    Case('config-needs-whitening-but-has-no-hook',
+         lambda t: check_whitening_source(tiny_config(
+             without_whitening_hook)), ValueError,
+         [r'`model.backbone.prompt.type` is \'BilinearPrompt\'',
+          r'no BPTWhiteningHook in `custom_hooks`', r'whitening_file']),
+    # ----------------------------------------------------------------- tools
+    Case('train-data-root-missing', train_with_missing_data,
+         FileNotFoundError,
+         [r'`train_dataloader.dataset.data_root`', r'no_such_data',
+          r'does not exist', r'expected a directory']),
+    Case('test-annotation-file-missing', evaluate_with_missing_annotations,
+         FileNotFoundError,
+         [r'`test_dataloader.dataset.ann_file`',
+          r'instances_val2017\.json', r'expected a file']),
+    Case('data-prefix-missing', image_dir_missing, FileNotFoundError,
+         [r'`train_dataloader.dataset.data_prefix.img`', r'images/',
+          r'expected a directory']),
+    Case('dist-train-gpus-not-a-number', dist_train('two'), SystemExit,
+         [r'exit 2', r"GPUS must be a positive integer, got 'two'"]),
+    Case('dist-train-gpus-fractional', dist_train('1.5'), SystemExit,
+         [r'exit 2', r"GPUS must be a positive integer, got '1.5'"]),
+    Case('resume-marker-empty-and-no-checkpoint', empty_marker,
+         FileNotFoundError, [r'last_checkpoint', r'is empty',
+                             r'no iter_N.pth or epoch_N.pth']),
+    # ----------------------------------------------------------- checkpoints
+    Case('pretrained-checkpoint-truncated',
+         lambda t: load_pretrained(vit(), truncated(t, 'mae_cut.pth')),
+         CheckpointError, [r'mae_cut\.pth']),
+    Case('pretrained-checkpoint-not-a-checkpoint',
+         lambda t: load_pretrained(vit(), text_file(t, 'readme.pth')),
+         CheckpointError, [r'readme\.pth']),
+    Case('pretrained-checkpoint-for-another-arch',
+         lambda t: load_pretrained(vit(), (torch.save(
+             vit(arch=dict(ARCH, embed_dims=64)).state_dict(),
+             osp.join(t, 'wide.pth')), osp.join(t, 'wide.pth'))[1]),
+         CheckpointError, [r'wide\.pth', r'shape mismatch',
+                           r'checkpoint \(1, 1, 64\) vs model \(1, 1, 32\)',
+                           r'configured like the checkpoint']),
+    Case('resume-checkpoint-truncated',
+         lambda t: _load_checkpoint(truncated(t, 'iter_4.pth')),
+         CheckpointError, [r'iter_4\.pth', r'truncated, corrupt or not a '
+                           r'torch checkpoint']),
+    Case('resume-checkpoint-empty',
+         lambda t: _load_checkpoint(text_file(t, 'iter_6.pth', '')),
+         CheckpointError, [r'iter_6\.pth', r'\(0 bytes\)',
+                           r'truncated, corrupt']),
+    Case('resume-checkpoint-not-a-checkpoint',
+         lambda t: _load_checkpoint(text_file(t, 'iter_8.pth', 'x' * 40)),
+         CheckpointError, [r'iter_8\.pth', r'not a torch checkpoint']),
+    Case('checkpoint-for-wider-backbone',
+         lambda t: restore_frozen_backbone(
+             BPTWhiteningToyModel(backbone=dict()),
+             own_checkpoint(dict(embed_dims=64, num_layers=3, num_heads=2,
+                                 mlp_ratio=2.0)), source='wide_run.pth'),
+         CheckpointError, [r"'wide_run\.pth' is for another backbone",
+                           r"'backbone\.\w+'", r'model expects \(']),
+    Case('checkpoint-for-deeper-backbone',
+         lambda t: restore_frozen_backbone(
+             BPTWhiteningToyModel(backbone=dict()),
+             own_checkpoint(dict(embed_dims=32, num_layers=5, num_heads=2,
+                                 mlp_ratio=2.0)), source='deep_run.pth'),
+         CheckpointError, [r"'deep_run\.pth' is for another backbone",
+                           r"'backbone\.blocks\.3\.", r'has 3 blocks']),
+]
+
+
+def test_catalogue_is_large_and_distinct():
+    ids = [case.id for case in CASES]
+    assert len(set(ids)) == len(ids), 'duplicate case ids'
+    assert len(ids) >= 40, len(ids)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors gain nothing from threads, and the machine is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_by_name(case, tmp_path):
+    with pytest.raises(case.error) as info:
+        case.call(str(tmp_path))
+    message = str(info.value)
+    for pattern in case.patterns:
+        assert re.search(pattern, message), \
+            f'{case.id}: {pattern!r} not in the message:\n{message}'
