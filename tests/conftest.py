@@ -15,3 +15,14 @@ def tiny_workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp('workspace')
     ensure_tiny_data(str(root / 'data' / 'tiny'))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: tiny tensors gain nothing from
+    threads, and on a loaded machine the pool makes them ~100x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

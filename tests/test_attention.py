@@ -4,30 +4,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bpt_mm.models import attention
+from bpt_mm.models import attention, vit
 from bpt_mm.models.attention import (attention_frozen_self_keys,
                                      attention_with_logsumexp,
                                      prompted_block_forward)
 from test_vit import small_vit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors gain nothing from threads, and the machine is shared.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def _count_calls(monkeypatch, name):
+def _count_calls(monkeypatch, name, module=attention):
+    """Record each call of ``module.name`` (still calling it)."""
     calls = []
-    original = getattr(attention, name)
+    original = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(attention, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -153,7 +150,7 @@ def test_shortcut_not_taken_when_the_patches_train():
 
 def test_frozen_position_embeddings_resampled_once_until_changed(
         monkeypatch):
-    calls = _count_calls_in_vit(monkeypatch)
+    calls = _count_calls(monkeypatch, 'resample_abs_pos_embed', vit)
     model = small_vit(prompt=dict(type='VPTPrompt', num_tokens=2)).train()
     x = torch.rand(1, 3, 48, 40)  # not the 32 x 32 pretraining grid
     first = model(x)[0]
@@ -170,18 +167,6 @@ def test_frozen_position_embeddings_resampled_once_until_changed(
     trainable(x)
     assert len(calls) == 5  # a trained table is resampled every time
 
-
-def _count_calls_in_vit(monkeypatch):
-    from bpt_mm.models import vit
-    calls = []
-    original = vit.resample_abs_pos_embed
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(vit, 'resample_abs_pos_embed', counted)
-    return calls
 
 
 

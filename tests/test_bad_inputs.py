@@ -470,13 +470,8 @@ def test_catalogue_is_large_and_distinct():
     assert len(ids) >= 40, len(ids)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads, and the machine is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors gain nothing from threads, and the machine is shared.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])

@@ -67,14 +67,8 @@ class Probe(Hook):
         self.last = self._state(runner)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads; on a loaded machine the
-    # intra-op pool makes them ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors gain nothing from threads, and the machine is shared.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def make_runner(work_dir, prompt, hooks=(), max_iters=2, resume=False,
