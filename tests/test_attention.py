@@ -28,6 +28,16 @@ def _count_calls(monkeypatch, name, module=attention):
     return calls
 
 
+def assert_same_outputs_and_grads(got, expected, inputs):
+    """``got`` equals ``expected`` to 1e-5, and so do the gradients of a
+    random projection of each with respect to ``inputs``."""
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weight = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad((got * weight).sum(), inputs),
+                    torch.autograd.grad((expected * weight).sum(), inputs)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize('use_fused', [True, False])
 def test_logsumexp_attention_matches_explicit_softmax(use_fused):
     torch.manual_seed(0)
@@ -83,12 +93,8 @@ def test_block_with_frozen_patches_equals_plain_block(window, with_deep,
     fast = prompted_block_forward(block, x, kv_tokens, window, 5, grid,
                                   frozen_patches=True)
     assert calls, 'the frozen-patch shortcut was not taken'
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
-    weight = torch.randn_like(plain)
-    inputs = [prefix, deep] if with_deep else [prefix]
-    for a, b in zip(torch.autograd.grad((fast * weight).sum(), inputs),
-                    torch.autograd.grad((plain * weight).sum(), inputs)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same_outputs_and_grads(fast, plain,
+                                  [prefix, deep] if with_deep else [prefix])
 
 
 def test_prefix_kv_only_block_keeps_prefix_and_equals_plain_patches():
@@ -99,14 +105,8 @@ def test_prefix_kv_only_block_keeps_prefix_and_equals_plain_patches():
     short = prompted_block_forward(block, x, deep, 0, 5, grid,
                                    prefix_kv_only=True)
     assert torch.equal(short[:, :5], x[:, :5])  # prefix rows not computed
-    torch.testing.assert_close(short[:, 5:], plain[:, 5:], atol=1e-5,
-                               rtol=1e-5)
-    weight = torch.randn_like(plain[:, 5:])
-    inputs = [prefix, patches, deep]
-    for a, b in zip(
-            torch.autograd.grad((short[:, 5:] * weight).sum(), inputs),
-            torch.autograd.grad((plain[:, 5:] * weight).sum(), inputs)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same_outputs_and_grads(short[:, 5:], plain[:, 5:],
+                                  [prefix, patches, deep])
 
 
 @pytest.mark.parametrize('class_token', [True, False])
@@ -129,12 +129,8 @@ def test_shallow_forward_matches_sequence_version_and_takes_shortcuts(
     for blk in model.blocks:
         seq = blk(seq)  # timm's own forward
     expected = seq[:, n + 5:].transpose(1, 2).reshape(got.shape)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    params = [q for q in model.parameters() if q.requires_grad]
-    weight = torch.randn_like(got)
-    for a, b in zip(torch.autograd.grad((got * weight).sum(), params),
-                    torch.autograd.grad((expected * weight).sum(), params)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same_outputs_and_grads(
+        got, expected, [q for q in model.parameters() if q.requires_grad])
 
 
 def test_shortcut_not_taken_when_the_patches_train():
@@ -190,9 +186,5 @@ def test_windowed_shallow_forward_matches_plain_blocks(with_cp, monkeypatch):
         tokens = prompted_block_forward(blk, tokens, None,
                                         0 if i == 2 else 3, 5, hw)
     expected = tokens[:, 5:].transpose(1, 2).reshape(got.shape)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    params = [q for q in model.parameters() if q.requires_grad]
-    weight = torch.randn_like(got)
-    for a, b in zip(torch.autograd.grad((got * weight).sum(), params),
-                    torch.autograd.grad((expected * weight).sum(), params)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same_outputs_and_grads(
+        got, expected, [q for q in model.parameters() if q.requires_grad])
