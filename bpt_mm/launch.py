@@ -366,6 +366,34 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
     return newest
 
 
+def build_prompted_model(cfg: Config, checkpoint: Optional[str] = None,
+                         device: str = 'cpu'):
+    """Build ``cfg.model`` as training would start it (``init_weights``,
+    then ``checkpoint`` if given) on ``device``, for the offline tools.
+
+    Returns:
+        tuple: The model and its :class:`PromptedViT` (the model itself or
+        its ``backbone``).
+
+    Raises:
+        ValueError: If the model has no PromptedViT backbone.
+    """
+    from mmengine.registry import MODELS
+    from mmengine.runner import load_checkpoint
+
+    from bpt_mm.models.vit import find_prompted_backbone
+    model = MODELS.build(cfg.model)  # in the config's default scope
+    model.init_weights()
+    if checkpoint:
+        load_checkpoint(model, checkpoint, map_location='cpu')
+    model.to(device)
+    backbone = find_prompted_backbone(model)
+    if backbone is None:
+        raise ValueError('the model is not a PromptedViT and has no '
+                         'PromptedViT backbone')
+    return model, backbone
+
+
 def build_runner(cfg: Config):
     """The runner the config asks for (``runner_type``) or mmengine's."""
     from mmengine.registry import RUNNERS

@@ -153,16 +153,16 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import Config
     from mmengine.logging import MMLogger
-    from mmengine.registry import MODELS, init_default_scope
-    from mmengine.runner import load_checkpoint, set_random_seed
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import set_random_seed
 
     import bpt_mm  # noqa: F401  (registers the models)
     from bpt_mm.burstiness_analysis import analyse_backbone, resolve_blocks
     from bpt_mm.burstiness_report import (json_summary, markdown_summary,
                                           plot_block)
-    from bpt_mm.engine.whitening_hook import (find_prompted_backbone,
-                                              hook_options_from_config,
+    from bpt_mm.engine.whitening_hook import (hook_options_from_config,
                                               preprocessed_images)
+    from bpt_mm.launch import build_prompted_model
     from bpt_mm.whitening import WhiteningStatistics
 
     MMLogger.get_instance('analyze_burstiness', log_level='WARNING')
@@ -196,15 +196,7 @@ def main(argv=None) -> int:
     set_random_seed(args.seed if seed is None else seed)
     try:
         loader = build_loader(cfg)
-        model = MODELS.build(cfg.model)
-        model.init_weights()
-        if args.checkpoint:
-            load_checkpoint(model, args.checkpoint, map_location='cpu')
-        model.to(device)
-        backbone = find_prompted_backbone(model)
-        if backbone is None:
-            raise ValueError('the model is not a PromptedViT and has no '
-                             'PromptedViT backbone')
+        model, backbone = build_prompted_model(cfg, args.checkpoint, device)
         blocks = resolve_blocks(backbone, args.layers)
         results = analyse_backbone(
             backbone, preprocessed_images(model, loader), blocks,

@@ -70,14 +70,14 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import Config
     from mmengine.logging import MMLogger
-    from mmengine.registry import MODELS, init_default_scope
-    from mmengine.runner import Runner, load_checkpoint
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
 
     import bpt_mm  # noqa: F401  (registers the models and the hook)
     from bpt_mm.engine.whitening_hook import (BPTWhiteningHook,
-                                              find_prompted_backbone,
                                               hook_options_from_config,
                                               preprocessed_images)
+    from bpt_mm.launch import build_prompted_model
     from bpt_mm.whitening_collect import (collect_whitening,
                                           format_whitening_table,
                                           save_whitening, whitening_blocks)
@@ -99,15 +99,10 @@ def main(argv=None) -> int:
     hook = BPTWhiteningHook(**options)
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, map_location='cpu')
-    model.to(device)
-    backbone = find_prompted_backbone(model)
-    if backbone is None:
-        print(f'{args.config}: the model is not a PromptedViT and has no '
-              'PromptedViT backbone', file=sys.stderr)
+    try:
+        model, backbone = build_prompted_model(cfg, args.checkpoint, device)
+    except ValueError as exc:
+        print(f'{args.config}: {exc}', file=sys.stderr)
         return 1
     if not whitening_blocks(backbone):
         print(f'{args.config}: no prompt of this model needs whitening '

@@ -22,8 +22,9 @@ cannot do:
   ViT, the patch tokens depend on nothing trainable. Their queries, keys and
   values then need no gradient, and the patch queries' attention is split
   into a part over the patch keys, computed without autograd, and a
-  differentiable part over the prompt keys (:func:`attention_frozen_self_keys`),
-  so the backward pass costs O(N·M) there instead of O(N·(N+M)).
+  differentiable part over the prompt keys
+  (:func:`attention_frozen_self_keys`), so the backward pass costs O(N·M)
+  there instead of O(N·(N+M)).
 """
 from typing import List, Optional, Sequence, Tuple
 

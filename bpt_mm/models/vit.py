@@ -567,7 +567,7 @@ class PromptedViT(BaseModule):
         pos = self.pos_embed
         cacheable = not pos.requires_grad and \
             not torch.is_inference_mode_enabled()
-        key = (pos.data_ptr(), pos._version, pos.dtype, pos.device)
+        key = _tensors_state([pos])
         hit = self._pos_embed_cache.get((h, w)) if cacheable else None
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -666,17 +666,15 @@ class PromptedViT(BaseModule):
         """Keys and values of block ``index``'s deep prompts, at inference.
 
         They depend on the prompt parameters, the block's ``norm1``,
-        ``qkv`` and key-norm weights only, not on the image, so they are computed once
-        and reused until one of those tensors changes: an optimizer step or
-        ``load_state_dict`` bumps a tensor's version counter, ``.to()`` or a
-        reassignment changes its storage, and either makes the entry stale.
+        ``qkv`` and key-norm weights only, not on the image, so they are
+        computed once and reused until one of those tensors changes (see
+        :func:`_tensors_state`).
         """
         tensors = [*self.prompts[str(index)].parameters(),
                    *self.prompts[str(index)].buffers(),
                    *block.norm1.parameters(), *block.attn.qkv.parameters(),
                    *block.attn.k_norm.parameters()]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                    for t in tensors)
+        key = _tensors_state(tensors)
         hit = self._prompt_kv_cache.get(index)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -707,6 +705,15 @@ class PromptedViT(BaseModule):
                 B, _, C = patches.shape
                 outs.append(patches.transpose(1, 2).reshape(B, C, h, w))
         return tuple(outs)
+
+
+def _tensors_state(tensors) -> tuple:
+    """A key that changes whenever one of ``tensors`` may have changed:
+    an optimizer step or ``load_state_dict`` bumps a tensor's version
+    counter, ``.to()`` or a reassignment changes its storage. The caches of
+    values derived from frozen or prompt tensors compare it."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                 for t in tensors)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
