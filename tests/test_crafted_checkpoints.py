@@ -428,7 +428,8 @@ def test_plain_form_round_trips_mmengine_state():
                                        'seed': np.int64(7)}),
         random_state=dict(numpy=np.random.get_state(),
                           python=(3, tuple(range(5)), None)),
-        meta=dict(big_endian=np.arange(3, dtype='>f8'), shape=torch.Size(
+        meta=dict(name=np.str_('coco'), flag=np.bool_(True),
+                  big_endian=np.arange(3, dtype='>f8'), shape=torch.Size(
             [2, 3]), dtype=torch.float16, classes=('a', 'b')))
     data = io.BytesIO()
     torch.save(to_plain(state), data)
@@ -450,6 +451,8 @@ def test_plain_form_round_trips_mmengine_state():
     assert np.array_equal(back['meta']['big_endian'], np.arange(3.))
     assert back['meta']['shape'] == torch.Size([2, 3])
     assert back['meta']['classes'] == ('a', 'b')
+    assert type(back['meta']['name']) is str and back['meta']['name'] == 'coco'
+    assert type(back['meta']['flag']) is np.bool_ and back['meta']['flag']
     assert buffer.data[0].dtype == np.float64  # the input is untouched
 
 
@@ -589,6 +592,11 @@ def test_foreign_checkpoint_is_refused_then_converted_with_trust(tmp_path):
                  'nope'])
     assert open(out, 'rb').read() == before
     assert not osp.exists(tmp_path / 'b.pth')
+    # Converting a converted (or bpt_mm-written) file is harmless.
+    again = str(tmp_path / 'again.pth')
+    convert(['--trust', out, again])
+    assert load_local_checkpoint(again)['message_hub']['log_scalars'][
+        'loss'].current() == 2.0
 
 
 def load_tool(path):

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from bpt_mm.engine.checkpoint_io import (load_local_checkpoint,  # noqa: E402
                                          write_checkpoint_file)
+from bpt_mm.engine.plain_state import from_plain  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -60,7 +61,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             f'Converting loads it with torch.load(weights_only=False), '
             f'which runs any code the file holds; add --trust only if you '
             f'trust where the file comes from.')
-    checkpoint = torch.load(src, map_location='cpu', weights_only=False)
+    # A file already in the plain form (e.g. converted before) is read back
+    # to its objects first, so that converting twice gives the same file.
+    checkpoint = from_plain(
+        torch.load(src, map_location='cpu', weights_only=False), src)
     for key in args.drop:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
             keys = sorted(map(str, checkpoint)) \

@@ -22,7 +22,8 @@ Everything else a checkpoint may hold passes through as it is: tensors,
 ``None``, bool, int, float, complex, str, bytes, ``torch.Size``,
 ``torch.dtype``, ``torch.device`` and dict / OrderedDict / list / tuple /
 set containers of those (other dict subclasses, such as mmengine's
-``ConfigDict``, become dicts; subclasses of int/float/str their base type).
+``ConfigDict``, become dicts; numpy strings and other subclasses of
+int/float/str/bytes their base type).
 Anything else is refused at save time, naming where it is, so that a
 checkpoint is never written that bpt_mm could not read back.
 
@@ -126,12 +127,14 @@ def _walk(obj: Any, leaf: Callable[[Any, Tuple], Any],
 
 
 def _encode_leaf(value: Any, key: Tuple) -> Any:
-    if isinstance(value, np.generic) or isinstance(value, np.ndarray):
-        return _numpy_to_plain(value, key)
-    if isinstance(value, HistoryBuffer):
-        return _buffer_to_plain(value, key)
     if type(value) in _ATOMS:
         return value
+    if isinstance(value, HistoryBuffer):
+        return _buffer_to_plain(value, key)
+    if isinstance(value, (np.str_, np.bytes_)):  # text, not numbers
+        return str(value) if isinstance(value, str) else bytes(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _numpy_to_plain(value, key)
     for base in _BASE_TYPES:
         if isinstance(value, base) and not isinstance(value, bool):
             return base(value)
