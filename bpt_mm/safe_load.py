@@ -10,9 +10,10 @@ through :func:`load_weights_only`:
    the sizes its members declare must add up to at most
    :data:`MAX_ZIP_EXPANSION` times the file's size: ``torch.save`` stores
    members uncompressed, so only a crafted archive (a "zip bomb") declares
-   more. Anything that is not a zip archive is refused: torch reads it as
-   its legacy format (torch < 1.6), allocating every storage at the size
-   the pickle declares before reading its bytes, so a few hundred bytes can
+   more. The pickle itself may declare at most :data:`MAX_PICKLE_BYTES`.
+   Anything that is not a zip archive is refused: torch reads it as its
+   legacy format (torch < 1.6), allocating every storage at the size the
+   pickle declares before reading its bytes, so a few hundred bytes can
    ask for gigabytes. (A bare pickle is refused naming the globals it
    names, found by parsing its opcodes, not by running them.)
 2. The file is read by torch's own ``torch.load(weights_only=True)``, which
@@ -37,7 +38,8 @@ from typing import Any, Callable, Iterable, List, Optional, Union
 
 import torch
 
-__all__ = ['CheckpointError', 'MAX_ZIP_EXPANSION', 'MAX_DEPTH',
+__all__ = ['CheckpointError', 'MAX_ZIP_EXPANSION', 'MAX_PICKLE_BYTES',
+           'MAX_DEPTH',
            'CONVERT_HINT', 'check_torch_file', 'load_weights_only',
            'check_dense_tensors', 'describe_key']
 
@@ -45,6 +47,12 @@ __all__ = ['CheckpointError', 'MAX_ZIP_EXPANSION', 'MAX_DEPTH',
 #: to the size of the file. torch.save stores members uncompressed (ratio
 #: about 1); a deflated archive of real weights shrinks by a few percent.
 MAX_ZIP_EXPANSION = 4
+
+#: Largest pickle (``data.pkl``) accepted in a zip checkpoint. The pickle
+#: holds names and structure only, tensor bytes are separate members: a
+#: ViT-B detector's is well under 1 MiB, while a small crafted pickle can
+#: build objects far larger than itself.
+MAX_PICKLE_BYTES = 64 * 2**20
 
 #: Deepest nesting of containers accepted in a loaded file. mmengine's
 #: training checkpoints nest about 6 levels (optimizer/state/<id>/exp_avg).
@@ -105,6 +113,15 @@ def check_torch_file(path: str, what: str = 'checkpoint') -> None:
         raise CheckpointError(
             f'cannot read {what} {path!r} ({size} bytes): it is truncated, '
             f'corrupt or not a torch checkpoint ({exc})') from exc
+    pickles = [info for info in members
+               if info.filename.endswith('data.pkl')
+               and info.file_size > MAX_PICKLE_BYTES]
+    if pickles:
+        raise CheckpointError(
+            f'refusing to load {what} {path!r}: its pickle '
+            f'{pickles[0].filename!r} declares {pickles[0].file_size} bytes, '
+            f'more than the limit of {MAX_PICKLE_BYTES} bytes (a checkpoint '
+            f'keeps its tensor bytes outside the pickle)')
     declared = sum(info.file_size for info in members)
     limit = MAX_ZIP_EXPANSION * size
     if declared > limit:

@@ -171,7 +171,27 @@ def crafted_files(tmp_path):
         tmp_path / 'zip_bomb.pth',
         pickled(b'}' + const('w') + tensor_ops(2**22, (2**22, ), (1, ))
                 + b's'), {'0': b'\0' * 2**24}, method=zipfile.ZIP_DEFLATED)
+    # A pickle whose central-directory entry declares 1 GiB.
+    files['huge_pickle'] = declare_size(zip_checkpoint(
+        tmp_path / 'huge_pickle.pth', pickled(const('x'))),
+        'archive/data.pkl', 2**30)
     return files, target
+
+
+def declare_size(path, member: str, size: int):
+    """Rewrite the uncompressed size that the zip's central directory
+    declares for ``member`` (what a reader allocates for it)."""
+    data = bytearray(open(path, 'rb').read())
+    start = data.index(b'PK\x01\x02')
+    while True:  # central directory headers, one per member
+        name_len = int.from_bytes(data[start + 28:start + 30], 'little')
+        name = bytes(data[start + 46:start + 46 + name_len]).decode()
+        if name == member:
+            data[start + 24:start + 28] = size.to_bytes(4, 'little')
+            break
+        start = data.index(b'PK\x01\x02', start + 4)
+    open(path, 'wb').write(bytes(data))
+    return path
 
 
 # ------------------------------------------------------ trusted reference
@@ -225,7 +245,7 @@ LOADERS = {
 IN_PROCESS = ('file_write_legacy', 'huge_legacy', 'huge_legacy_respelled',
               'huge_zip_record',
               'build_on_function', 'build_on_class', 'setitem_on_class',
-              'code', 'zip_bomb')
+              'code', 'zip_bomb', 'huge_pickle')
 
 
 @pytest.mark.parametrize('loader', sorted(LOADERS))
@@ -264,6 +284,7 @@ def test_refusals_say_why_and_how_to_proceed(tmp_path):
     assert 'SETITEM' in messages['setitem_on_class']
     assert 'system' in messages['code']
     assert 'convert_checkpoint.py --trust' in messages['code']
+    assert "'archive/data.pkl' declares" in messages['huge_pickle']
     bomb = messages['zip_bomb']
     assert 'archive/data/0' in bomb and f'more than {MAX_ZIP_EXPANSION} ' \
         'times' in bomb
@@ -275,7 +296,7 @@ def test_legacy_and_zip_bomb_are_refused_before_torch_reads(tmp_path,
     calls = []
     monkeypatch.setattr(torch, 'load', lambda *a, **k: calls.append(a))
     for name in ('huge_legacy', 'huge_legacy_respelled',
-                 'file_write_legacy', 'zip_bomb'):
+                 'file_write_legacy', 'zip_bomb', 'huge_pickle'):
         with pytest.raises(CheckpointError):
             load_local_checkpoint(files[name])
     assert calls == []  # nothing allocated at the sizes the files declare
