@@ -581,9 +581,12 @@ def _typed_field(path: str, key: str, value: Any,
                      f'{shown[:200]}')
 
 
-def _real_matrix(path: str, key: str, value: Any, dim: int) -> Tensor:
-    """A dense, real floating (dim, dim) tensor, else a ValueError naming
-    the file and the key (a complex matrix is refused, never cast)."""
+def _real_matrix(path: str, block: int, name: str, value: Any,
+                 dim: int) -> Tensor:
+    """``blocks[block][name]`` if it is a dense, real floating (dim, dim)
+    tensor, else a ValueError naming the file and the key (a complex matrix
+    is refused, never cast)."""
+    key = f'blocks[{block}].{name}'
     if not isinstance(value, Tensor):
         raise ValueError(f'whitening file {path!r}: `{key}` must be a '
                          f'({dim}, {dim}) tensor, got {type(value).__name__}')
@@ -592,8 +595,8 @@ def _real_matrix(path: str, key: str, value: Any, dim: int) -> Tensor:
                          f'real floating-point tensor, got a {value.dtype} '
                          f'{value.layout} tensor')
     if tuple(value.shape) != (dim, dim):
-        raise _refuse(path, f'`{key}` must be ({dim}, {dim}), got '
-                      f'{tuple(value.shape)}')
+        raise _refuse(path, f'block {block}: `{key}` must be ({dim}, {dim}), '
+                      f'got {tuple(value.shape)}')
     return value
 
 
@@ -666,14 +669,14 @@ def load_whitening(path: Union[str, os.PathLike],
             raise ValueError(f'whitening file {path!r}: blocks[{block}] must '
                              f'be a dict, got {type(entry).__name__}')
         where = f'blocks[{block}]'
-        matrix = _real_matrix(path, f'{where}.whitening',
+        matrix = _real_matrix(path, block, 'whitening',
                               entry.get('whitening'), dim)
         if not bool(torch.isfinite(matrix).all()):
             raise _refuse(path, f'block {block}: the whitening matrix has '
                           'non-finite values')
         sigma = entry.get('sigma')
         if sigma is not None:
-            sigma = _real_matrix(path, f'{where}.sigma', sigma, dim)
+            sigma = _real_matrix(path, block, 'sigma', sigma, dim)
         fingerprint = entry.get('qkv_fingerprint')
         if fingerprint is not None:
             fingerprint = float(_typed_field(

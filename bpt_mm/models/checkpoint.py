@@ -76,7 +76,9 @@ _CONTAINER_KEYS: Tuple[str, ...] = ('state_dict', 'model', 'module')
 
 # Classes allowed on top of torch's weights-only set. MAE's and DeiT's
 # training scripts store their argparse ``args`` next to the weights;
-# a Namespace only receives attributes, so accepting it runs no code.
+# a Namespace only receives attributes, so accepting it runs no code (in
+# the zip format: the legacy format, whose loader hands such objects to
+# code that writes files, is refused before torch reads it).
 _EXTRA_SAFE_GLOBALS: List[type] = [argparse.Namespace]
 
 _PROMPT_PREFIX = 'prompts.'
