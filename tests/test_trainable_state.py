@@ -181,9 +181,9 @@ def mmengine_like_checkpoint(path):
 def test_mmengine_training_state_loads_without_running_code(tmp_path):
     path, checkpoint = mmengine_like_checkpoint(tmp_path / 'iter_3.pth')
     path = str(path)
+    torch.save(checkpoint, path + '.pickled')  # as mmengine alone writes
     with pytest.raises(pickle.UnpicklingError):
-        torch.save(checkpoint, path + '.plain')  # as mmengine alone writes
-        torch.load(path + '.plain', weights_only=True)  # refused by torch
+        torch.load(path + '.pickled', weights_only=True)  # refused by torch
     torch.load(path, weights_only=True)  # bpt_mm's form: torch alone reads
     ckpt = CheckpointLoader.load_checkpoint(path, map_location='cpu')
     buffer = ckpt['message_hub']['log_scalars']['train/loss']
