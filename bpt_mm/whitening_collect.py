@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .safe_load import CheckpointError, load_weights_only
 from .whitening import (BASIS_MODES, WhiteningStatistics, condition_number,
                         project_tokens, query_key_product,
                         whitened_bilinear_basis, zca_whitening_matrix)
@@ -566,6 +567,39 @@ def _refuse(path: str, why: str) -> ValueError:
                       f'{why}')
 
 
+def _typed_field(path: str, key: str, value: Any,
+                 types: Union[type, Tuple[type, ...]]) -> Any:
+    """``value`` if it is of ``types`` (never a bool, never a tensor), else
+    a ValueError naming the file and the key."""
+    if isinstance(value, types) and not isinstance(value, bool):
+        return value
+    names = ' or '.join(t.__name__ for t in (
+        types if isinstance(types, tuple) else (types, )))
+    shown = (f'a {value.dtype} tensor' if isinstance(value, Tensor)
+             else f'{value!r} ({type(value).__name__})')
+    raise ValueError(f'whitening file {path!r}: `{key}` must be {names}, got '
+                     f'{shown[:200]}')
+
+
+def _real_matrix(path: str, block: int, name: str, value: Any,
+                 dim: int) -> Tensor:
+    """``blocks[block][name]`` if it is a dense, real floating (dim, dim)
+    tensor, else a ValueError naming the file and the key (a complex matrix
+    is refused, never cast)."""
+    key = f'blocks[{block}].{name}'
+    if not isinstance(value, Tensor):
+        raise ValueError(f'whitening file {path!r}: `{key}` must be a '
+                         f'({dim}, {dim}) tensor, got {type(value).__name__}')
+    if value.layout != torch.strided or not value.dtype.is_floating_point:
+        raise ValueError(f'whitening file {path!r}: `{key}` must be a dense '
+                         f'real floating-point tensor, got a {value.dtype} '
+                         f'{value.layout} tensor')
+    if tuple(value.shape) != (dim, dim):
+        raise _refuse(path, f'block {block}: `{key}` must be ({dim}, {dim}), '
+                      f'got {tuple(value.shape)}')
+    return value
+
+
 def load_whitening(path: Union[str, os.PathLike],
                    backbone: 'PromptedViT',
                    return_info: bool = False,
@@ -599,23 +633,24 @@ def load_whitening(path: Union[str, os.PathLike],
     if not osp.isfile(path):
         raise FileNotFoundError(f'whitening file {path!r} does not exist')
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+        payload = load_weights_only(path, what='whitening file')
+    except CheckpointError as exc:
         raise ValueError(f'{path!r} is not a readable whitening file: '
                          f'{exc}') from exc
     if not isinstance(payload, dict) or payload.get('format') != FILE_FORMAT:
         raise ValueError(f'{path!r} is not a bpt_mm whitening file (no '
                          f"format={FILE_FORMAT!r}); write one with "
                          'tools/compute_whitening.py')
-    if payload.get('version', 0) > FILE_VERSION:
-        raise ValueError(f'{path!r} has format version '
-                         f"{payload.get('version')}; this bpt_mm reads up "
-                         f'to {FILE_VERSION}')
+    version = _typed_field(path, 'version', payload.get('version'), int)
+    if version > FILE_VERSION:
+        raise ValueError(f'{path!r} has format version {version}; this '
+                         f'bpt_mm reads up to {FILE_VERSION}')
     for key, have in (('embed_dims', backbone.embed_dims),
                       ('num_layers', backbone.num_layers),
                       ('patch_size', backbone.patch_size)):
-        if payload.get(key) != have:
-            raise _refuse(path, f'it is for {key}={payload.get(key)}, the '
+        stored_value = _typed_field(path, key, payload.get(key), int)
+        if stored_value != have:
+            raise _refuse(path, f'it is for {key}={stored_value}, the '
                           f'model has {key}={have}')
     stored = payload.get('blocks')
     if not isinstance(stored, dict):
@@ -630,24 +665,24 @@ def load_whitening(path: Union[str, os.PathLike],
     results = {}
     for block in needing:
         entry = stored[block]
-        matrix = entry.get('whitening') if isinstance(entry, dict) else None
-        if not isinstance(matrix, Tensor) or matrix.dim() != 2 \
-                or tuple(matrix.shape) != (dim, dim):
-            shape = tuple(matrix.shape) if isinstance(matrix, Tensor) \
-                else type(matrix).__name__
-            raise _refuse(path, f'block {block}: the whitening matrix must '
-                          f'be ({dim}, {dim}), got {shape}')
+        if not isinstance(entry, dict):
+            raise ValueError(f'whitening file {path!r}: blocks[{block}] must '
+                             f'be a dict, got {type(entry).__name__}')
+        where = f'blocks[{block}]'
+        matrix = _real_matrix(path, block, 'whitening',
+                              entry.get('whitening'), dim)
         if not bool(torch.isfinite(matrix).all()):
             raise _refuse(path, f'block {block}: the whitening matrix has '
                           'non-finite values')
         sigma = entry.get('sigma')
-        if sigma is not None and (not isinstance(sigma, Tensor)
-                                  or tuple(sigma.shape) != (dim, dim)):
-            raise _refuse(path, f'block {block}: sigma must be ({dim}, '
-                          f'{dim})')
-        if check_weights and entry.get('qkv_fingerprint') is not None:
-            want, have = float(entry['qkv_fingerprint']), \
-                _fingerprint(backbone, block)
+        if sigma is not None:
+            sigma = _real_matrix(path, block, 'sigma', sigma, dim)
+        fingerprint = entry.get('qkv_fingerprint')
+        if fingerprint is not None:
+            fingerprint = float(_typed_field(
+                path, f'{where}.qkv_fingerprint', fingerprint, (int, float)))
+        if check_weights and fingerprint is not None:
+            want, have = fingerprint, _fingerprint(backbone, block)
             if not math.isclose(want, have, rel_tol=_FINGERPRINT_RTOL):
                 raise _refuse(
                     path, f'block {block}: it was computed with other '
@@ -657,10 +692,13 @@ def load_whitening(path: Union[str, os.PathLike],
         results[block] = {
             'whitening': matrix.to(torch.float32),
             'sigma': sigma,
-            'num_tokens': int(entry.get('num_tokens', 0)),
-            'num_images': int(entry.get('num_images', 0)),
-            'condition_number': float(entry.get('condition_number',
-                                                float('nan'))),
+            'num_tokens': _typed_field(path, f'{where}.num_tokens',
+                                       entry.get('num_tokens', 0), int),
+            'num_images': _typed_field(path, f'{where}.num_images',
+                                       entry.get('num_images', 0), int),
+            'condition_number': float(_typed_field(
+                path, f'{where}.condition_number',
+                entry.get('condition_number', float('nan')), (int, float))),
         }
     if return_info:
         info = {k: v for k, v in payload.items() if k != 'blocks'}

@@ -408,7 +408,9 @@ def test_truncated_file_is_checkpoint_error_with_path(tmp_path):
         bad.write_bytes(blob[:len(blob) // 2])
         with pytest.raises(CheckpointError, match=re.escape(str(bad))) as err:
             load_checkpoint_file(str(bad))
-        assert 'truncated, corrupt' in str(err.value)
+        # The legacy format is refused whole, before torch reads it.
+        assert ('truncated, corrupt' if fmt == 'zip' else 'legacy') in \
+            str(err.value)
 
 
 @pytest.mark.parametrize('content', [b'model: vit_base\nlr: 0.1\n', b''])

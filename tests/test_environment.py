@@ -73,3 +73,29 @@ def test_registered_everywhere():
         assert registry.get('PromptedViT') is PromptedViT
         assert registry.get('bpt_mm.PromptedViT') is PromptedViT
         assert registry.get('SimpleFeaturePyramid') is SimpleFeaturePyramid
+
+
+def test_requirement_ranges_are_the_ones_compat_checks():
+    """requirements/ (what pip installs) and compat.py (what import bpt_mm
+    checks) declare the same ranges, so `make test-min-timm` tests the
+    bound both state."""
+    import os.path as osp
+    import re
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    declared = {}
+    for name in ('runtime.txt', 'mminstall.txt'):
+        with open(osp.join(root, 'requirements', name)) as f:
+            for line in f:
+                line = line.split('#')[0].strip()
+                if line and re.match(r'^[A-Za-z0-9_.-]+\s*[<>=]', line):
+                    req = Requirement(line)
+                    declared[req.name] = req.specifier
+    for package, (low, high, _) in SUPPORTED.items():
+        if package == 'torch':  # pinned in requirements/torch.txt
+            continue
+        spec = declared[package]
+        bounds = {s.operator: Version(s.version) for s in spec}
+        assert bounds == {'>=': Version(low), '<': Version(high)}, package

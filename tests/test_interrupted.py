@@ -98,8 +98,8 @@ def test_sigkill_after_first_checkpoint_resumes_exactly(tiny_workspace,
     assert 'computing whitening' not in text  # not recomputed
     assert 'random generator states restored' in text
 
-    final_a = torch.load(a / 'iter_6.pth', weights_only=False)['state_dict']
-    final_b = torch.load(b / 'iter_6.pth', weights_only=False)['state_dict']
+    final_a = torch.load(a / 'iter_6.pth', weights_only=True)['state_dict']
+    final_b = torch.load(b / 'iter_6.pth', weights_only=True)['state_dict']
     assert torch.equal(final_b[WHITENING_KEY], w_before)
     assert sorted(final_a) == sorted(final_b)
     for key, value in final_a.items():

@@ -299,7 +299,7 @@ def test_trainable_only_checkpoint_tests_merges_and_refuses(
     assert re.search(r'TrainableCheckpointHook: checkpoint weights '
                      r'[\d.]+ MiB instead of [\d.]+ MiB', text)
     small = work / 'iter_4.pth'
-    state = torch.load(small, weights_only=False)['state_dict']
+    state = torch.load(small, weights_only=True)['state_dict']
     assert not any(k.startswith('backbone.blocks.') for k in state)
     assert 'backbone.prompts.0.coefficients' in state
     assert any(k.startswith('decode_head.') for k in state)
@@ -318,7 +318,7 @@ def test_trainable_only_checkpoint_tests_merges_and_refuses(
     text = run(tool('merge_checkpoint.py', config, small, full),
                tiny_workspace)
     assert re.search(r'merged \d+ backbone tensors', text)
-    merged = torch.load(full, weights_only=False)['state_dict']
+    merged = torch.load(full, weights_only=True)['state_dict']
     assert set(state) < set(merged)
     assert any(k.startswith('backbone.blocks.') for k in merged)
     no_backbone = write_config(tmp_path, base, with_backbone(None),

@@ -16,11 +16,11 @@ import os
 import os.path as osp
 import sys
 
-import torch
 from mmengine.config import DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from bpt_mm.engine.checkpoint_io import load_local_checkpoint  # noqa: E402
+from bpt_mm.engine.checkpoint_io import (load_local_checkpoint,  # noqa
+                                         write_checkpoint_file)
 from bpt_mm.launch import load_config  # noqa: E402
 from bpt_mm.trainable_state import (META_KEY, is_trainable_only,  # noqa
                                     restore_frozen_backbone)
@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     meta = dict(ckpt.get('meta') or {})
     meta[META_KEY] = dict(meta[META_KEY], trainable_only=False,
                           merged_from=osp.abspath(args.checkpoint))
-    tmp = args.out + '.tmp'
-    torch.save(dict(meta=meta, state_dict=ckpt['state_dict']), tmp)
-    os.replace(tmp, args.out)  # never a half-written file under `out`
+    # Atomic (never a half-written file under `out`), and in the plain form
+    # that torch.load(weights_only=True) reads.
+    write_checkpoint_file(dict(meta=meta, state_dict=ckpt['state_dict']),
+                          args.out)
     print(f'merged {len(filled)} backbone tensors: {args.checkpoint} '
           f'({small / 2**20:.2f} MiB) -> {args.out} '
           f'({os.path.getsize(args.out) / 2**20:.2f} MiB)')

@@ -1,17 +1,23 @@
 from .checkpoint_io import (install_atomic_local_backend,
-                            install_checkpoint_loader, load_local_checkpoint)
+                            install_checkpoint_loader,
+                            install_plain_checkpoint_saver,
+                            load_local_checkpoint)
 from .checkpoint_hooks import RandomStateHook, TrainableCheckpointHook
 from .hooks import TrainableParametersHook
 from .optim import LayerDecayOptimWrapperConstructor
 from .prompt_stats_hook import PromptStatsHook
 from .whitening_hook import BPTWhiteningHook
 
-# mmengine reads local checkpoints (--resume, load_from, test) through this.
+# mmengine reads local checkpoints (--resume, load_from, test) through this,
+# with torch's weights-only loader alone ...
 install_checkpoint_loader()
+# ... which reads them because the Runner writes them as plain data.
+install_plain_checkpoint_saver()
 # ... and writes local files (checkpoints) atomically: temporary file, rename.
 install_atomic_local_backend()
 
 __all__ = ['TrainableParametersHook', 'BPTWhiteningHook', 'RandomStateHook',
            'TrainableCheckpointHook', 'LayerDecayOptimWrapperConstructor',
            'PromptStatsHook', 'load_local_checkpoint',
-           'install_checkpoint_loader', 'install_atomic_local_backend']
+           'install_checkpoint_loader', 'install_plain_checkpoint_saver',
+           'install_atomic_local_backend']

@@ -1,135 +1,51 @@
-"""Read mmengine training checkpoints on torch >= 2.6 without running code.
+"""How mmengine reads and writes bpt_mm's checkpoints.
 
-torch >= 2.6 loads with ``weights_only=True`` by default. mmengine 0.10's
-runner still calls a bare ``torch.load`` in ``--resume`` and ``load_from``,
-and its checkpoints hold more than tensors: the message hub pickles
-``HistoryBuffer`` objects (with numpy arrays and bound statistics methods),
-so resuming fails with an ``UnpicklingError``. The usual advice, setting
-``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, lets any file run any code.
+Importing :mod:`bpt_mm` installs three things into mmengine, so that
+``--resume``, ``load_from``, ``tools/test.py`` and every checkpoint a
+Runner saves are covered with any tool that imports ``bpt_mm``
+(``custom_imports`` included):
 
-This module keeps the refusal and widens it by exactly what mmengine writes:
-a file is first read with ``weights_only=True``; only if that refuses it, it
-is read again by an unpickler that constructs nothing but an allow-list of
-classes (tensors, containers, numpy arrays and dtypes, ``HistoryBuffer``) and
-allows ``getattr`` only for a ``HistoryBuffer``'s public methods. Anything
-else is refused with the name of the global the file asked for.
-
-Importing :mod:`bpt_mm` installs :func:`load_local_checkpoint` as mmengine's
-loader for local paths, so ``--resume``, ``load_from`` and ``tools/test.py``
-work with any tool that imports ``bpt_mm`` (``custom_imports`` included).
+- :func:`load_local_checkpoint` as the loader of local paths: torch's
+  ``weights_only=True`` loader alone (through
+  :func:`bpt_mm.safe_load.load_weights_only`), then
+  :func:`~bpt_mm.engine.plain_state.from_plain`. mmengine 0.10 calls a bare
+  ``torch.load``, which on torch >= 2.6 refuses mmengine's own checkpoints
+  and on older torch runs any code a file holds. A checkpoint written
+  without bpt_mm (plain mmdet/mmseg) is refused, naming the file and the
+  globals torch reported, and saying how to convert it once
+  (``tools/convert_checkpoint.py --trust``).
+- :func:`save_plain_checkpoint` as the Runner's checkpoint writer: it
+  applies :func:`~bpt_mm.engine.plain_state.to_plain` (HistoryBuffers,
+  numpy values) after every ``before_save_checkpoint`` hook has run, then
+  calls mmengine's own ``save_checkpoint``.
+- :class:`AtomicLocalBackend` for local files: written to a temporary file
+  and renamed, never half-written under the final name.
 """
-import argparse
-import collections
 import contextlib
+import importlib
+import io
 import os
 import os.path as osp
-import pickle
-import types
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 from mmengine.fileio.backends import LocalBackend, register_backend
-from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..models.checkpoint import CheckpointError
+from ..safe_load import load_weights_only
+from .plain_state import from_plain, to_plain
 
 __all__ = ['load_local_checkpoint', 'install_checkpoint_loader',
-           'RESTRICTED_PICKLE', 'atomic_write_bytes', 'AtomicLocalBackend',
-           'install_atomic_local_backend']
-
-
-def _numpy_globals() -> dict:
-    core = getattr(np, '_core', None) or np.core
-    found = {('numpy', 'dtype'): np.dtype, ('numpy', 'ndarray'): np.ndarray}
-    # numpy 2 pickles arrays through numpy._core, numpy 1 through numpy.core;
-    # files written by either must load under the other.
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        for name in ('_reconstruct', 'scalar'):
-            found[(module, name)] = getattr(core.multiarray, name)
-    dtypes = getattr(np, 'dtypes', None)  # numpy >= 1.25
-    for name in dir(dtypes) if dtypes is not None else ():
-        obj = getattr(dtypes, name)
-        if isinstance(obj, type) and issubclass(obj, np.dtype):
-            found[('numpy.dtypes', name)] = obj
-    return found
-
-
-_ALLOWED = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('collections', 'Counter'): collections.Counter,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-    ('builtins', 'slice'): slice,
-    ('builtins', 'complex'): complex,
-    ('_codecs', 'encode'): __import__('codecs').encode,
-    ('argparse', 'Namespace'): argparse.Namespace,
-    ('mmengine.logging.history_buffer', 'HistoryBuffer'): HistoryBuffer,
-    ('torch', 'Size'): torch.Size,
-    ('torch', 'device'): torch.device,
-}
-_ALLOWED.update(_numpy_globals())
-# Python 2 pickles spell builtins as __builtin__.
-_ALLOWED.update({('__builtin__', name): obj for (mod, name), obj in
-                 list(_ALLOWED.items()) if mod == 'builtins'})
-
-_HISTORY_BUFFER_METHODS = frozenset(
-    name for name, value in vars(HistoryBuffer).items()
-    if not name.startswith('_') and callable(value))
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """The file asks for something outside the allow-list (as opposed to
-    a file that is not a valid pickle at all)."""
-
-
-def _guarded_getattr(obj: Any, name: str) -> Any:
-    """``getattr`` limited to what mmengine pickles: HistoryBuffer's
-    statistics methods (``min``, ``mean``, ...), which it registers on the
-    class and pickles by name."""
-    is_buffer = obj is HistoryBuffer or isinstance(obj, HistoryBuffer)
-    if is_buffer and name in _HISTORY_BUFFER_METHODS:
-        return getattr(obj, name)
-    raise _RefusedGlobal(
-        f'refusing getattr({type(obj).__name__}, {name!r}): only the public '
-        f'methods of mmengine HistoryBuffer may be looked up '
-        f'({sorted(_HISTORY_BUFFER_METHODS)})')
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Constructs only the allow-listed globals; see the module docstring."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module in ('builtins', '__builtin__') and name == 'getattr':
-            return _guarded_getattr
-        if module == 'torch._utils' and name.startswith('_rebuild_'):
-            return getattr(torch._utils, name)
-        if module == 'torch' and isinstance(getattr(torch, name, None),
-                                            torch.dtype):
-            return getattr(torch, name)
-        raise _RefusedGlobal(
-            f'the checkpoint asks for the global {module}.{name}, which is '
-            f'neither a tensor, a container, a numpy array nor mmengine '
-            f'training state; constructing it could run code from the file')
-
-
-# torch.load(pickle_module=...) wants a module-like object with Unpickler,
-# load and __name__.
-RESTRICTED_PICKLE = types.ModuleType('bpt_mm_restricted_pickle')
-RESTRICTED_PICKLE.Unpickler = _RestrictedUnpickler
-RESTRICTED_PICKLE.load = \
-    lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load()
-RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError
+           'save_plain_checkpoint', 'install_plain_checkpoint_saver',
+           'write_checkpoint_file', 'atomic_write_bytes',
+           'AtomicLocalBackend', 'install_atomic_local_backend']
 
 
 def load_local_checkpoint(filename: str,
                           map_location: Optional[Union[str, Callable,
                                                        torch.device]] = None
                           ) -> Any:
-    """Load a local checkpoint: weights only, or mmengine training state.
+    """Load a local checkpoint with ``torch.load(weights_only=True)``.
 
     Args:
         filename (str): Path of a file written by ``torch.save`` (``~`` is
@@ -137,13 +53,16 @@ def load_local_checkpoint(filename: str,
         map_location: As for :func:`torch.load`.
 
     Returns:
-        The unpickled object, usually a dict with ``state_dict``, ``meta``,
-        ``message_hub``, ``optimizer`` and ``param_schedulers``.
+        The checkpoint, usually a dict with ``state_dict``, ``meta``,
+        ``message_hub``, ``optimizer`` and ``param_schedulers``, with
+        HistoryBuffers and numpy values restored from their plain form.
 
     Raises:
         FileNotFoundError: No such file.
-        CheckpointError: The file needs a global outside the allow-list (the
-            message names it), or it is corrupt.
+        CheckpointError: The file is refused (it needs globals that the
+            weights-only loader does not construct, is in the legacy
+            format, declares absurd sizes, holds sparse tensors) or cannot
+            be read; the message names the file and what to do.
 
     Examples:
         >>> ckpt = load_local_checkpoint('work_dirs/x/iter_60.pth')
@@ -151,37 +70,69 @@ def load_local_checkpoint(filename: str,
         ['message_hub', 'meta', 'optimizer', 'param_schedulers', 'state_dict']
     """
     filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
-    try:
-        return torch.load(filename, map_location=map_location,
-                          weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # mmengine training state: try the wider, still closed, list
-    except Exception as exc:  # noqa: BLE001 (truncated, empty, not torch)
-        raise _corrupt(filename, exc) from exc
-    try:
-        return torch.load(filename, map_location=map_location,
-                          weights_only=False,
-                          pickle_module=RESTRICTED_PICKLE)
-    except _RefusedGlobal as exc:
-        raise CheckpointError(
-            f'refusing to load {filename!r}: {exc}. If you trust the file, '
-            f'convert it in a separate trusted step.') from exc
-    except Exception as exc:  # noqa: BLE001
-        raise _corrupt(filename, exc) from exc
+    checkpoint = load_weights_only(filename, what='checkpoint',
+                                   map_location=map_location)
+    return from_plain(checkpoint, filename)
 
 
-def _corrupt(filename: str, exc: BaseException) -> CheckpointError:
-    """The error for a file torch cannot read at all: torch's own message
-    (e.g. 'failed finding central directory', or a bare EOFError) names
-    neither the file nor the likely cause."""
-    size = osp.getsize(filename)
-    return CheckpointError(
-        f'cannot read checkpoint {filename!r} ({size} bytes): it is '
-        f'truncated, corrupt or not a torch checkpoint '
-        f'({type(exc).__name__}: {str(exc)[:200]}). If a run was killed '
-        f'while writing it, resume from an earlier checkpoint.')
+def write_checkpoint_file(checkpoint: Any,
+                          path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` the plain form of ``checkpoint`` to ``path``,
+    atomically: what tools that write checkpoints themselves use
+    (``merge_checkpoint.py``, ``convert_checkpoint.py``).
+
+    Raises:
+        TypeError: ``checkpoint`` holds a value that has no plain form.
+    """
+    buffer = io.BytesIO()
+    torch.save(to_plain(checkpoint), buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+# The modules whose global `save_checkpoint` bpt_mm replaces (the Runner's
+# own, and where it is defined).
+_RUNNER_MODULE = importlib.import_module('mmengine.runner.runner')
+_CHECKPOINT_MODULE = importlib.import_module('mmengine.runner.checkpoint')
+
+#: mmengine's own save_checkpoint, kept before bpt_mm wraps it.
+# (A re-import of this module finds the wrapper installed and takes what it
+# wraps.)
+_MMENGINE_SAVE_CHECKPOINT = getattr(_CHECKPOINT_MODULE.save_checkpoint,
+                                    'bpt_mm_wraps',
+                                    _CHECKPOINT_MODULE.save_checkpoint)
+
+
+def save_plain_checkpoint(checkpoint: dict, filename: str, *args,
+                          **kwargs) -> None:
+    """mmengine's ``save_checkpoint`` applied to ``to_plain(checkpoint)``.
+
+    Args:
+        checkpoint (dict): What ``Runner.save_checkpoint`` built, after its
+            ``before_save_checkpoint`` hooks.
+        filename (str): Where to write; other arguments go to mmengine.
+
+    Raises:
+        TypeError: The checkpoint holds a value that has no plain form (the
+            message says where); nothing is written then.
+    """
+    _MMENGINE_SAVE_CHECKPOINT(to_plain(checkpoint), filename, *args,
+                              **kwargs)
+
+
+save_plain_checkpoint.bpt_mm_wraps = _MMENGINE_SAVE_CHECKPOINT
+
+
+def install_plain_checkpoint_saver() -> None:
+    """Make :func:`save_plain_checkpoint` the function
+    ``Runner.save_checkpoint`` calls. Idempotent.
+
+    The Runner calls the ``save_checkpoint`` of its own module after its
+    hooks, so that name is replaced there (and in
+    ``mmengine.runner.checkpoint`` for direct callers that look it up at
+    call time).
+    """
+    _RUNNER_MODULE.save_checkpoint = save_plain_checkpoint
+    _CHECKPOINT_MODULE.save_checkpoint = save_plain_checkpoint
 
 
 def atomic_write_bytes(data: bytes, path: Union[str, os.PathLike]) -> None:

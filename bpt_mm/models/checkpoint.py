@@ -47,20 +47,21 @@ plain containers is refused rather than executed.
 import argparse
 import math
 import os
-import pickle
 import re
 import warnings
-import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from timm.layers import resample_abs_pos_embed
 
+from ..safe_load import CheckpointError, load_weights_only
+
 __all__ = [
     'CheckpointError', 'KNOWN_LAYOUTS', 'load_checkpoint_file',
     'unwrap_state_dict', 'detect_layout', 'convert_to_timm_layout',
-    'resample_pos_embed', 'load_pretrained'
+    'resample_pos_embed', 'load_pretrained', 'check_tensor_limits',
+    'MAX_TENSOR_FACTOR'
 ]
 
 #: Layouts :func:`detect_layout` can return, in the order it tries them.
@@ -75,46 +76,21 @@ _CONTAINER_KEYS: Tuple[str, ...] = ('state_dict', 'model', 'module')
 
 # Classes allowed on top of torch's weights-only set. MAE's and DeiT's
 # training scripts store their argparse ``args`` next to the weights;
-# a Namespace only receives attributes, so accepting it runs no code.
+# a Namespace only receives attributes, so accepting it runs no code (in
+# the zip format: the legacy format, whose loader hands such objects to
+# code that writes files, is refused before torch reads it).
 _EXTRA_SAFE_GLOBALS: List[type] = [argparse.Namespace]
 
 _PROMPT_PREFIX = 'prompts.'
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read, recognised or loaded into the model."""
-
-
 # --------------------------------------------------------------------- file
-def _refusal_detail(path: str, exc: BaseException) -> str:
-    """Name what a weights-only load refused, as precisely as we can.
-
-    For zip checkpoints torch can list the offending globals without
-    unpickling anything; otherwise the refused global (or opcode) is the
-    informative part of torch's message, whose advice to retry with
-    ``weights_only=False`` we deliberately do not repeat.
-    """
-    names: List[str] = []
-    if zipfile.is_zipfile(path):
-        try:
-            names = list(
-                torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:  # best effort: the message still has the reason
-            names = []
-    if names:
-        return 'it needs ' + ', '.join(names)
-    text = str(exc)
-    match = re.search(r'GLOBAL\s+(\S+)', text)
-    if match:
-        return 'it needs ' + match.group(1)
-    match = re.search(r'Unsupported operand[^\n]*', text)
-    if match:
-        return f'its pickle uses {match.group(0).strip()}'
-    return f'{type(exc).__name__}'
-
-
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
     """Read a checkpoint written by ``torch.save``, never executing code.
+
+    The file goes through :func:`bpt_mm.safe_load.load_weights_only`
+    (torch's weights-only unpickler, after limits on the file's declared
+    sizes), with ``argparse.Namespace`` allowed on top.
 
     Args:
         path (str): Path of the file.
@@ -124,11 +100,11 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: The file is empty, truncated, corrupt or not a torch
-            checkpoint (the message has the path and torch's reason), or its
-            pickle needs objects other than tensors and containers, which
-            would mean running code from the file: that is refused, never
-            retried with ``weights_only=False``.
+        CheckpointError: The file is empty, truncated, corrupt, not a torch
+            checkpoint, in torch's legacy format, declares absurd sizes, or
+            its pickle needs objects other than tensors and containers,
+            which would mean running code from the file: that is refused,
+            never retried with ``weights_only=False``.
 
     Examples:
         >>> ckpt = load_checkpoint_file('mae_pretrain_vit_base.pth')
@@ -136,35 +112,8 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
         ['model']
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path!r}')
-    if os.path.isdir(path):
-        raise CheckpointError(f'checkpoint path {path!r} is a directory, '
-                              f'not a file written by torch.save')
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f'cannot read checkpoint {path!r}: the file is '
-                              f'empty (0 bytes)')
-    try:
-        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # The weights-only unpickler raises this when the pickle asks for a
-        # global or an opcode it will not run: the file wants code executed.
-        raise CheckpointError(
-            f'refusing to execute code from checkpoint {path!r}: '
-            f'{_refusal_detail(path, exc)}, which torch.load(weights_only='
-            f'True) will not construct. Only load weights from files you '
-            f'trust; to use this one, extract its tensors in a separate, '
-            f'trusted step (torch.save(state_dict, new_path)) and load '
-            f'that.') from exc
-    except Exception as exc:
-        # torch reports garbage in many shapes (RuntimeError from the zip
-        # reader, EOFError on truncated legacy files, KeyError on text):
-        # all mean the same thing to the caller.
-        raise CheckpointError(
-            f'cannot read checkpoint {path!r}: it is truncated, corrupt or '
-            f'not a file written by torch.save ({type(exc).__name__}: '
-            f'{exc})') from exc
+    ckpt = load_weights_only(path, what='checkpoint',
+                             extra_globals=_EXTRA_SAFE_GLOBALS)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'checkpoint {path!r} holds a '
                               f'{type(ckpt).__name__}, expected a dict of '
@@ -593,6 +542,44 @@ def _fit_pos_embed(ckpt_pos: Tensor, model_pos: Tensor, ckpt_has_cls: bool,
     return resized, (old_grid, model_grid)
 
 
+# ------------------------------------------------------------------- limits
+#: A checkpoint tensor may hold at most this many times the elements of the
+#: model's tensor of the same name: enough for a position embedding of a
+#: 4x finer grid (e.g. 518 px DINOv2 into a 224 px model: 7x), not for one
+#: that would take minutes and gigabytes to resample.
+MAX_TENSOR_FACTOR = 16
+
+
+def check_tensor_limits(state_dict: Dict[str, Tensor],
+                        model_sd: Dict[str, Tensor], path: str) -> None:
+    """Refuse checkpoint tensors far larger than the model's, before any
+    work is done on them.
+
+    A tensor's size is what its shape claims, whatever its storage: a
+    stride-0 ``pos_embed`` of a huge grid costs a few bytes in the file and
+    minutes of resampling.
+
+    Args:
+        state_dict (dict): The checkpoint's tensors, in the model's names.
+        model_sd (dict): The model's state dict.
+        path (str): The file, for the message.
+
+    Raises:
+        CheckpointError: Naming the key, its shape and the limit.
+    """
+    for key, value in state_dict.items():
+        mine = model_sd.get(key)
+        if mine is None:
+            continue
+        limit = MAX_TENSOR_FACTOR * max(mine.numel(), 1)
+        if value.numel() > limit:
+            raise CheckpointError(
+                f'refusing checkpoint {path!r}: {key!r} has shape '
+                f'{_shape(value)} ({value.numel()} elements), more than '
+                f'{MAX_TENSOR_FACTOR} times the model\'s {_shape(mine)} '
+                f'(limit {limit} elements)')
+
+
 # ------------------------------------------------------------------ loading
 def _report(logger: Any, level: str, message: str) -> None:
     if logger is not None:
@@ -669,6 +656,7 @@ def load_pretrained(model: torch.nn.Module,
         converted.pop('cls_token')
         dropped = sorted(dropped + ['cls_token'])
 
+    check_tensor_limits(converted, model_sd, path)
     resized = None
     if 'pos_embed' in converted and 'pos_embed' in model_sd:
         converted['pos_embed'], resized = _fit_pos_embed(
