@@ -531,9 +531,12 @@ class PromptedViT(BaseModule):
             return
         if self.prompt_cfg['allow_identity_whitening']:
             return
+        what = 'prototypes of training tokens (SPT)' if getattr(
+            self.prompts[str(missing[0])], 'needs_prototypes', False) \
+            else 'whitening statistics'
         raise WhiteningNotReadyError(
             f"PromptedViT: the {self.prompt_cfg['type']} prompts of blocks "
-            f'{missing} need whitening statistics, which were never computed. '
+            f'{missing} need {what}, which were never computed. '
             f"Add custom_hooks=[dict(type='BPTWhiteningHook', "
             f'num_images=100)] to the config (it fills them before the first '
             f'iteration), load a checkpoint that holds them, or set '
