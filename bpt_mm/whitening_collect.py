@@ -644,6 +644,14 @@ def collect_prototypes(backbone: 'PromptedViT',
                 solved = None
                 if not use_dist or dist.get_rank() == 0:
                     try:
+                        if rows.shape[0] < prompt.num_tokens:
+                            raise ValueError(
+                                f'block {block}: {prompt.num_tokens} SPT '
+                                f'prototypes need at least as many tokens; '
+                                f'{n_tok} were seen in {n_img} images and '
+                                f'{rows.shape[0]} kept. Use more images '
+                                '(`num_images`), a larger `prototype_tokens`'
+                                ' or fewer prompts (`prompt.num_tokens`)')
                         solved = compute_prototypes(
                             rows, prompt.num_tokens, prompt.init,
                             seed=seed + block, kmeans_iters=kmeans_iters)

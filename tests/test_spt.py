@@ -189,8 +189,10 @@ def test_bounded_tokens_and_too_few_tokens_named():
                                  num_images=8, max_tokens=20)
     assert results[0]['num_tokens'] == 128 and results[0]['num_kept'] == 20
     many = spt_backbone(dict(type='SPTPrompt', num_tokens=40))
-    with pytest.raises(ValueError, match=r'40 prototypes need at least 40 '
-                       r'tokens, got 32.*num_images.*num_tokens'):
+    with pytest.raises(ValueError, match=r'block 0: 40 SPT prototypes need '
+                       r'at least as many tokens; 32 were seen in 2 images '
+                       r'and 32 kept.*`num_images`.*`prototype_tokens`.*'
+                       r'`prompt.num_tokens`'):
         collect_prototypes(many, toy_images(2).split(1), num_images=2)
     assert not bool(many.prompts['0'].prototypes_ready)
 
@@ -217,6 +219,12 @@ def _two_process_worker(rank: int, world: int, init_file: str,
                 out[f'{name}.{block}'] = r['prototypes']
                 out[f'{name}.{block}.counts'] = torch.tensor(
                     [r['num_images'], r['num_tokens'], r['num_kept']])
+        # Every other image, one per batch, as a DistributedSampler deals
+        # them: the sorted token set is the same as one process's.
+        dealt = collect_prototypes(spt_backbone(SHALLOW),
+                                   images[rank::world].split(1),
+                                   num_images=8)
+        out['dealt'] = dealt[0]['prototypes']
         # A reservoir smaller than the tokens: the ranks still agree.
         small = collect_prototypes(spt_backbone(SHALLOW), mine.split(4),
                                    num_images=8, max_tokens=50)
@@ -258,6 +266,9 @@ def test_two_processes_equal_one_and_agree(two_process_run):
                                r['prototypes']), (name, block)
             assert ranks[0][f'{name}.{block}.counts'].tolist() == \
                 [16, 256, 256]
+    in_order = collect_prototypes(spt_backbone(SHALLOW), images.split(1),
+                                  num_images=16)
+    assert torch.equal(ranks[0]['dealt'], in_order[0]['prototypes'])
     # max_tokens=50 over two processes: 25 rows each, 50 gathered
     assert ranks[0]['small'].shape == (4, 32)
 
