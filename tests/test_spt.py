@@ -304,6 +304,29 @@ def test_hook_fills_prototypes_and_resume_does_not_recompute(
     assert bool(resumed.model.backbone.prompts['0'].prototypes_ready)
 
 
+def test_options_the_prompts_do_not_use_are_named(tmp_path, monkeypatch):
+    spt = BPTWhiteningHook(num_images=4, eps=1e-3, bilinear_init='eigen')
+    runner = make_runner(tmp_path / 'spt', SHALLOW, [spt], max_iters=1)
+    warnings = []
+    monkeypatch.setattr(runner.logger, 'warning', warnings.append)
+    runner.call_hook('before_train')
+    assert spt.status == 'computed'
+    assert any("['bilinear_init', 'eps'] are set but not used" in w
+               and 'SPT prototypes' in w for w in warnings), warnings
+
+    whitening = BPTWhiteningHook(num_images=8, eps=1e-3, kmeans_iters=9)
+    runner = make_runner(tmp_path / 'w', dict(type='WhitenedPrompt',
+                                              num_tokens=4),
+                         [whitening], max_iters=1)
+    warnings = []
+    monkeypatch.setattr(runner.logger, 'warning', warnings.append)
+    runner.call_hook('before_train')
+    assert whitening.status == 'computed'
+    assert any("['kmeans_iters'] are set but not used" in w
+               for w in warnings), warnings
+    assert not any('eps' in w for w in warnings), warnings
+
+
 def test_training_without_hook_refused_naming_prototypes(tmp_path):
     runner = make_runner(tmp_path, SHALLOW, [], max_iters=1)
     with pytest.raises(WhiteningNotReadyError,
@@ -394,3 +417,13 @@ def test_tiny_spt_config_trains_evaluates_and_tests(tiny_workspace,
     test = last_metrics(text, 'test')
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
         assert test[key] == val[key], key
+
+
+def test_docstring_examples():
+    import doctest
+
+    from bpt_mm import prototypes
+    from bpt_mm.models import prompts
+    for module in (prototypes, prompts):
+        result = doctest.testmod(module, verbose=False)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -42,6 +42,10 @@ from bpt_mm.whitening_collect import (apply_whitening, collect_prototypes,
 
 #: Names under which the hook can appear in ``custom_hooks``.
 HOOK_TYPES = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
+#: Options only whitening uses, and options only SPT prototypes use.
+WHITENING_OPTIONS = ('eps', 'source', 'tokens', 'center', 'statistic',
+                     'product', 'bilinear_init', 'allow_few_tokens')
+PROTOTYPE_OPTIONS = ('prototype_tokens', 'kmeans_iters')
 
 
 def preprocessed_images(model: torch.nn.Module,
@@ -120,9 +124,11 @@ class BPTWhiteningHook(Hook):
     rank 0 and broadcast; the buffer ``prototypes_ready`` marks them done.
 
     It does nothing when no prompt needs whitening or prototypes, and skips
-    the
-    computation when every such prompt already holds it (a resumed run, or a
-    checkpoint from ``load_from``); the decision is the same on all ranks.
+    the computation when every such prompt already holds it (a resumed run,
+    or a checkpoint from ``load_from``); the decision is the same on all
+    ranks. Options set away from their defaults that the model's prompts do
+    not use (whitening options for SPT prompts, SPT options for whitened
+    ones) are named in a warning.
     Under DDP each rank uses ``ceil(num_images / world_size)`` of its own
     images; the statistics are summed and rank 0's matrices are broadcast.
 
@@ -228,6 +234,16 @@ class BPTWhiteningHook(Hook):
                                  f'positive int, got {value!r}')
         self.prototype_tokens = prototype_tokens
         self.kmeans_iters = kmeans_iters
+        defaults = {name: p.default for name, p in inspect.signature(
+            BPTWhiteningHook.__init__).parameters.items()}
+        given = dict(eps=eps, source=source, tokens=tokens, center=center,
+                     statistic=statistic, product=product,
+                     bilinear_init=bilinear_init,
+                     allow_few_tokens=allow_few_tokens,
+                     prototype_tokens=prototype_tokens,
+                     kmeans_iters=kmeans_iters)
+        # Options away from their defaults, to name those that go unused.
+        self._set_options = {k for k, v in given.items() if v != defaults[k]}
         self.num_images = num_images
         self.bilinear_init = bilinear_init
         self.whitening_file = whitening_file
@@ -349,6 +365,7 @@ class BPTWhiteningHook(Hook):
                 f'the SPTPrompt prompts of blocks {missing} need prototypes'
                 ', which are computed from training images: remove '
                 '`whitening_file`')
+        self._warn_unused(logger, WHITENING_OPTIONS, 'SPT prototypes')
         start = time.perf_counter()
         per_rank = math.ceil(self.num_images / get_world_size())
         error = batches = None
@@ -397,8 +414,15 @@ class BPTWhiteningHook(Hook):
             f'{self.whitening_file!r} ({info.get("num_images")} images):\n'
             + format_whitening_table(results))
 
+    def _warn_unused(self, logger, options, what: str) -> None:
+        unused = sorted(self._set_options.intersection(options))
+        if unused:
+            logger.warning(f'BPTWhiteningHook: {unused} are set but not '
+                           f'used: this model\'s prompts need {what}')
+
     def _compute(self, runner, backbone, missing: List[int], get_loader,
                  when: str) -> None:
+        self._warn_unused(runner.logger, PROTOTYPE_OPTIONS, 'whitening')
         start = time.perf_counter()
         world = get_world_size()
         per_rank = math.ceil(self.num_images / world)

@@ -180,8 +180,10 @@ class PromptedViT(BaseModule):
 
             - ``type``: ``'VPTPrompt'``, ``'WhitenedPrompt'`` (with
               ``tunable=False`` for BPT-fWhiten or ``True`` for BPT-tWhiten)
-              or ``'BilinearPrompt'`` (with ``rank``); further keys go to the
-              prompt class (``init_std``, ``whitening_init``).
+              or ``'BilinearPrompt'`` (with ``rank``), or ``'SPTPrompt'``
+              (VPT prompts initialised from data: ``init``, ``source``);
+              further keys go to the prompt class (``init_std``,
+              ``whitening_init``).
             - ``num_tokens`` (int): prompts per block, ``m``.
             - ``depth``: ``'shallow'`` (default) or ``'deep'``.
             - ``layers``: deep only; the prompted blocks (default: all).
