@@ -533,9 +533,11 @@ class PromptedViT(BaseModule):
             return
         if self.prompt_cfg['allow_identity_whitening']:
             return
-        what = 'prototypes of training tokens (SPT)' if getattr(
-            self.prompts[str(missing[0])], 'needs_prototypes', False) \
-            else 'whitening statistics'
+        spt = getattr(self.prompts[str(missing[0])], 'needs_prototypes',
+                      False)
+        what, start = ('prototypes of training tokens (SPT)',
+                       'random initial prompts') if spt else \
+            ('whitening statistics', 'identity')
         raise WhiteningNotReadyError(
             f"PromptedViT: the {self.prompt_cfg['type']} prompts of blocks "
             f'{missing} need {what}, which were never computed. '
@@ -543,7 +545,7 @@ class PromptedViT(BaseModule):
             f'num_images=100)] to the config (it fills them before the first '
             f'iteration), load a checkpoint that holds them, or set '
             f'prompt.allow_identity_whitening=True to train with the '
-            f'identity.')
+            f'{start}.')
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Patch-embed, add position embeddings and the class token."""
