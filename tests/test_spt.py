@@ -398,25 +398,38 @@ def test_spt_has_vpt_trainable_count():
         DEEP_KMEANS, layers=[1, 2]))) == [1, 2]
 
 
-def test_tiny_spt_config_trains_evaluates_and_tests(tiny_workspace,
-                                                     tmp_path):
+def test_tiny_spt_config_trains_and_evaluates(tiny_workspace, tmp_path):
     config = osp.join(ROOT, 'configs', 'tiny', 'mask_rcnn_spt_tiny.py')
     work = tmp_path / 'work'
     text = run(tool('train.py', config, '--work-dir', work,
                     '--cfg-options', *SHORT), tiny_workspace)
     assert 'SPT prototypes per block' in text
     val = last_metrics(text, 'val')
-    assert 0.0 <= val['coco/bbox_mAP'] <= 100.0
-    ckpt = work / 'iter_4.pth'
-    state = torch.load(ckpt, map_location='cpu', weights_only=False)
-    assert bool(state['state_dict']['backbone.prompts.0.prototypes_ready'])
-    text = run(tool('test.py', config, ckpt, '--work-dir',
-                    tmp_path / 'test'), tiny_workspace)
-    # the checkpoint holds the prototypes: nothing is computed again
-    assert 'computing SPT prototypes' not in text
-    test = last_metrics(text, 'test')
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
-        assert test[key] == val[key], key
+        assert 0.0 <= val[key] <= 100.0, key
+    state = torch.load(work / 'iter_4.pth', map_location='cpu',
+                       weights_only=False)
+    assert bool(state['state_dict']['backbone.prompts.0.prototypes_ready'])
+
+
+def test_before_test_fills_missing_prototypes_only(tmp_path):
+    hook = BPTWhiteningHook(num_images=4)
+    runner = make_runner(tmp_path, SHALLOW, [hook])
+    prompt = runner.model.backbone.prompts['0']
+    runner.call_hook('before_test')  # builds cfg.train_dataloader
+    assert hook.status == 'computed' and bool(prompt.prototypes_ready)
+    assert hook.results[0]['num_images'] == 4
+    filled = prompt.tokens.detach().clone()
+    # tools/test.py with a checkpoint that holds them: nothing recomputed
+    again = BPTWhiteningHook(num_images=4, seed=5)
+    runner = make_runner(tmp_path / 'b', SHALLOW, [again])
+    runner.model.load_state_dict(
+        {'backbone.prompts.0.tokens': filled,
+         'backbone.prompts.0.prototypes_ready': torch.tensor(True)},
+        strict=False)
+    runner.call_hook('before_test')
+    assert again.status == 'restored'
+    assert torch.equal(runner.model.backbone.prompts['0'].tokens, filled)
 
 
 def test_docstring_examples():
