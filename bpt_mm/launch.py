@@ -275,7 +275,7 @@ def _prompt_needs_whitening(prompt: Any) -> bool:
     kind = str(prompt.get('type', '')).split('.')[-1]
     if prompt.get('allow_identity_whitening') is True:
         return False
-    return kind == 'WhitenedPrompt' or (
+    return kind in ('WhitenedPrompt', 'SPTPrompt') or (
         kind == 'BilinearPrompt' and prompt.get('whitening_init') is True)
 
 
@@ -286,9 +286,10 @@ def check_whitening_source(cfg: Config) -> None:
     ``WhitenedPrompt`` and ``BilinearPrompt(whitening_init=True)`` need
     matrices computed from data (``BPTWhiteningHook``, which can also read a
     ``whitening_file``) or restored from a checkpoint (``--resume``,
-    ``load_from``). The model itself refuses at the first training step
-    (``WhiteningNotReadyError``); this says so before data and model are
-    built, naming the config key.
+    ``load_from``); ``SPTPrompt`` likewise needs prototypes of data tokens
+    (``BPTWhiteningHook``, never a file). The model itself refuses at the
+    first training step (``WhiteningNotReadyError``); this says so before
+    data and model are built, naming the config key.
 
     Raises:
         ValueError: No BPTWhiteningHook in ``custom_hooks``, no checkpoint to
@@ -309,10 +310,12 @@ def check_whitening_source(cfg: Config) -> None:
     if find_hook_entry(cfg, HOOK_TYPES) is not None or cfg.get('load_from'):
         return
     kind = str(prompt.get('type')).split('.')[-1]
+    what = 'prototypes of training tokens' if kind == 'SPTPrompt' \
+        else 'whitening matrices'
     raise ValueError(
         f'`model.backbone.prompt.type` is {kind!r}'
         f"{' with whitening_init=True' if kind == 'BilinearPrompt' else ''}"
-        f', which needs whitening matrices, but the config has no '
+        f', which needs {what}, but the config has no '
         f"BPTWhiteningHook in `custom_hooks` and no checkpoint to load. "
         f"Add custom_hooks=[dict(type='BPTWhiteningHook', num_images=100)] "
         f"(or dict(type='BPTWhiteningHook', whitening_file=FILE) with a "

@@ -2,7 +2,7 @@
 
 The paper counts trainable parameters in units of 10^-2 M (7.68 = 76,800).
 :data:`BUILTIN_VARIANTS` are the prompt settings of its ablation (ViT-B,
-m = 100 shallow prompts: VPT, BPT-fWhiten, BPT-tWhiten, BPT-bilinear with
+m = 100 shallow prompts: VPT, SPT, BPT-fWhiten, BPT-tWhiten, BPT-bilinear with
 p = 25/50/75/100) and its deep BPT (m = p = 50, the projection trained in
 the top 4 blocks); :func:`variant_backbone` builds each as a real
 :class:`~bpt_mm.models.PromptedViT`, on the meta device by default so no
@@ -24,6 +24,8 @@ __all__ = ['BUILTIN_VARIANTS', 'COLUMNS', 'variant_backbone', 'budget_row',
 #: Variant name -> prompt config (``num_tokens`` is filled in).
 BUILTIN_VARIANTS: Dict[str, dict] = OrderedDict([
     ('vpt', dict(type='VPTPrompt')),
+    # SPT: VPT's parameters, initialised from data (same count).
+    ('spt', dict(type='SPTPrompt')),
     ('bpt_fwhiten', dict(type='WhitenedPrompt', tunable=False)),
     ('bpt_twhiten', dict(type='WhitenedPrompt', tunable=True)),
     ('bpt_bilinear_p25', dict(type='BilinearPrompt', rank=25)),

@@ -10,6 +10,9 @@
 * :func:`apply_whitening` writes results into the prompts (``W`` into a
   :class:`~bpt_mm.models.WhitenedPrompt`, ``B = W C`` into a
   whitening-initialised :class:`~bpt_mm.models.BilinearPrompt`).
+* :func:`collect_prototypes`: the same image pass for SPT prompts, whose
+  initial values are prototypes of the tokens (:mod:`bpt_mm.prototypes`)
+  gathered from every process, computed on rank 0 and broadcast.
 * :func:`save_whitening` / :func:`load_whitening`: a small torch file so the
   statistics can be computed once (``tools/compute_whitening.py``) and
   reused.
@@ -34,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .prototypes import (TokenReservoir, compute_prototypes,
+                         per_rank_capacity)
 from .safe_load import CheckpointError, load_weights_only
 from .whitening import (BASIS_MODES, WhiteningStatistics, condition_number,
                         project_tokens, query_key_product,
@@ -45,7 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     'block_tokens', 'whitening_blocks', 'missing_whitening_blocks',
     'collect_whitening', 'apply_whitening', 'save_whitening', 'load_whitening',
-    'synchronise_errors', 'format_whitening_table', 'FILE_FORMAT'
+    'synchronise_errors', 'format_whitening_table', 'FILE_FORMAT',
+    'prototype_blocks', 'missing_prototype_blocks', 'prototype_source',
+    'prototype_tokens', 'collect_prototypes', 'format_prototype_table'
 ]
 
 #: ``format`` entry of a whitening file.
@@ -458,6 +465,234 @@ def collect_whitening(backbone: 'PromptedViT',
     finally:
         backbone.train(was_training)
     return results
+
+
+# ---------------------------------------------------------------------------
+# SPT prototypes: the same image pass, another per-block result
+# ---------------------------------------------------------------------------
+def prototype_blocks(backbone: 'PromptedViT') -> List[int]:
+    """Blocks whose prompt is initialised from prototypes (SPT), ascending."""
+    return sorted(i for i, p in backbone.prompt_modules().items()
+                  if getattr(p, 'needs_prototypes', False))
+
+
+def missing_prototype_blocks(backbone: 'PromptedViT') -> List[int]:
+    """Blocks whose SPT prompt has not got its prototypes (this rank)."""
+    prompts = backbone.prompt_modules()
+    return [i for i in prototype_blocks(backbone)
+            if not bool(prompts[i].prototypes_ready)]
+
+
+def prototype_source(backbone: 'PromptedViT', block: int) -> str:
+    """The token source of block ``block``'s SPT prompt: its ``source``, or
+    by depth as the authors (shallow: the patch embedding; deep: the
+    block's input)."""
+    source = backbone.prompt_modules()[block].source
+    if source is None:
+        deep = backbone.prompt_cfg['depth'] == 'deep'
+        source = 'block_input' if deep else 'patch_embed'
+    return source
+
+
+def prototype_tokens(backbone: 'PromptedViT', x: Tensor, block: int,
+                     source: str) -> Tensor:
+    """The patch tokens SPT prototypes of ``block`` are drawn from.
+
+    ``'block_input'``: the patch tokens entering the block
+    (:func:`block_tokens`, never CLS or prompts). ``'patch_embed'``: the
+    patch embedding of the (padded) images before the position embedding,
+    read from the ``patch_embed`` module's output while the backbone embeds
+    ``x``.
+
+    Returns:
+        Tensor: ``(B, n, d)``.
+    """
+    if source == 'block_input':
+        return block_tokens(backbone, x, [block])[block]
+    if source != 'patch_embed':
+        raise ValueError(f"prototype `source` must be 'patch_embed' or "
+                         f"'block_input', got {source!r}")
+    seen: List[Tensor] = []
+    handle = backbone.patch_embed.register_forward_hook(
+        lambda module, args, out: seen.append(out))
+    try:
+        backbone._embed(x)
+    finally:
+        handle.remove()
+    return seen[0].flatten(2).transpose(1, 2)  # (B, d, h, w) -> (B, hw, d)
+
+
+def _gather_rows(rows: Tensor) -> Tensor:
+    """Every rank's ``rows`` (``(n_r, d)``, n_r may differ), concatenated in
+    rank order, on every rank."""
+    device = _comm_device()
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    padded = torch.zeros(max(counts), rows.shape[1], dtype=rows.dtype,
+                         device=device)
+    padded[:rows.shape[0]] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n].cpu() for p, n in zip(parts, counts)])
+
+
+def collect_prototypes(backbone: 'PromptedViT',
+                       batches: Iterable[Tensor],
+                       num_images: int = 100,
+                       distributed: bool = True,
+                       blocks: Optional[Sequence[int]] = None,
+                       seed: int = 0,
+                       max_tokens: int = 20000,
+                       kmeans_iters: int = 50
+                       ) -> Dict[int, Dict[str, Any]]:
+    """Compute (and write) the prototypes of every SPT prompt.
+
+    The image pass is :func:`collect_whitening`'s: the first ``num_images``
+    images of ``batches`` per process (cached when several blocks need
+    them), eval mode, no grad, blocks in ascending order, each block's
+    result written before the next block is collected (a deep prompt's
+    tokens see the earlier prototypes as training will), and a failure on
+    any rank raised on every rank. Per block the tokens of
+    :func:`prototype_tokens` go into a :class:`~bpt_mm.prototypes.
+    TokenReservoir` of at most ``max_tokens`` rows over all processes
+    (``ceil(max_tokens / world_size)`` per process); the reservoirs are
+    gathered, rank 0 computes the prompt's ``init`` with
+    :func:`~bpt_mm.prototypes.compute_prototypes` seeded ``seed + block``,
+    and broadcasts the result, so every rank holds the same bits. While no
+    reservoir overflows, the result does not depend on how the images were
+    split over processes or ordered.
+
+    Args:
+        backbone (PromptedViT): The backbone; its SPT prompts are modified.
+        batches (Iterable[Tensor]): Preprocessed image batches
+            ``(B, C, H, W)``; consumed once.
+        num_images (int): Images to use (per process). Defaults to 100.
+        distributed (bool): Gather over ``torch.distributed`` processes
+            when it is initialised. Defaults to True.
+        blocks (Sequence[int], optional): Only these blocks (each must have
+            an SPT prompt); default every such block.
+        seed (int): Seed of the reservoirs and of the prototype draws;
+            block ``i`` uses ``seed + i``.
+        max_tokens (int): Most token rows kept per block, over all
+            processes. Defaults to 20000 (61 MB at d = 768).
+        kmeans_iters (int): Most Lloyd iterations of ``init='kmeans'``.
+
+    Returns:
+        dict[int, dict]: Per block: ``prototypes`` (float32 CPU, m x d),
+        ``init``, ``source``, ``num_images`` and ``num_tokens`` (all
+        processes), ``num_kept`` (rows the prototypes were computed from)
+        and ``seconds`` (this process's wall time).
+    """
+    _check_positive_int(num_images, 'num_images')
+    _check_positive_int(max_tokens, 'max_tokens')
+    _check_positive_int(kmeans_iters, 'kmeans_iters')
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f'`seed` must be an int, got {seed!r}')
+    needing = prototype_blocks(backbone)
+    if blocks is None:
+        blocks = needing
+    else:
+        blocks = sorted(set(blocks))
+        wrong = [i for i in blocks if i not in needing]
+        if wrong:
+            raise ValueError(f'`blocks` {wrong} have no SPT prompt; those '
+                             f'that do: {needing}')
+    if not blocks:
+        return {}
+
+    use_dist = distributed and _dist_ready()
+    world = dist.get_world_size() if use_dist else 1
+    capacity = per_rank_capacity(max_tokens, world)
+    prompts = backbone.prompt_modules()
+    dim = backbone.embed_dims
+    device = _module_device(backbone)
+    was_training = backbone.training
+    cache: Optional[List[Tensor]] = [] if len(blocks) > 1 else None
+    results: Dict[int, Dict[str, Any]] = {}
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            for position, block in enumerate(blocks):
+                start = time.perf_counter()
+                prompt = prompts[block]
+                source = prototype_source(backbone, block)
+                reservoir = TokenReservoir(capacity, dim, seed=seed + block,
+                                           name=f'block {block}')
+                error, n_img = None, 0
+                try:
+                    images = _limited_images(batches, num_images, device,
+                                             cache) if position == 0 \
+                        else cache
+                    for x in images:
+                        reservoir.update(prototype_tokens(backbone, x, block,
+                                                          source))
+                        n_img += x.shape[0]
+                except Exception as exc:  # noqa: BLE001 (re-raised below)
+                    error = exc
+                synchronise_errors(
+                    error, f'collecting the SPT tokens of block {block}',
+                    use_dist)
+                rows, n_tok = reservoir.rows, reservoir.num_seen
+                if use_dist:
+                    counts = torch.tensor([n_img, n_tok], dtype=torch.int64,
+                                          device=_comm_device())
+                    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+                    n_img, n_tok = (int(c) for c in counts.tolist())
+                    rows = _gather_rows(rows)
+                solved = None
+                if not use_dist or dist.get_rank() == 0:
+                    try:
+                        if rows.shape[0] < prompt.num_tokens:
+                            raise ValueError(
+                                f'block {block}: {prompt.num_tokens} SPT '
+                                f'prototypes need at least as many tokens; '
+                                f'{n_tok} were seen in {n_img} images and '
+                                f'{rows.shape[0]} kept. Use more images '
+                                '(`num_images`), a larger `prototype_tokens`'
+                                ' or fewer prompts (`prompt.num_tokens`)')
+                        solved = compute_prototypes(
+                            rows, prompt.num_tokens, prompt.init,
+                            seed=seed + block, kmeans_iters=kmeans_iters)
+                    except Exception as exc:  # noqa: BLE001
+                        error = exc
+                synchronise_errors(
+                    error, f'computing the SPT prototypes of block {block} '
+                    f'({n_img} images, {rows.shape[0]} tokens kept)',
+                    use_dist)
+                if use_dist:
+                    if solved is None:
+                        solved = torch.empty(prompt.num_tokens, dim)
+                    solved = solved.to(_comm_device())
+                    dist.broadcast(solved, src=0)
+                    solved = solved.cpu()
+                target = prompt.tokens
+                # Written now: the next block's tokens must see it.
+                prompt.set_prototypes(solved.to(device=target.device,
+                                                dtype=target.dtype))
+                results[block] = dict(
+                    prototypes=solved, init=prompt.init, source=source,
+                    num_images=n_img, num_tokens=n_tok,
+                    num_kept=int(rows.shape[0]),
+                    seconds=time.perf_counter() - start)
+    finally:
+        backbone.train(was_training)
+    return results
+
+
+def format_prototype_table(results: Dict[int, Dict[str, Any]]) -> str:
+    """One line per block: init, source, images, tokens seen and kept,
+    seconds."""
+    lines = [f"{'block':>5} {'init':>9} {'source':>11} {'images':>7} "
+             f"{'tokens':>9} {'kept':>7} {'seconds':>8}"]
+    for block in sorted(results):
+        r = results[block]
+        lines.append(f"{block:>5} {r['init']:>9} {r['source']:>11} "
+                     f"{r['num_images']:>7} {r['num_tokens']:>9} "
+                     f"{r['num_kept']:>7} {r['seconds']:>8.2f}")
+    return '\n'.join(lines)
 
 
 def apply_whitening(backbone: 'PromptedViT',

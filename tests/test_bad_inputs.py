@@ -263,8 +263,8 @@ CASES = [
                       r'number of prompt tokens']),
     Case('prompt-unknown-type', with_prompt(type='VPT', num_tokens=4),
          ValueError, [r'`prompt.type`',
-                      r"one of \['BilinearPrompt', 'VPTPrompt', "
-                      r"'WhitenedPrompt'\], got 'VPT'"]),
+                      r"one of \['BilinearPrompt', 'SPTPrompt', "
+                      r"'VPTPrompt', 'WhitenedPrompt'\], got 'VPT'"]),
     Case('prompt-not-a-dict', lambda t: vit(prompt='VPTPrompt'), TypeError,
          [r'`prompt`', r'None or a dict, got str']),
     Case('bilinear-without-rank',

@@ -25,7 +25,7 @@ from mmengine.registry import DefaultScope
 import bpt_mm  # noqa: F401  registers bpt_mm's modules
 from bpt_mm.models import PromptedViT
 from bpt_mm.utils import trainable_parameters
-from bpt_mm.whitening_collect import whitening_blocks
+from bpt_mm.whitening_collect import prototype_blocks, whitening_blocks
 
 # The narrow ViT (d = 32) is below the configs' rank p = 100, which
 # PromptedViT rightly warns about; the counts are what is tested here.
@@ -92,6 +92,9 @@ VARIANTS = {
     'bpt_twhiten_deep_top4': Expect('WhitenedPrompt', TOP4, TOP4, hook=True),
     'vpt': Expect('VPTPrompt', (0, ), (), hook=False),
     'vpt_deep': Expect('VPTPrompt', ALL_BLOCKS, (), hook=False),
+    # SPT: VPT's prompts, initialised from data by the hook
+    'spt': Expect('SPTPrompt', (0, ), (), hook=True),
+    'spt_deep': Expect('SPTPrompt', ALL_BLOCKS, (), hook=True),
     'linear_probe': Expect(None, (), (), hook=False),
     'full_finetune': Expect(None, (), (), hook=False, backbone=True),
 }
@@ -112,6 +115,8 @@ VIT_B_PROMPT_PARAMS = {
     'bpt_twhiten_deep_top4': 4 * 76_800 + 4 * 589_824,
     'vpt': 76_800,  # the paper's 7.68 x 1e-2 M
     'vpt_deep': 12 * 76_800,
+    'spt': 76_800,  # VPT's count
+    'spt_deep': 12 * 76_800,
     'linear_probe': 0,
     'full_finetune': 0,
 }
@@ -254,7 +259,8 @@ def expected_prompt_counts(variant: str, d: int, m: int,
         return 0, 0
     if e.prompt == 'BilinearPrompt':
         return len(e.blocks) * m * p + len(e.projection) * d * p, 0
-    # VPTPrompt and WhitenedPrompt: P at every block; W where it trains
+    # VPTPrompt, SPTPrompt and WhitenedPrompt: P at every block; W where
+    # it trains
     return len(e.blocks) * m * d, len(e.projection) * d * d
 
 
@@ -268,7 +274,8 @@ def test_the_expected_set_of_configs_exists():
     assert set(FULL) == want
     assert set(TINY) == {'tiny/mask_rcnn_bpt_tiny',
                          'tiny/cascade_mask_rcnn_bpt_tiny',
-                         'tiny/upernet_bpt_tiny'}
+                         'tiny/upernet_bpt_tiny',
+                         'tiny/mask_rcnn_spt_tiny'}
 
 
 def test_parses_with_imports_and_scope(name):
@@ -301,7 +308,8 @@ def test_whitening_hook_exactly_where_needed(name, model):
     has_hook = any(t in WHITENING_HOOKS for t in hook_types(cfg))
     assert has_hook == VARIANTS[variant].hook, name
     # and the table agrees with what the built model asks for
-    needs = bool(whitening_blocks(model.backbone))
+    needs = bool(whitening_blocks(model.backbone)
+                 or prototype_blocks(model.backbone))
     assert needs == VARIANTS[variant].hook, name
 
 
@@ -345,7 +353,7 @@ def test_trainable_groups_match_the_name(name, model):
     attr = 'basis' if e.prompt == 'BilinearPrompt' else 'whitening'
     for block, module in modules.items():
         assert all(p.requires_grad for p in module.parameters()), name
-        if e.prompt == 'VPTPrompt':
+        if e.prompt in ('VPTPrompt', 'SPTPrompt'):
             continue
         is_param = isinstance(getattr(module, attr), nn.Parameter)
         assert is_param == (block in e.projection), (name, block, attr)

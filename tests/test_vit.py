@@ -374,9 +374,9 @@ def test_get_layer_depth():
      '`arch.num_layers` must be a positive int'),
     (dict(window_size=-1), ValueError, '`window_size`'),
     (dict(global_attn_indexes=(1, )), ValueError, 'window_size'),
-    (dict(prompt=dict(type='SPTPrompt', num_tokens=2)), ValueError,
-     r"`prompt.type` must be one of \['BilinearPrompt', 'VPTPrompt', "
-     r"'WhitenedPrompt'\]"),
+    (dict(prompt=dict(type='LoRAPrompt', num_tokens=2)), ValueError,
+     r"`prompt.type` must be one of \['BilinearPrompt', 'SPTPrompt', "
+     r"'VPTPrompt', 'WhitenedPrompt'\]"),
     (dict(prompt=dict(type='VPTPrompt', num_token=2)), ValueError,
      r"`prompt.num_token`.*did you mean 'num_tokens'"),
     (dict(prompt=dict(type='VPTPrompt', num_tokens='100')), TypeError,

@@ -5,7 +5,10 @@ mmengine's ``Runner.train`` builds and wraps the model, runs ``before_run``,
 there, so it sees the pretrained (or resumed) weights, and a resumed run or a
 ``load_from`` checkpoint whose prompts already hold their whitening (the
 persistent buffer ``whitening_ready``) skips the computation. The work itself
-is :func:`bpt_mm.whitening_collect.collect_whitening`.
+is :func:`bpt_mm.whitening_collect.collect_whitening`; SPT prompts get their
+prototypes from the same images, count and rules through
+:func:`bpt_mm.whitening_collect.collect_prototypes` (ready flag:
+``prototypes_ready``).
 """
 import copy
 import difflib
@@ -27,13 +30,22 @@ from bpt_mm.registry import register_hook
 from bpt_mm.utils import find_hook_entry
 from bpt_mm.whitening import (BASIS_MODES, FewTokensWarning,
                               WhiteningStatistics)
-from bpt_mm.whitening_collect import (apply_whitening, collect_whitening,
+from bpt_mm.whitening_collect import (apply_whitening, collect_prototypes,
+                                      collect_whitening,
+                                      format_prototype_table,
                                       format_whitening_table,
-                                      load_whitening, missing_whitening_blocks,
-                                      synchronise_errors, whitening_blocks)
+                                      load_whitening,
+                                      missing_prototype_blocks,
+                                      missing_whitening_blocks,
+                                      prototype_blocks, synchronise_errors,
+                                      whitening_blocks)
 
 #: Names under which the hook can appear in ``custom_hooks``.
 HOOK_TYPES = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
+#: Options only whitening uses, and options only SPT prototypes use.
+WHITENING_OPTIONS = ('eps', 'source', 'tokens', 'center', 'statistic',
+                     'product', 'bilinear_init', 'allow_few_tokens')
+PROTOTYPE_OPTIONS = ('prototype_tokens', 'kmeans_iters')
 
 
 def preprocessed_images(model: torch.nn.Module,
@@ -105,9 +117,18 @@ class BPTWhiteningHook(Hook):
     the prompt (``B = W C`` for a bilinear one). Per block it logs the token
     count, the condition number of ``Sigma + reg`` and the time taken.
 
-    It does nothing when no prompt needs whitening, and skips the
-    computation when every such prompt already holds it (a resumed run, or a
-    checkpoint from ``load_from``); the decision is the same on all ranks.
+    SPT prompts (``SPTPrompt``) instead get their initial values from the
+    same ``num_images`` training images, under the same rules: prototypes
+    (the prompt's ``init``) of at most ``prototype_tokens`` tokens drawn
+    from each prompted block, gathered over the processes, computed on
+    rank 0 and broadcast; the buffer ``prototypes_ready`` marks them done.
+
+    It does nothing when no prompt needs whitening or prototypes, and skips
+    the computation when every such prompt already holds it (a resumed run,
+    or a checkpoint from ``load_from``); the decision is the same on all
+    ranks. Options set away from their defaults that the model's prompts do
+    not use (whitening options for SPT prompts, SPT options for whitened
+    ones) are named in a warning.
     Under DDP each rank uses ``ceil(num_images / world_size)`` of its own
     images; the statistics are summed and rank 0's matrices are broadcast.
 
@@ -131,18 +152,24 @@ class BPTWhiteningHook(Hook):
             ``'identity'``.
         whitening_file (str, optional): Load the matrices from a file written
             by ``tools/compute_whitening.py`` instead of computing them.
-        seed (int): Seed of the random ``C`` (block ``i`` uses
-            ``seed + i``). Defaults to 0.
+        seed (int): Seed of the random ``C`` and of the SPT token draws
+            (block ``i`` uses ``seed + i``). Defaults to 0.
         allow_few_tokens (bool): Whiten even when the paper's statistic has
             fewer tokens (over all processes) than channels, where ``Sigma``
             is rank deficient and ``W`` is set by ``eps`` alone in the
             missing directions. Defaults to False: refused, naming the block
             and the counts.
+        prototype_tokens (int): SPT only: most tokens per block the
+            prototypes are computed from, over all processes (a uniform
+            random sample of all the images' tokens beyond that). Defaults
+            to 20000 (61 MB at d = 768).
+        kmeans_iters (int): SPT ``init='kmeans'`` only: most Lloyd
+            iterations. Defaults to 50.
 
     Attributes:
         status (str): What the last call did: ``'not_run'``,
             ``'no_backbone'``, ``'not_needed'``, ``'restored'``, ``'file'``
-            or ``'computed'``.
+            or ``'computed'`` (whitening or prototypes alike).
         results (dict): Per-block results of the last computation or load.
     """
 
@@ -162,6 +189,8 @@ class BPTWhiteningHook(Hook):
                  whitening_file: Optional[str] = None,
                  seed: int = 0,
                  allow_few_tokens: bool = False,
+                 prototype_tokens: int = 20000,
+                 kmeans_iters: int = 50,
                  **unknown: Any) -> None:
         if unknown:
             # Python's own message names the key but not the options: a
@@ -197,6 +226,24 @@ class BPTWhiteningHook(Hook):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f'BPTWhiteningHook `seed` must be an int, got '
                              f'{seed!r}')
+        for key, value in (('prototype_tokens', prototype_tokens),
+                           ('kmeans_iters', kmeans_iters)):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or value < 1:
+                raise ValueError(f'BPTWhiteningHook `{key}` must be a '
+                                 f'positive int, got {value!r}')
+        self.prototype_tokens = prototype_tokens
+        self.kmeans_iters = kmeans_iters
+        defaults = {name: p.default for name, p in inspect.signature(
+            BPTWhiteningHook.__init__).parameters.items()}
+        given = dict(eps=eps, source=source, tokens=tokens, center=center,
+                     statistic=statistic, product=product,
+                     bilinear_init=bilinear_init,
+                     allow_few_tokens=allow_few_tokens,
+                     prototype_tokens=prototype_tokens,
+                     kmeans_iters=kmeans_iters)
+        # Options away from their defaults, to name those that go unused.
+        self._set_options = {k for k, v in given.items() if v != defaults[k]}
         self.num_images = num_images
         self.bilinear_init = bilinear_init
         self.whitening_file = whitening_file
@@ -266,6 +313,10 @@ class BPTWhiteningHook(Hook):
             self._confirmed = True
             return
         needing = whitening_blocks(backbone)
+        if not needing and prototype_blocks(backbone):
+            self._ensure_prototypes(runner, backbone, get_loader, when)
+            self._confirmed = True
+            return
         if not needing:
             self.status = 'not_needed'
             logger.info('BPTWhiteningHook: no prompt needs whitening '
@@ -275,11 +326,8 @@ class BPTWhiteningHook(Hook):
             return
         # Same decision on every rank: a block counts as done only if it is
         # done everywhere.
-        local_missing = set(missing_whitening_blocks(backbone))
-        flags = torch.tensor([int(i in local_missing) for i in needing],
-                             dtype=torch.int64)
-        all_reduce(flags, op='max')
-        missing = [i for i, f in zip(needing, flags.tolist()) if f]
+        missing = _missing_on_any_rank(needing,
+                                       missing_whitening_blocks(backbone))
         if not missing:
             self.status = 'restored'
             logger.info('BPTWhiteningHook: whitening matrices restored from '
@@ -295,6 +343,53 @@ class BPTWhiteningHook(Hook):
         else:
             self._compute(runner, backbone, missing, get_loader, when)
         self._confirmed = True
+
+    def _ensure_prototypes(self, runner, backbone, get_loader,
+                           when: str) -> None:
+        """The SPT counterpart of the whitening steps of
+        :meth:`_ensure_whitening`: restored prototypes skip, missing ones
+        are computed from the same images."""
+        logger = runner.logger
+        needing = prototype_blocks(backbone)
+        missing = _missing_on_any_rank(needing,
+                                       missing_prototype_blocks(backbone))
+        if not missing:
+            self.status = 'restored'
+            logger.info('BPTWhiteningHook: SPT prototypes restored from '
+                        f'checkpoint; skipping (blocks {needing})')
+            return
+        if self.whitening_file is not None:
+            raise ValueError(
+                f'BPTWhiteningHook `whitening_file` '
+                f'({self.whitening_file!r}) holds whitening matrices, but '
+                f'the SPTPrompt prompts of blocks {missing} need prototypes'
+                ', which are computed from training images: remove '
+                '`whitening_file`')
+        self._warn_unused(logger, WHITENING_OPTIONS, 'SPT prototypes')
+        start = time.perf_counter()
+        per_rank = math.ceil(self.num_images / get_world_size())
+        error = batches = None
+        try:
+            batches = preprocessed_images(runner.model, get_loader())
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        synchronise_errors(error, 'building the SPT prototype data loader')
+        logger.info(
+            f'BPTWhiteningHook: computing SPT prototypes {when} for blocks '
+            f'{missing} from {self.num_images} training images ({per_rank} '
+            f'per process), at most {self.prototype_tokens} tokens per block')
+        results = collect_prototypes(
+            backbone, batches, per_rank, distributed=True, blocks=missing,
+            seed=self.seed, max_tokens=self.prototype_tokens,
+            kmeans_iters=self.kmeans_iters)
+        total = min(r['num_images'] for r in results.values())
+        if total < self.num_images:
+            logger.warning(f'BPTWhiteningHook: only {total} images were '
+                           f'available (asked for {self.num_images})')
+        self.results, self.status = results, 'computed'
+        logger.info(f'BPTWhiteningHook: SPT prototypes per block (computed '
+                    f'in {time.perf_counter() - start:.1f} s):\n'
+                    + format_prototype_table(results))
 
     def _load_file(self, runner, backbone, missing: List[int]) -> None:
         error = results = info = None
@@ -319,8 +414,15 @@ class BPTWhiteningHook(Hook):
             f'{self.whitening_file!r} ({info.get("num_images")} images):\n'
             + format_whitening_table(results))
 
+    def _warn_unused(self, logger, options, what: str) -> None:
+        unused = sorted(self._set_options.intersection(options))
+        if unused:
+            logger.warning(f'BPTWhiteningHook: {unused} are set but not '
+                           f'used: this model\'s prompts need {what}')
+
     def _compute(self, runner, backbone, missing: List[int], get_loader,
                  when: str) -> None:
+        self._warn_unused(runner.logger, PROTOTYPE_OPTIONS, 'whitening')
         start = time.perf_counter()
         world = get_world_size()
         per_rank = math.ceil(self.num_images / world)
@@ -358,3 +460,15 @@ class BPTWhiteningHook(Hook):
             f'BPTWhiteningHook: whitening per block (computed in '
             f'{time.perf_counter() - start:.1f} s):\n'
             + format_whitening_table(results))
+
+
+def _missing_on_any_rank(needing: List[int], local_missing: List[int]
+                         ) -> List[int]:
+    """The blocks of ``needing`` missing on any rank: every rank takes the
+    same decision (a block counts as done only if it is done everywhere).
+    """
+    local = set(local_missing)
+    flags = torch.tensor([int(i in local) for i in needing],
+                         dtype=torch.int64)
+    all_reduce(flags, op='max')
+    return [i for i, f in zip(needing, flags.tolist()) if f]

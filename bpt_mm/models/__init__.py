@@ -1,8 +1,10 @@
 from .necks import LayerNorm2d, SimpleFeaturePyramid
-from .prompts import BasePrompt, BilinearPrompt, VPTPrompt, WhitenedPrompt
+from .prompts import (BasePrompt, BilinearPrompt, SPTPrompt, VPTPrompt,
+                      WhitenedPrompt)
 from .vit import PromptedViT, WhiteningNotReadyError
 
 __all__ = [
     'PromptedViT', 'WhiteningNotReadyError', 'BasePrompt', 'VPTPrompt',
-    'WhitenedPrompt', 'BilinearPrompt', 'SimpleFeaturePyramid', 'LayerNorm2d'
+    'SPTPrompt', 'WhitenedPrompt', 'BilinearPrompt', 'SimpleFeaturePyramid',
+    'LayerNorm2d'
 ]

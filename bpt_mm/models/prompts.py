@@ -9,6 +9,7 @@ returns the effective prompt ``P~`` of shape ``(num_tokens, embed_dims)`` from
 class              trainable                   effective prompt
 =================  ==========================  ===============================
 VPTPrompt          P (m x d)                   P
+SPTPrompt          P (m x d), from data        P  (SPT: P starts as prototypes)
 WhitenedPrompt     P; W (d x d) if tunable     P @ W.T  (BPT-fWhiten/tWhiten)
 BilinearPrompt     A (m x p), B (d x p)        A @ B.T  (BPT-bilinear)
 =================  ==========================  ===============================
@@ -24,11 +25,12 @@ resumed run or a loaded checkpoint does not compute them again.
 """
 import inspect
 import math
-from typing import Set, Tuple
+from typing import Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 
+from bpt_mm.prototypes import check_prototype_init, check_prototype_source
 from bpt_mm.registry import PROMPTS
 
 
@@ -127,6 +129,71 @@ class VPTPrompt(BasePrompt):
 
     def forward(self) -> torch.Tensor:
         return self.tokens
+
+
+@PROMPTS.register_module()
+class SPTPrompt(VPTPrompt):
+    """SPT (self-prompt tuning): VPT prompts initialised from prototypes of
+    the training data's own tokens, ``P~ = P``.
+
+    ``P`` starts as VPT's uniform initialisation and is overwritten before
+    training by ``BPTWhiteningHook``, in the same data pass that computes
+    whitening (see :func:`bpt_mm.whitening_collect.collect_prototypes` and
+    :mod:`bpt_mm.prototypes`). The persistent buffer ``prototypes_ready``
+    records that this happened, so a resumed run or a loaded checkpoint does
+    not compute them again, and :class:`~bpt_mm.models.PromptedViT` refuses
+    to train prompts that never got them (unless
+    ``allow_identity_whitening=True``, which trains from the uniform start).
+    The trainable count is VPT's: ``m * d`` per prompted block.
+
+    Args:
+        num_tokens (int): Number of prompts ``m``.
+        embed_dims (int): Token width ``d``.
+        patch_size (int): Patch size of the ViT (VPT's initialisation).
+        init (str): How the prototypes are made from the tokens:
+            ``'sample'`` (default, the authors' ``random``), ``'kmeans'``,
+            ``'mean_pool'`` or ``'max_pool'``.
+        source (str, optional): The tokens: ``'patch_embed'`` (the patch
+            embedding before the position embedding) or ``'block_input'``
+            (the patch tokens entering the prompted block). None (default)
+            follows the authors: ``'patch_embed'`` for shallow prompts,
+            ``'block_input'`` for deep ones.
+
+    Examples:
+        >>> p = SPTPrompt(num_tokens=100, embed_dims=768, init='kmeans')
+        >>> sum(t.numel() for t in p.parameters()), bool(p.prototypes_ready)
+        (76800, False)
+    """
+
+    #: Whether the prompt is initialised from prototypes of data tokens.
+    needs_prototypes = True
+
+    def __init__(self, num_tokens: int, embed_dims: int,
+                 patch_size: int = 16, init: str = 'sample',
+                 source: Optional[str] = None, **kwargs) -> None:
+        super().__init__(num_tokens, embed_dims, patch_size=patch_size,
+                         **kwargs)
+        self.init = check_prototype_init(init, 'prompt.init')
+        self.source = check_prototype_source(source, 'prompt.source')
+        self.register_buffer('prototypes_ready',
+                             torch.zeros((), dtype=torch.bool))
+
+    @property
+    def is_whitened(self) -> bool:
+        # PromptedViT asks every prompt through this one property whether
+        # its data-driven initialisation is in place; here that is the
+        # prototypes.
+        return bool(self.prototypes_ready)
+
+    @torch.no_grad()
+    def set_prototypes(self, prototypes: torch.Tensor) -> None:
+        """Write the (m x d) prototypes into ``P`` and mark them done."""
+        if prototypes.shape != self.tokens.shape:
+            raise ValueError(f'SPT prototypes must have shape '
+                             f'{tuple(self.tokens.shape)}, got '
+                             f'{tuple(prototypes.shape)}')
+        self.tokens.copy_(prototypes)
+        self.prototypes_ready.fill_(True)
 
 
 @PROMPTS.register_module()

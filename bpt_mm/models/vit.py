@@ -180,8 +180,10 @@ class PromptedViT(BaseModule):
 
             - ``type``: ``'VPTPrompt'``, ``'WhitenedPrompt'`` (with
               ``tunable=False`` for BPT-fWhiten or ``True`` for BPT-tWhiten)
-              or ``'BilinearPrompt'`` (with ``rank``); further keys go to the
-              prompt class (``init_std``, ``whitening_init``).
+              or ``'BilinearPrompt'`` (with ``rank``), or ``'SPTPrompt'``
+              (VPT prompts initialised from data: ``init``, ``source``);
+              further keys go to the prompt class (``init_std``,
+              ``whitening_init``).
             - ``num_tokens`` (int): prompts per block, ``m``.
             - ``depth``: ``'shallow'`` (default) or ``'deep'``.
             - ``layers``: deep only; the prompted blocks (default: all).
@@ -531,14 +533,19 @@ class PromptedViT(BaseModule):
             return
         if self.prompt_cfg['allow_identity_whitening']:
             return
+        spt = getattr(self.prompts[str(missing[0])], 'needs_prototypes',
+                      False)
+        what, start = ('prototypes of training tokens (SPT)',
+                       'random initial prompts') if spt else \
+            ('whitening statistics', 'identity')
         raise WhiteningNotReadyError(
             f"PromptedViT: the {self.prompt_cfg['type']} prompts of blocks "
-            f'{missing} need whitening statistics, which were never computed. '
+            f'{missing} need {what}, which were never computed. '
             f"Add custom_hooks=[dict(type='BPTWhiteningHook', "
             f'num_images=100)] to the config (it fills them before the first '
             f'iteration), load a checkpoint that holds them, or set '
             f'prompt.allow_identity_whitening=True to train with the '
-            f'identity.')
+            f'{start}.')
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Patch-embed, add position embeddings and the class token."""
