@@ -1,6 +1,7 @@
 """What ``tools/train.py`` and ``tools/test.py`` share: config loading with
-the scope check, distributed set-up (gloo on machines without a GPU), AMP and
-visualisation switches, and the runner itself.
+the scope check, distributed set-up (NCCL with one process per GPU, gloo on
+machines without a GPU), AMP (bf16 where the GPU has it) and visualisation
+switches, and the runner itself.
 
 The tools stay thin scripts over these functions, as mmdet's and mmseg's do.
 """
@@ -17,6 +18,8 @@ from mmengine.config import Config, DictAction
 #: The OpenMMLab libraries whose configs the tools run, by ``default_scope``.
 SCOPES = ('mmdet', 'mmseg')
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+#: ``--amp-dtype`` choices and the ``AmpOptimWrapper.dtype`` each gives.
+AMP_DTYPES = {'bf16': 'bfloat16', 'fp16': 'float16'}
 
 
 def load_config(path: str,
@@ -108,8 +111,13 @@ def _rank_env_from(launcher: str) -> None:
 
 
 def setup_launcher(cfg: Config, launcher: str) -> None:
-    """Set ``cfg.launcher`` and, without a GPU, start gloo ourselves.
+    """Set ``cfg.launcher``; NCCL on GPUs, gloo (started here) without.
 
+    With CUDA, mmengine starts the process group with the config's
+    ``env_cfg.dist_cfg.backend`` (NCCL unless the config says otherwise, as
+    in mmdet's and mmseg's ``default_runtime``) and puts each process on the
+    GPU numbered by its ``LOCAL_RANK``: one process per GPU, so a
+    ``LOCAL_RANK`` past the last GPU is refused here with the GPU count.
     mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP
     wrapper passes ``device_ids=[LOCAL_RANK]``; both fail on a CPU-only
     machine. There the process group is started here with the gloo backend
@@ -118,12 +126,24 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
 
     Raises:
         ValueError: ``launcher`` is not one of :data:`LAUNCHERS`.
+        RuntimeError: More processes on this node than GPUs.
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f'--launcher must be one of {list(LAUNCHERS)}, got '
                          f'{launcher!r}')
     cfg.launcher = launcher
-    if launcher == 'none' or torch.cuda.is_available():
+    if launcher == 'none':
+        return
+    if torch.cuda.is_available():
+        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {}).setdefault(
+            'backend', 'nccl')
+        local_rank = os.environ.get('LOCAL_RANK')
+        gpus = torch.cuda.device_count()
+        if local_rank is not None and int(local_rank) >= gpus:
+            raise RuntimeError(
+                f'LOCAL_RANK {local_rank} needs GPU {local_rank}, but this '
+                f'node has {gpus} GPU(s): start at most {gpus} processes per '
+                f'node (tools/dist_train.sh CONFIG {gpus})')
         return
     import torch.distributed as dist
     _rank_env_from(launcher)
@@ -140,26 +160,73 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
     cfg.model_wrapper_cfg = wrapper
 
 
-def enable_amp(cfg: Config) -> None:
+def amp_dtype(requested: Optional[str] = None) -> str:
+    """The autocast dtype of ``--amp``: bf16 where the GPU computes it
+    natively (compute capability 8.0 and up), else fp16.
+
+    bf16 has fp32's exponent range, so a loss that fp16 would overflow stays
+    finite; on older GPUs bf16 is only emulated (slow), so fp16 it is.
+
+    Args:
+        requested: ``--amp-dtype``: ``'bf16'``, ``'fp16'`` or None (choose).
+
+    Returns:
+        ``'bfloat16'`` or ``'float16'`` (``AmpOptimWrapper.dtype``).
+
+    Raises:
+        ValueError: ``requested`` is not a key of :data:`AMP_DTYPES`, or is
+            ``'bf16'`` on a GPU without native bf16.
+    """
+    if requested is None:
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return AMP_DTYPES['bf16' if native_bf16 else 'fp16']
+    if requested not in AMP_DTYPES:
+        raise ValueError(f'--amp-dtype must be one of {list(AMP_DTYPES)}, '
+                         f'got {requested!r}')
+    if requested == 'bf16' and not torch.cuda.is_bf16_supported(
+            including_emulation=False):
+        raise ValueError(
+            f'--amp-dtype bf16: {torch.cuda.get_device_name()} has no native '
+            f'bf16 (compute capability below 8.0); use --amp-dtype fp16')
+    return AMP_DTYPES[requested]
+
+
+def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
     """Switch the optimizer wrapper to mixed precision (``--amp``).
+
+    Args:
+        cfg: The config to change.
+        dtype: ``--amp-dtype`` (``'bf16'``/``'fp16'``), or None for
+            :func:`amp_dtype`'s choice; a config that already sets
+            ``optim_wrapper.dtype`` keeps it unless ``dtype`` is given.
 
     Raises:
         RuntimeError: No CUDA device (mmengine's ``AmpOptimWrapper`` needs
             one).
         ValueError: The config's ``optim_wrapper.type`` is neither
-            ``OptimWrapper`` nor ``AmpOptimWrapper``.
+            ``OptimWrapper`` nor ``AmpOptimWrapper``; ``dtype`` is not
+            available (see :func:`amp_dtype`) or contradicts the config's
+            ``optim_wrapper.dtype``.
     """
     if not torch.cuda.is_available():
         raise RuntimeError('--amp needs a CUDA GPU: mmengine\'s '
                            'AmpOptimWrapper runs on CUDA only')
     kind = cfg.optim_wrapper.get('type', 'OptimWrapper')
-    if kind == 'AmpOptimWrapper':
-        return
-    if kind != 'OptimWrapper':
+    if kind not in ('OptimWrapper', 'AmpOptimWrapper'):
         raise ValueError(f'--amp replaces `optim_wrapper.type` '
                          f"'OptimWrapper' by 'AmpOptimWrapper', but the "
                          f'config has {kind!r}')
+    configured = cfg.optim_wrapper.get('dtype')
+    if configured is not None and dtype is None:
+        chosen = configured
+    else:
+        chosen = amp_dtype(dtype)
+        if configured is not None and configured != chosen:
+            raise ValueError(f'--amp-dtype {dtype} asks for {chosen!r}, but '
+                             f'the config sets optim_wrapper.dtype='
+                             f'{configured!r}; drop one of them')
     cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    cfg.optim_wrapper.dtype = chosen
     cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
 
 
