@@ -150,6 +150,14 @@ def test_unknown_ops_request_is_refused():
         decide(requested_ops='gpu')
 
 
+def test_installed_cpu_ops_on_a_gpu_machine_are_warned_about():
+    warn = plan_mod.installed_ops_warning
+    assert 'cannot train on the GPU' in warn(True, 'not available')
+    assert warn(True, '13.0') is None  # CUDA ops
+    assert warn(False, 'not available') is None  # no GPU: CPU ops fit
+    assert warn(True, 'not available', 'cpu') is None  # asked for
+
+
 # ---- probes and the shell interface ----
 
 def test_nvcc_release_is_read_from_its_banner():

@@ -261,6 +261,31 @@ def decide(facts: BuildFacts, base_key: str) -> BuildPlan:
         f'compile jobs, once per machine; cached as {key}', build_env)
 
 
+def installed_ops_warning(gpu_visible: bool, compiled_cuda: str,
+                          requested_ops: str = 'auto') -> Optional[str]:
+    """A warning when an mmcv that is already installed (an earlier set-up,
+    an existing OpenMMLab environment) has CPU-only ops on a GPU machine.
+
+    Args:
+        gpu_visible: ``torch.cuda.is_available()``.
+        compiled_cuda: ``mmcv.ops.get_compiling_cuda_version()``; a CPU-only
+            build says ``'not available'``.
+        requested_ops: ``BPT_MM_MMCV_OPS``; ``cpu`` asked for exactly this.
+
+    Returns:
+        The warning, or None when the ops fit the machine.
+    """
+    if not gpu_visible or requested_ops == 'cpu' \
+            or compiled_cuda != 'not available':
+        return None
+    return ('WARNING: torch sees a GPU but the installed mmcv was compiled '
+            'without CUDA ops: mmcv ops such as RoIAlign and nms will refuse '
+            'CUDA tensors, so Mask R-CNN and Cascade Mask R-CNN cannot train '
+            'on the GPU. To build CUDA ops: `pip uninstall mmcv` in that '
+            'environment and run set-up again (or set BPT_MM_MMCV_OPS=cpu to '
+            'keep CPU ops and silence this)')
+
+
 def _nvcc_path() -> Optional[str]:
     """The nvcc torch's cpp_extension would use: $CUDA_HOME or $CUDA_PATH,
     else the one on PATH, else /usr/local/cuda."""
@@ -352,10 +377,13 @@ def plan_as_shell(plan: BuildPlan) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--base-key', required=True,
+    parser.add_argument('--check-installed', action='store_true',
+                        help='only warn (stderr) if the installed mmcv has '
+                        'CPU-only ops while torch sees a GPU')
+    parser.add_argument('--base-key', default=None,
                         help='CPU-only cache key: mmcv, torch, Python tag, '
                         'machine')
-    parser.add_argument('--cache-dir', required=True,
+    parser.add_argument('--cache-dir', default=None,
                         help='the wheel cache folder')
     parser.add_argument('--ops', default='auto',
                         help=f'one of {list(OPS_CHOICES)} (BPT_MM_MMCV_OPS)')
@@ -366,6 +394,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'BPT_MM_MMCV_OPS must be one of {list(OPS_CHOICES)}, got '
               f'{args.ops!r}', file=sys.stderr)
         return 2
+    if args.check_installed:
+        import mmcv.ops
+        import torch
+        warning = installed_ops_warning(
+            torch.cuda.is_available(), mmcv.ops.get_compiling_cuda_version(),
+            args.ops)
+        if warning:
+            print(warning, file=sys.stderr)
+        return 0
+    if not args.base_key or not args.cache_dir:
+        parser.error('--base-key and --cache-dir are required to plan a '
+                     'build')
     plan = decide(gather_facts(args.cache_dir, args.ops, args.jobs),
                   args.base_key)
     if plan.action == 'stop':

@@ -106,6 +106,17 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     if [[ $BASE_HAS_MMCV == 1 ]]; then
         say "$PYTHON already has a working mmcv with ops: creating $VENV on top of it (--system-site-packages)"
         "$PYTHON" -m venv --system-site-packages "$VENV"
+        # --system-site-packages gives the *base* interpreter's packages: when
+        # $PYTHON is itself a venv's, its own packages (mmcv) would be lost.
+        # A .pth in the new venv adds them after the venv's own.
+        VENV_SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        "$PYTHON" - "$VENV_SITE/bpt_mm_base_env.pth" <<'EOF'
+import sys, sysconfig
+if sys.prefix != sys.base_prefix:
+    paths = dict.fromkeys(sysconfig.get_paths()[k] for k in ('purelib', 'platlib'))
+    with open(sys.argv[1], 'w') as f:
+        f.writelines(f'import site; site.addsitedir({p!r})\n' for p in paths)
+EOF
     else
         say "creating virtual environment $VENV (Python $PYVER)"
         "$PYTHON" -m venv "$VENV"
@@ -183,5 +194,6 @@ say "installing requirements/runtime.txt, requirements/tests.txt and bpt_mm (edi
 venv_has_mmcv || die "mmcv is installed${WHEEL:+ from $WHEEL} but 'import mmcv.ops' fails (run: $PY -c 'import mmcv.ops'); if the cached wheel is broken, delete $WHEEL_DIR and run again"
 
 env_works || die "set-up finished but the stack does not import; run: $PY -c 'import bpt_mm'"
+"$PY" tools/mmcv_build_plan.py --check-installed --ops "${BPT_MM_MMCV_OPS:-auto}" >&2 || true
 inputs_digest > "$STAMP"
 say "done: $VENV"
