@@ -160,6 +160,13 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
     cfg.model_wrapper_cfg = wrapper
 
 
+def native_bf16() -> bool:
+    """Whether the current GPU computes bf16 natively (compute capability
+    8.0 and up). torch's ``is_bf16_supported()`` also counts emulation,
+    which is slow, and its switch for that is missing before torch 2.3."""
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
 def amp_dtype(requested: Optional[str] = None) -> str:
     """The autocast dtype of ``--amp``: bf16 where the GPU computes it
     natively (compute capability 8.0 and up), else fp16.
@@ -178,13 +185,11 @@ def amp_dtype(requested: Optional[str] = None) -> str:
             ``'bf16'`` on a GPU without native bf16.
     """
     if requested is None:
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return AMP_DTYPES['bf16' if native_bf16 else 'fp16']
+        return AMP_DTYPES['bf16' if native_bf16() else 'fp16']
     if requested not in AMP_DTYPES:
         raise ValueError(f'--amp-dtype must be one of {list(AMP_DTYPES)}, '
                          f'got {requested!r}')
-    if requested == 'bf16' and not torch.cuda.is_bf16_supported(
-            including_emulation=False):
+    if requested == 'bf16' and not native_bf16():
         raise ValueError(
             f'--amp-dtype bf16: {torch.cuda.get_device_name()} has no native '
             f'bf16 (compute capability below 8.0); use --amp-dtype fp16')

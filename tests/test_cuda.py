@@ -148,8 +148,9 @@ def test_amp_train_steps_of_each_prompt_type(prompt, dtype):
     forward agrees with fp32, the loss stays finite, the prompts move and
     nothing frozen gets a gradient."""
     from mmengine.optim import AmpOptimWrapper
-    if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(
-            including_emulation=False):
+
+    from bpt_mm.launch import native_bf16
+    if dtype == 'bfloat16' and not native_bf16():
         pytest.skip(f'{torch.cuda.get_device_name()} has no native bf16 '
                     f'(--amp uses fp16 there)')
     torch.manual_seed(0)

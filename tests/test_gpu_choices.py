@@ -12,20 +12,16 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def fake_gpus(monkeypatch, count=1, native_bf16=True):
-    """Pretend ``count`` GPUs, with or without native bf16 (capability 8+)."""
+    """Pretend ``count`` GPUs of an arch with (9.0) or without (7.0)
+    native bf16."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: count > 0)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: count)
-    calls = []
-
-    def is_bf16_supported(including_emulation=True):
-        calls.append(including_emulation)
-        # Every CUDA GPU emulates bf16; only 8.0+ computes it natively.
-        return native_bf16 or including_emulation
-
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability',
+                        lambda *a: (9, 0) if native_bf16 else (7, 0))
+    # torch's own check also counts emulated bf16: it must not be asked
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, 'get_device_name',
                         lambda *a: 'Fake V100' if not native_bf16 else 'H200')
-    return calls
 
 
 def sgd_config(**wrapper):
@@ -37,14 +33,12 @@ def sgd_config(**wrapper):
                                                   (False, 'float16')])
 def test_amp_chooses_bf16_only_where_native(monkeypatch, native_bf16,
                                             expected):
-    calls = fake_gpus(monkeypatch, native_bf16=native_bf16)
+    fake_gpus(monkeypatch, native_bf16=native_bf16)
     cfg = sgd_config()
     launch.enable_amp(cfg)
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
     assert cfg.optim_wrapper.dtype == expected
     assert cfg.optim_wrapper.loss_scale == 'dynamic'
-    # emulated bf16 (pre-Ampere) must not count as support
-    assert calls == [False]
 
 
 def test_amp_dtype_option_overrides_the_choice(monkeypatch):

@@ -79,7 +79,7 @@ FAILED=0
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     "$PYTHON" -c 'import torch, mmcv, mmcv.ops
 print(f"- GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}, {torch.cuda.device_count()} visible)")
-print(f"- torch {torch.__version__}, CUDA {torch.version.cuda}, bf16 native: {torch.cuda.is_bf16_supported(including_emulation=False)}")
+print(f"- torch {torch.__version__}, CUDA {torch.version.cuda}, bf16 native: {torch.cuda.get_device_capability()[0] >= 8}")
 print(f"- mmcv {mmcv.__version__}, ops compiled with CUDA {mmcv.ops.get_compiling_cuda_version()}")' 2>&1
     echo
 } > "$SUMMARY"
