@@ -50,6 +50,7 @@ EOF
 if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$(inputs_digest)" ]]; then
     if env_works; then
         say "environment in $VENV is up to date"
+        "$VENV/bin/python" tools/mmcv_build_plan.py --check-installed --ops "${BPT_MM_MMCV_OPS:-auto}" >&2 || true
         exit 0
     fi
     say "environment in $VENV has the right stamp but does not import; repairing"
@@ -58,6 +59,11 @@ fi
 rm -f "$STAMP"
 
 # ---- interpreter ----
+# Checked here, before anything is installed; tools/mmcv_build_plan.py acts on it.
+case "${BPT_MM_MMCV_OPS:-auto}" in
+    auto|cpu|cuda) ;;
+    *) die "BPT_MM_MMCV_OPS must be auto, cpu or cuda, got '${BPT_MM_MMCV_OPS}'" ;;
+esac
 command -v "$PYTHON" >/dev/null 2>&1 || die "no Python interpreter '$PYTHON' on PATH; set PYTHON=/path/to/python3.11"
 PYVER="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 case "$PYVER" in
