@@ -110,6 +110,19 @@ def _rank_env_from(launcher: str) -> None:
     os.environ.setdefault('LOCAL_RANK', '0')
 
 
+def _set_dist_backend(cfg: Config, backend: str,
+                      keep_configured: bool) -> None:
+    """Set ``env_cfg.dist_cfg.backend``, or only fill it in when
+    ``keep_configured``. (``Config.setdefault`` stores a converted copy of
+    a new dict, so the dicts are rebuilt and assigned.)"""
+    env_cfg = dict(cfg.get('env_cfg') or {})
+    dist_cfg = dict(env_cfg.get('dist_cfg') or {})
+    if not (keep_configured and dist_cfg.get('backend')):
+        dist_cfg['backend'] = backend
+    env_cfg['dist_cfg'] = dist_cfg
+    cfg.env_cfg = env_cfg
+
+
 def setup_launcher(cfg: Config, launcher: str) -> None:
     """Set ``cfg.launcher``; NCCL on GPUs, gloo (started here) without.
 
@@ -135,8 +148,7 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
     if launcher == 'none':
         return
     if torch.cuda.is_available():
-        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {}).setdefault(
-            'backend', 'nccl')
+        _set_dist_backend(cfg, 'nccl', keep_configured=True)
         local_rank = os.environ.get('LOCAL_RANK')
         gpus = torch.cuda.device_count()
         if local_rank is not None and int(local_rank) >= gpus:
@@ -147,8 +159,7 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
         return
     import torch.distributed as dist
     _rank_env_from(launcher)
-    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = \
-        'gloo'
+    _set_dist_backend(cfg, 'gloo', keep_configured=False)
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo', init_method='env://')
     wrapper = dict(cfg.get('model_wrapper_cfg') or {})

@@ -45,7 +45,7 @@ BENCH_VARIANTS=(full_finetune frozen vpt_shallow vpt_deep bpt_fwhiten_shallow
 
 # name, time limit (s), command
 STEP_NAMES=(cuda_tests tiny_data mask_rcnn_amp benchmark)
-STEP_LIMITS=(150 60 150 240)
+STEP_LIMITS=(120 30 120 210)
 STEP_COMMANDS=(
     "$(printf '%q ' "$PYTHON" -m pytest tests/test_cuda.py tests/test_gpu_choices.py -v -rs --durations=10)"
     "$(printf '%q ' "$PYTHON" tools/make_tiny_data.py)"
