@@ -33,7 +33,7 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # What the stamp certifies: the inputs of this set-up. Any change re-runs it.
 inputs_digest() {
-    cat requirements/*.txt setup.py tools/setup_env.sh tools/mmcv_build_plan.py | sha256sum | cut -d' ' -f1
+    cat requirements/*.txt setup.py tools/setup_env.sh tools/mmcv_build_plan.py tools/venv_on_top.py | sha256sum | cut -d' ' -f1
 }
 
 # The environment is usable when the stack imports and mmcv's compiled ops load.
@@ -112,17 +112,10 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     if [[ $BASE_HAS_MMCV == 1 ]]; then
         say "$PYTHON already has a working mmcv with ops: creating $VENV on top of it (--system-site-packages)"
         "$PYTHON" -m venv --system-site-packages "$VENV"
-        # --system-site-packages gives the *base* interpreter's packages: when
-        # $PYTHON is itself a venv's, its own packages (mmcv) would be lost.
-        # A .pth in the new venv adds them after the venv's own.
+        # When $PYTHON is itself a venv's, --system-site-packages alone would
+        # lose that venv's packages (mmcv): a .pth adds them.
         VENV_SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-        "$PYTHON" - "$VENV_SITE/bpt_mm_base_env.pth" <<'EOF'
-import sys, sysconfig
-if sys.prefix != sys.base_prefix:
-    paths = dict.fromkeys(sysconfig.get_paths()[k] for k in ('purelib', 'platlib'))
-    with open(sys.argv[1], 'w') as f:
-        f.writelines(f'import site; site.addsitedir({p!r})\n' for p in paths)
-EOF
+        "$PYTHON" tools/venv_on_top.py "$VENV_SITE" || die "could not make $VENV see the packages of $PYTHON"
     else
         say "creating virtual environment $VENV (Python $PYVER)"
         "$PYTHON" -m venv "$VENV"
@@ -196,10 +189,20 @@ fi
 # ---- the rest ----
 say "installing requirements/runtime.txt, requirements/tests.txt and bpt_mm (editable)"
 "${PIP[@]}" -q -r requirements/runtime.txt -r requirements/tests.txt -c requirements/torch.txt
-"${PIP[@]}" -q --no-deps --no-build-isolation -e .
+EDITABLE=()
+# On top of another environment: a plain path entry (compat mode) for this
+# clone, which comes before that environment's entries, so that a bpt_mm
+# installed there (another clone) does not shadow this one.
+[[ -f "$VENV/lib/python$PYVER/site-packages/bpt_mm_base_env.pth" ]] && EDITABLE=(--use-pep517 --config-settings editable_mode=compat)
+"${PIP[@]}" -q --no-deps --no-build-isolation "${EDITABLE[@]}" -e .
 venv_has_mmcv || die "mmcv is installed${WHEEL:+ from $WHEEL} but 'import mmcv.ops' fails (run: $PY -c 'import mmcv.ops'); if the cached wheel is broken, delete $WHEEL_DIR and run again"
 
 env_works || die "set-up finished but the stack does not import; run: $PY -c 'import bpt_mm'"
+# An environment set-up was built on top of may hold another bpt_mm (another
+# clone, installed there): it must not shadow this one.
+FOUND="$(cd / && "$PY" -c 'import os, bpt_mm; print(os.path.dirname(os.path.dirname(os.path.realpath(bpt_mm.__file__))))')"
+[[ "$FOUND" == "$(realpath "$ROOT")" ]] \
+    || die "in $VENV, 'import bpt_mm' finds the copy in $FOUND, not this clone ($ROOT): it is installed in the environment $VENV was made on top of ($PYTHON). Uninstall it there (pip uninstall bpt_mm), or install this clone into that environment instead (pip install -e . --no-deps)"
 "$PY" tools/mmcv_build_plan.py --check-installed --ops "${BPT_MM_MMCV_OPS:-auto}" >&2 || true
 inputs_digest > "$STAMP"
 say "done: $VENV"
