@@ -215,7 +215,8 @@ def test_cli_stops_on_an_nvcc_of_another_major(tmp_path):
                     'V1.0.0"\n')
     nvcc.chmod(0o755)
     out = _run_cli(tmp_path, CUDA_VISIBLE_DEVICES='', BPT_MM_MMCV_OPS='cuda',
-                   TORCH_CUDA_ARCH_LIST='9.0', CUDA_HOME=str(tmp_path / 'cuda'))
+                   TORCH_CUDA_ARCH_LIST='9.0',
+                   CUDA_HOME=str(tmp_path / 'cuda'))
     assert out.returncode == 1
     assert out.stdout == ''
     import torch

@@ -22,8 +22,10 @@ Printed for bash (``eval "$(python tools/mmcv_build_plan.py ...)"``):
 message on stderr and exits with status 1.
 
 Usage:
-    python tools/mmcv_build_plan.py --base-key mmcv-2.1.0_torch-2.14.1_cp311_x86_64 \
+    python tools/mmcv_build_plan.py \
+        --base-key mmcv-2.1.0_torch-2.14.1_cp311_x86_64 \
         --cache-dir ~/.cache/bpt_mm/wheels [--ops auto|cpu|cuda] [--jobs 2]
+    python tools/mmcv_build_plan.py --check-installed [--ops ...]
 """
 import argparse
 import os
