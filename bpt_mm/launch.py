@@ -131,7 +131,8 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
     in mmdet's and mmseg's ``default_runtime``) and puts each process on the
     GPU numbered by its ``LOCAL_RANK``: one process per GPU, so a
     ``LOCAL_RANK`` past the last GPU is refused here with the GPU count.
-    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP
+
+    Without CUDA: mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP
     wrapper passes ``device_ids=[LOCAL_RANK]``; both fail on a CPU-only
     machine. There the process group is started here with the gloo backend
     (mmengine then sees it and leaves it alone) and DDP gets

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything CUDA-specific of bpt_mm, checked in one go on one GPU (about 5
-# minutes on an H200; each step has its own time limit, 8 minutes in all):
+# Everything CUDA-specific of bpt_mm, checked in one go on one GPU within 8
+# minutes (each step has its own time limit; never run yet, no GPU so far):
 #   1. the CUDA tests (tests/test_cuda.py) and the --amp/NCCL choices
 #      (tests/test_gpu_choices.py);
 #   2. a 50-iteration tiny Mask R-CNN with --amp (bf16 where the GPU has it),
