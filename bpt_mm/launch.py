@@ -179,28 +179,51 @@ def native_bf16() -> bool:
     return torch.cuda.get_device_capability()[0] >= 8
 
 
-def amp_dtype(requested: Optional[str] = None) -> str:
+def bf16_blocker(cfg: Config) -> Optional[str]:
+    """Why the model of ``cfg`` cannot run under bf16 autocast, or None.
+
+    mmcv 2.1's CUDA kernels of ``RoIAlign`` (mmdet's RoI heads: Mask R-CNN,
+    Cascade Mask R-CNN) dispatch on float32, float64 and float16 only
+    (``AT_DISPATCH_FLOATING_TYPES_AND_HALF``): bf16 features stop there.
+    """
+    model = cfg.get('model') or {}
+    if model.get('roi_head'):
+        return ("the model's RoI head uses mmcv's RoIAlign, whose CUDA "
+                'kernels (mmcv 2.1) take float32 and float16 only')
+    return None
+
+
+def amp_dtype(requested: Optional[str] = None,
+              blocker: Optional[str] = None) -> str:
     """The autocast dtype of ``--amp``: bf16 where the GPU computes it
-    natively (compute capability 8.0 and up), else fp16.
+    natively (compute capability 8.0 and up) and the model can run it,
+    else fp16.
 
     bf16 has fp32's exponent range, so a loss that fp16 would overflow stays
     finite; on older GPUs bf16 is only emulated (slow), so fp16 it is.
 
     Args:
         requested: ``--amp-dtype``: ``'bf16'``, ``'fp16'`` or None (choose).
+        blocker: Why the model cannot run bf16 (:func:`bf16_blocker`), or
+            None.
 
     Returns:
         ``'bfloat16'`` or ``'float16'`` (``AmpOptimWrapper.dtype``).
 
     Raises:
         ValueError: ``requested`` is not a key of :data:`AMP_DTYPES`, or is
-            ``'bf16'`` on a GPU without native bf16.
+            ``'bf16'`` on a GPU without native bf16 or for a model that
+            cannot run it.
     """
     if requested is None:
-        return AMP_DTYPES['bf16' if native_bf16() else 'fp16']
+        bf16 = blocker is None and native_bf16()
+        return AMP_DTYPES['bf16' if bf16 else 'fp16']
     if requested not in AMP_DTYPES:
         raise ValueError(f'--amp-dtype must be one of {list(AMP_DTYPES)}, '
                          f'got {requested!r}')
+    if requested == 'bf16' and blocker is not None:
+        raise ValueError(f'--amp-dtype bf16: {blocker}; use --amp-dtype '
+                         f'fp16')
     if requested == 'bf16' and not native_bf16():
         raise ValueError(
             f'--amp-dtype bf16: {torch.cuda.get_device_name()} has no native '
@@ -214,7 +237,8 @@ def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
     Args:
         cfg: The config to change.
         dtype: ``--amp-dtype`` (``'bf16'``/``'fp16'``), or None for
-            :func:`amp_dtype`'s choice; a config that already sets
+            :func:`amp_dtype`'s choice (fp16 for models with RoI heads, see
+            :func:`bf16_blocker`); a config that already sets
             ``optim_wrapper.dtype`` keeps it unless ``dtype`` is given.
 
     Raises:
@@ -237,7 +261,7 @@ def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
     if configured is not None and dtype is None:
         chosen = configured
     else:
-        chosen = amp_dtype(dtype)
+        chosen = amp_dtype(dtype, bf16_blocker(cfg))
         if configured is not None and configured != chosen:
             raise ValueError(f'--amp-dtype {dtype} asks for {chosen!r}, but '
                              f'the config sets optim_wrapper.dtype='

@@ -67,6 +67,22 @@ def test_amp_keeps_a_configured_dtype_and_refuses_a_contradiction(
         launch.enable_amp(cfg, 'bf16')
 
 
+def test_models_with_roi_heads_get_fp16(monkeypatch):
+    # mmcv 2.1's RoIAlign CUDA kernels have no bf16: Mask R-CNN gets fp16
+    # on a bf16 GPU, UperNet bf16.
+    fake_gpus(monkeypatch, native_bf16=True)
+    tiny = osp.join(ROOT, 'configs', 'tiny')
+    mask_rcnn = Config.fromfile(osp.join(tiny, 'mask_rcnn_bpt_tiny.py'))
+    launch.enable_amp(mask_rcnn)
+    assert mask_rcnn.optim_wrapper.dtype == 'float16'
+    with pytest.raises(ValueError, match="mmcv's RoIAlign"):
+        launch.enable_amp(Config.fromfile(
+            osp.join(tiny, 'cascade_mask_rcnn_bpt_tiny.py')), 'bf16')
+    upernet = Config.fromfile(osp.join(tiny, 'upernet_bpt_tiny.py'))
+    launch.enable_amp(upernet)
+    assert upernet.optim_wrapper.dtype == 'bfloat16'
+
+
 def test_amp_dtype_without_amp_is_refused(monkeypatch):
     import importlib.util
     spec = importlib.util.spec_from_file_location(
