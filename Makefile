@@ -3,12 +3,17 @@
 #   make test   set up if needed, then run the whole test suite
 #   make test-min-timm  the backbone/attention tests against the lowest timm
 #               that bpt_mm declares (installed into a temporary directory)
+# and, for a machine that already has an OpenMMLab environment:
+#   make check-openmmlab-env BASE_PYTHON=/path/to/env/bin/python
+#               set up a throw-away venv on top of it, check what it imports
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-min-timm demo clean-data
+BASE_PYTHON ?= $(PY)
+
+.PHONY: setup test test-min-timm demo clean-data check-openmmlab-env
 
 setup:
 	@VENV=$(abspath $(VENV)) bash tools/setup_env.sh
@@ -33,3 +38,11 @@ demo: setup
 
 clean-data:
 	rm -rf data/tiny work_dirs/demo
+
+# The "existing OpenMMLab environment" route of set-up (README, "GPU"), run
+# into a temporary venv that is removed afterwards; about 2 minutes.
+check-openmmlab-env:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	PYTHON=$(abspath $(BASE_PYTHON)) VENV=$$tmp/venv BPT_MM_CACHE=$$tmp/cache bash tools/setup_env.sh && \
+	(cd / && $$tmp/venv/bin/python -c 'import os, bpt_mm, mmcv, mmcv.ops; from mmcv.ops import RoIAlign, nms; print("[check] bpt_mm from", os.path.dirname(bpt_mm.__file__)); print("[check] mmcv", mmcv.__version__, "from", os.path.dirname(mmcv.__file__), "- ops compiled with CUDA:", mmcv.ops.get_compiling_cuda_version())') && \
+	test -z "$$(ls $$tmp/cache 2>/dev/null)" && echo "[check] nothing compiled or cached: the environment's mmcv was used"

@@ -45,3 +45,10 @@ def test_missing_compiler_stops_before_installing(tmp_path):
     assert "no C++ compiler 'no-such-compiler'" in out.stderr
     assert not (tmp_path / 'venv').exists()
     assert not (tmp_path / 'cache').exists()
+
+
+def test_unknown_mmcv_ops_choice_stops_before_installing(tmp_path):
+    out = run_setup(tmp_path, BPT_MM_MMCV_OPS='gpu')
+    assert out.returncode != 0
+    assert "BPT_MM_MMCV_OPS must be auto, cpu or cuda, got 'gpu'" in out.stderr
+    assert not (tmp_path / 'venv').exists()

@@ -24,6 +24,8 @@ SHORT = ['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
 
 
 def run(cmd, cwd, threads=2, expect=0, timeout=600, **env):
+    # CPU runs (gloo) on a GPU machine too: the GPUs are hidden.
+    env.setdefault('CUDA_VISIBLE_DEVICES', '')
     full_env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                     PYTHONPATH=os.pathsep.join([TESTS, ROOT]), **env)
     out = subprocess.run([str(c) for c in cmd], cwd=str(cwd), env=full_env,
@@ -232,7 +234,9 @@ def load_tool(name):
     return module
 
 
-def test_tools_refuse_bad_invocations(tmp_path):
+def test_tools_refuse_bad_invocations(tmp_path, monkeypatch):
+    # the --amp refusal is the CPU machine's, on a GPU machine too
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     train, test = load_tool('train'), load_tool('test')
     config = TINY['mask_rcnn']
     bad_scope = tmp_path / 'bad_scope.py'

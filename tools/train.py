@@ -16,7 +16,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from bpt_mm.launch import (add_common_arguments,  # noqa: E402
+from bpt_mm.launch import (AMP_DTYPES, add_common_arguments,  # noqa: E402
                            build_runner, check_data_paths,
                            check_whitening_source, config_from_args,
                            enable_amp, latest_checkpoint)
@@ -27,7 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('config', help='train config file path')
     add_common_arguments(parser, 'train_cfg.max_iters=20')
     parser.add_argument('--amp', action='store_true',
-                        help='mixed-precision training (CUDA only)')
+                        help='mixed-precision training (CUDA only): bf16 '
+                        'where the GPU has it natively, else fp16')
+    parser.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES),
+                        help='with --amp: this autocast dtype instead of '
+                        'the automatic choice')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the real batch size '
                         '(`auto_scale_lr` of the config)')
@@ -40,9 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.amp_dtype and not args.amp:
+        raise ValueError('--amp-dtype only applies with --amp')
     cfg = config_from_args(args)
     if args.amp:
-        enable_amp(cfg)
+        enable_amp(cfg, args.amp_dtype)
     if args.auto_scale_lr:
         if not cfg.get('auto_scale_lr', {}).get('base_batch_size'):
             raise ValueError('--auto-scale-lr needs '
