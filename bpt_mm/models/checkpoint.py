@@ -57,6 +57,8 @@ import torch
 from torch import Tensor
 from timm.layers import resample_abs_pos_embed
 
+from bpt_mm.finite import non_finite_tensors
+
 __all__ = [
     'CheckpointError', 'KNOWN_LAYOUTS', 'load_checkpoint_file',
     'unwrap_state_dict', 'detect_layout', 'convert_to_timm_layout',
@@ -694,6 +696,13 @@ def load_pretrained(model: torch.nn.Module,
             'patch size, depth)?')
     for k in mismatched:
         converted.pop(k)
+    bad = non_finite_tensors(converted)
+    if bad:
+        raise CheckpointError(
+            f'{layout} checkpoint {path!r} holds NaN/Inf values in {bad}'
+            f'{" (and maybe more)" if len(bad) == 5 else ""}: the file is '
+            'corrupt or was saved from a run that diverged; refusing to '
+            'load it')
 
     result = model.load_state_dict(converted, strict=False)
     missing_all = list(result.missing_keys)
