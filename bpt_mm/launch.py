@@ -100,9 +100,9 @@ def resolve_device(device: Optional[str]) -> str:
 
 def check_output_file(path: str, flag: str = '--out') -> None:
     """Refuse, before any work, an output path that cannot or must not be
-    written: a directory, a folder that does not exist, or an existing file
-    that is not a whitening file of ``tools/compute_whitening.py`` (which
-    may be replaced).
+    written: a directory, a path below a file, or an existing file that is
+    not a whitening file of ``tools/compute_whitening.py`` (which may be
+    replaced).
 
     Raises:
         ValueError: Naming ``flag`` and the path.
@@ -111,9 +111,11 @@ def check_output_file(path: str, flag: str = '--out') -> None:
         raise ValueError(f'{flag} {path!r} is a directory; give a file name '
                          f'such as {osp.join(path, "whitening.pth")!r}')
     parent = osp.dirname(osp.abspath(path))
+    while not osp.lexists(parent):  # missing folders are made on saving
+        parent = osp.dirname(parent)
     if not osp.isdir(parent):
-        raise ValueError(f'{flag} {path!r}: the folder {parent!r} does not '
-                         f'exist')
+        raise ValueError(f'{flag} {path!r}: {parent!r} is a file, not a '
+                         f'folder')
     if osp.lexists(path):
         from bpt_mm.whitening_collect import FILE_FORMAT
         try:

@@ -75,8 +75,9 @@ class FiniteCheckHook(Hook):
     away: the iteration check runs just before ``CheckpointHook`` (which
     removes the oldest checkpoint before saving the new one), and the save
     check inside ``save_checkpoint`` before the file is written (a backstop
-    for saves outside the iteration). Under DDP the decision is the same on every rank (a max over
-    ranks), so no rank is left waiting in a collective.
+    for saves outside the iteration). Under DDP the decision is the same on
+    every rank (a max over ranks), so no rank is left waiting in a
+    collective.
 
     It is in every config of ``configs/``, and ``tools/train.py`` adds it to
     a config that lacks it; ``--allow-non-finite`` is the explicit way off.
