@@ -689,3 +689,13 @@ def test_bad_input_is_refused_by_name(case, tmp_path):
     for pattern in case.patterns:
         assert re.search(pattern, message), \
             f'{case.id}: {pattern!r} not in the message:\n{message}'
+
+
+def test_benchmark_refuses_a_zero_inference_size(capsys):
+    # argparse's contract: exit status 2, the option named on stderr.
+    benchmark = load_tool('benchmark')
+    with pytest.raises(SystemExit) as info:
+        benchmark.parse_args(['--infer-size', '0'])
+    assert info.value.code == 2
+    assert '--infer-size must be a positive int, got 0' in \
+        capsys.readouterr().err
