@@ -98,7 +98,7 @@ def resolve_device(device: Optional[str]) -> str:
     return device
 
 
-def check_output_file(path: str, flag: str = '--out') -> None:
+def check_whitening_output(path: str, flag: str = '--out') -> None:
     """Refuse, before any work, an output path that cannot or must not be
     written: a directory, a path below a file, or an existing file that is
     not a whitening file of ``tools/compute_whitening.py`` (which may be

@@ -28,7 +28,7 @@ from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
 from bpt_mm.data_check import (DataSetError, check_coco_set,
                                check_segmentation_set)
 from bpt_mm.launch import (check_checkpoint_covers_model, check_data_paths,
-                           check_output_file, check_resume_checkpoint,
+                           check_whitening_output, check_resume_checkpoint,
                            check_whitening_source, latest_checkpoint,
                            resolve_device)
 from bpt_mm.models import PromptedViT, WhiteningNotReadyError
@@ -659,10 +659,10 @@ CASES = [
          ValueError, [r"--device 'cuda:99'"]),
     Case('device-not-a-device', lambda t: resolve_device('gpu'),
          ValueError, [r"--device 'gpu' is not a torch device"]),
-    Case('whitening-out-is-a-directory', lambda t: check_output_file(t),
+    Case('whitening-out-is-a-directory', lambda t: check_whitening_output(t),
          ValueError, [r"--out '.*' is a directory"]),
     Case('whitening-out-is-a-user-file',
-         lambda t: check_output_file(file_at(t, 'notes.pth')), ValueError,
+         lambda t: check_whitening_output(file_at(t, 'notes.pth')), ValueError,
          [r"--out '.*notes\.pth' exists and is not a whitening file"]),
     Case('tiny-data-out-is-a-file',
          lambda t: ensure_tiny_data(file_at(t), num_train=1, num_val=1),

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                                               distinct_images_available,
                                               hook_options_from_config,
                                               preprocessed_images)
-    from bpt_mm.launch import (build_prompted_model, check_output_file,
+    from bpt_mm.launch import (build_prompted_model, check_whitening_output,
                                resolve_device)
     from bpt_mm.whitening_collect import (collect_whitening,
                                           format_whitening_table,
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
     try:
         device = resolve_device(args.device)
-        check_output_file(args.out)
+        check_whitening_output(args.out)
     except ValueError as exc:
         print(f'compute_whitening: error: {exc}', file=sys.stderr)
         return 2
