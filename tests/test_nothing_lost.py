@@ -7,6 +7,7 @@ file holds the cases that need a training run or compare files.
 """
 import os
 import os.path as osp
+import re
 import uuid
 import warnings
 
@@ -272,3 +273,32 @@ def test_rank_deficient_sigma_is_reported():
         results = collect_whitening(backbone, toy_images(8).split(4),
                                     WhiteningStatistics(), 8)
     assert results[0]['effective_rank'] > 16
+
+
+# ----------------------------------------------- item 3, as a user runs it
+def test_train_tool_exits_non_zero_on_a_diverging_run(tiny_workspace,
+                                                      tmp_path):
+    from test_tools import TINY, run, tool
+    work = tmp_path / 'work'
+    # lr 1e6 (AdamW): the weights blow up after the first step. The tiny
+    # Mask R-CNN's FiniteCheckHook comes from its config.
+    text = run(tool('train.py', TINY['mask_rcnn'], '--work-dir', work,
+                    '--cfg-options', 'optim_wrapper.optimizer.lr=1e6',
+                    'optim_wrapper.clip_grad=None', 'train_cfg.max_iters=6',
+                    'train_cfg.val_interval=100',
+                    'default_hooks.checkpoint.interval=1',
+                    'default_hooks.checkpoint.max_keep_ckpts=1'),
+               tiny_workspace, expect=1)
+    found = re.search(r'FloatingPointError: FiniteCheckHook: training '
+                      r'stopped at iteration (\d+): (.*)', text)
+    assert found, text[-3000:]
+    stopped = int(found.group(1))
+    assert 'non-finite' in found.group(2), found.group(2)
+    # The checkpoint kept is the last finite one, of the iteration before.
+    files = sorted(f for f in os.listdir(work) if f.endswith('.pth'))
+    assert files == ([f'iter_{stopped - 1}.pth'] if stopped > 1 else []), \
+        (stopped, files)
+    for name in files:
+        state = torch.load(work / name, weights_only=False)['state_dict']
+        assert all(torch.isfinite(v).all() for v in state.values()
+                   if v.is_floating_point()), name
