@@ -75,6 +75,98 @@ def add_common_arguments(parser: argparse.ArgumentParser,
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
+def resolve_device(device: Optional[str]) -> str:
+    """The device of a ``--device`` flag: ``cuda`` when available and none
+    is given, else ``cpu``.
+
+    Raises:
+        ValueError: Not a torch device, or a CUDA device on a machine
+            without one; naming ``--device``.
+    """
+    if device is None:
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f'--device {device!r} is not a torch device '
+                         f"(e.g. 'cpu', 'cuda', 'cuda:1'): {exc}") from None
+    if parsed.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f'--device {device!r}: this machine has no '
+                             f"CUDA device; use --device cpu")
+        if parsed.index is not None and \
+                parsed.index >= torch.cuda.device_count():
+            raise ValueError(f'--device {device!r}: only '
+                             f'{torch.cuda.device_count()} CUDA device(s)')
+    return device
+
+
+def check_whitening_output(path: str, flag: str = '--out') -> None:
+    """Refuse, before any work, an output path that cannot or must not be
+    written: a directory, a path below a file, or an existing file that is
+    not a whitening file of ``tools/compute_whitening.py`` (which may be
+    replaced).
+
+    Raises:
+        ValueError: Naming ``flag`` and the path.
+    """
+    if osp.isdir(path):
+        raise ValueError(f'{flag} {path!r} is a directory; give a file name '
+                         f'such as {osp.join(path, "whitening.pth")!r}')
+    parent = osp.dirname(osp.abspath(path))
+    while not osp.lexists(parent):  # missing folders are made on saving
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent):
+        raise ValueError(f'{flag} {path!r}: {parent!r} is a file, not a '
+                         f'folder')
+    if osp.lexists(path):
+        from bpt_mm.whitening_collect import FILE_FORMAT
+        try:
+            existing = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:  # noqa: BLE001 (anything else is not ours)
+            existing = None
+        if not (isinstance(existing, dict)
+                and existing.get('format') == FILE_FORMAT):
+            raise ValueError(
+                f'{flag} {path!r} exists and is not a whitening file this '
+                f'tool wrote; it is left as it is. Choose another path')
+
+
+def check_work_dir(work_dir: str) -> None:
+    """Refuse a ``--work-dir`` that is an existing file.
+
+    Raises:
+        ValueError: Naming ``--work-dir`` and the path.
+    """
+    if osp.lexists(work_dir) and not osp.isdir(work_dir):
+        raise ValueError(f'--work-dir {work_dir!r} is an existing file, not '
+                         f'a folder; logs and checkpoints need a folder')
+
+
+def check_loop_settings(cfg: Config) -> None:
+    """Refuse loop lengths and intervals that are not positive ints, e.g.
+    ``--cfg-options train_cfg.max_iters=abc`` (a string to mmengine, which
+    fails much later in a comparison).
+
+    Raises:
+        ValueError: Naming the config key and the value.
+    """
+    for loop in ('train_cfg', 'val_cfg', 'test_cfg'):
+        section = cfg.get(loop)
+        if not isinstance(section, dict):
+            continue
+        for key in ('max_iters', 'max_epochs', 'val_interval', 'val_begin'):
+            if key not in section:
+                continue
+            value = section[key]
+            low = 0 if key == 'val_begin' else 1
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    value < low:
+                raise ValueError(
+                    f'`{loop}.{key}` must be an int >= {low}, got {value!r} '
+                    f'({type(value).__name__})')
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load ``args.config`` with ``--cfg-options``, set the work dir and the
     launcher (see :func:`load_config` and :func:`setup_launcher`)."""
@@ -82,6 +174,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.cfg_options)
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or \
         default_work_dir(args.config)
+    check_work_dir(cfg.work_dir)
+    check_loop_settings(cfg)
     setup_launcher(cfg, args.launcher)
     return cfg
 
@@ -269,6 +363,30 @@ def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
     cfg.optim_wrapper.type = 'AmpOptimWrapper'
     cfg.optim_wrapper.dtype = chosen
     cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def set_finite_check(cfg: Config, enabled: bool = True) -> None:
+    """Make sure training stops at a non-finite loss, unless told not to.
+
+    Every config of ``configs/`` lists ``FiniteCheckHook``; a config of the
+    user's own gets it here. ``enabled=False`` (``--allow-non-finite``) is
+    the explicit way off: it removes the hook.
+
+    Args:
+        cfg (Config): The training config (``custom_hooks`` is edited).
+        enabled (bool): Add the hook where missing (True) or remove it.
+    """
+    from bpt_mm.engine.finite_check_hook import FINITE_CHECK_HOOK_TYPES
+    hooks = [h for h in (cfg.get('custom_hooks') or [])
+             if not (isinstance(h, dict)
+                     and h.get('type') in FINITE_CHECK_HOOK_TYPES)]
+    present = len(hooks) != len(cfg.get('custom_hooks') or [])
+    if enabled:
+        if not present:
+            hooks.append(dict(type='FiniteCheckHook'))
+        else:
+            return  # keep the config's own entry and its options
+    cfg.custom_hooks = hooks
 
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:
@@ -475,6 +593,143 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
     warnings.warn(f'--resume: {marker!r} {what}; resuming from the newest '
                   f'checkpoint in the work dir, {newest!r}')
     return newest
+
+
+def _read_checkpoint(path: str) -> Any:
+    """The object in ``path``, read as mmengine reads checkpoints (through
+    bpt_mm's loader for local files), on the CPU."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+    return _load_checkpoint(path, map_location='cpu')
+
+
+def _model_state_of(checkpoint: Any) -> Dict[str, Any]:
+    """The model weights of a checkpoint: ``state_dict`` (mmengine), else
+    the dict itself, without a DDP ``module.`` prefix."""
+    state = checkpoint.get('state_dict', checkpoint) \
+        if isinstance(checkpoint, dict) else {}
+    if not isinstance(state, dict):
+        return {}
+    return {(k[len('module.'):] if k.startswith('module.') else k): v
+            for k, v in state.items()}
+
+
+def _what_the_file_looks_like(checkpoint: Any) -> str:
+    from bpt_mm.whitening_collect import FILE_FORMAT
+    if isinstance(checkpoint, dict) and checkpoint.get('format') == \
+            FILE_FORMAT:
+        return 'a whitening file (tools/compute_whitening.py)'
+    if isinstance(checkpoint, dict) and checkpoint:
+        return 'model weights without training state (pretrained weights?)'
+    return f'a {type(checkpoint).__name__}, not a checkpoint dict'
+
+
+def _trainable_shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
+    from bpt_mm.models.vit import unwrap_model
+    return {name: tuple(p.shape) for name, p in
+            unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def _shape_mismatches(model: torch.nn.Module,
+                      state: Dict[str, Any]) -> List[str]:
+    """``key: checkpoint S vs model S`` for each trainable weight whose
+    shape differs from the checkpoint's."""
+    return [f'{k}: checkpoint {tuple(state[k].shape)} vs model {shape}'
+            for k, shape in _trainable_shapes(model).items()
+            if k in state and hasattr(state[k], 'shape')
+            and tuple(state[k].shape) != shape]
+
+
+def _brief_keys(keys: Sequence[str], limit: int = 5) -> str:
+    keys = list(keys)
+    return ', '.join(keys[:limit]) + (
+        f' and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Refuse ``--resume PATH`` with a file training cannot continue from.
+
+    mmengine's resume reads ``checkpoint['meta']`` (a ``KeyError: 'meta'``
+    for pretrained weights or a whitening file), skips model tensors of
+    another shape with a printed line, and then restores optimizer state
+    for them, which fails inside the optimizer or trains the wrong
+    tensors. Checked here, before training starts: the file is a training
+    checkpoint (``meta`` with ``epoch`` and ``iter``, ``state_dict``), and
+    every trainable weight of ``model`` is in it with its shape.
+
+    Args:
+        model (torch.nn.Module): The runner's model (built, not loaded).
+        path (str): The checkpoint ``--resume`` names.
+
+    Raises:
+        ValueError: Naming the file and what it lacks, or the key and
+            both shapes.
+    """
+    checkpoint = _read_checkpoint(path)
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    if not (isinstance(meta, dict) and 'epoch' in meta and 'iter' in meta
+            and isinstance(checkpoint.get('state_dict'), dict)):
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else []
+        raise ValueError(
+            f'--resume: {path!r} is not a training checkpoint (no `meta` '
+            f'with epoch and iter, or no `state_dict`; top-level keys '
+            f'{keys}): it looks like {_what_the_file_looks_like(checkpoint)}'
+            '. Resume from a checkpoint tools/train.py saved, or start a new '
+            f'run from these weights with --cfg-options load_from={path}')
+    state = _model_state_of(checkpoint)
+    mismatched = _shape_mismatches(model, state)
+    if mismatched:
+        raise ValueError(
+            f'--resume: {path!r} was trained with other shapes than this '
+            f'config builds: {_brief_keys(mismatched, 3)}. Resume with the '
+            f'config it was trained with (e.g. the same prompt type and '
+            f'rank), or start a new run from it with load_from')
+    missing = [k for k in _trainable_shapes(model) if k not in state]
+    if missing:
+        raise ValueError(
+            f'--resume: {path!r} lacks {len(missing)} trainable weight(s) of '
+            f'this config: {_brief_keys(missing)}; it was trained with '
+            f'another config (prompt type, heads). Resume with that config '
+            f'or start a new run from it with load_from')
+
+
+def check_checkpoint_covers_model(model: torch.nn.Module, path: str) -> None:
+    """Refuse to evaluate a checkpoint that does not hold the model's
+    trained weights.
+
+    mmengine's ``Runner.test`` loads non-strictly: a checkpoint of another
+    config (a Mask R-CNN one under a Cascade config, other prompts) loads
+    partly, with printed warnings, and the metrics come from random heads.
+    Every trainable weight of ``model`` (prompts, neck, heads; the frozen
+    backbone is completed by ``TrainableCheckpointHook``) must be in the
+    checkpoint with its shape.
+
+    Args:
+        model (torch.nn.Module): The runner's model (built, not loaded).
+        path (str): The checkpoint to test.
+
+    Raises:
+        ValueError: Naming the file and some missing keys, or a key and
+            both shapes.
+    """
+    checkpoint = _read_checkpoint(path)
+    state = _model_state_of(checkpoint)
+    mismatched = _shape_mismatches(model, state)
+    if mismatched:
+        raise ValueError(
+            f'checkpoint {path!r} does not fit this config: '
+            f'{_brief_keys(mismatched, 3)}; test it with the config it was '
+            f'trained with')
+    trainable = _trainable_shapes(model)
+    missing = [k for k in trainable if k not in state]
+    if missing:
+        origin = 'trained with another config?' if isinstance(
+            checkpoint, dict) and 'state_dict' in checkpoint else \
+            f'it looks like {_what_the_file_looks_like(checkpoint)}'
+        raise ValueError(
+            f'checkpoint {path!r} lacks {len(missing)} of the '
+            f'{len(trainable)} trained weights of this config ({origin}): '
+            f'{_brief_keys(missing)}; evaluating it would report metrics of '
+            f'untrained weights. Test it with the config it was trained with')
 
 
 def build_prompted_model(cfg: Config, checkpoint: Optional[str] = None,

@@ -600,6 +600,43 @@ def _is_current(set_root: str, header: Dict[str, Any]) -> bool:
     return True
 
 
+def check_replaceable(target: str) -> None:
+    """Refuse to replace ``target`` unless this generator made it.
+
+    Only a folder holding a manifest written by this module may be moved
+    aside and removed: without one, ``target`` may be a user's real data set
+    (``--out data`` would otherwise replace ``data/coco``).
+
+    Args:
+        target: A set folder (``OUT/coco`` or ``OUT/ade20k``).
+
+    Raises:
+        ValueError: ``target`` exists and is a file, a link, or a folder
+            without this generator's manifest; the message names it.
+    """
+    if not osp.lexists(target):
+        return
+    if osp.islink(target) or not osp.isdir(target):
+        raise ValueError(
+            f'{target!r} exists and is not a folder made by this generator '
+            f'(it is a file or a link); it is left as it is. Choose another '
+            f'output folder (--out)')
+    manifest = _read_manifest(target)
+    if manifest is None or manifest.get('generator') != 'bpt_mm.tiny_data':
+        raise ValueError(
+            f'{target!r} exists and has no {MANIFEST_NAME} of this '
+            f'generator, so it may be real data; it is left as it is. '
+            f'Choose another output folder (--out); --force only replaces '
+            f'a folder the generator made itself')
+
+
+def _check_out_root(root: str) -> None:
+    """Refuse an output parent folder that is an existing file."""
+    if osp.lexists(root) and not osp.isdir(root):
+        raise ValueError(f'output folder (--out) {root!r} is an existing '
+                         f'file; choose a folder for the tiny data sets')
+
+
 def _prune_stale_tmp(root: str, name: str) -> None:
     """Remove temporary folders left by generations that were killed."""
     now = time.time()
@@ -636,6 +673,7 @@ def _ensure_set(root: str, name: str, make: _Maker, params: Dict[str, Any],
         manifest = _read_manifest(target)
         assert manifest is not None
         return manifest, False
+    check_replaceable(target)
 
     os.makedirs(root, exist_ok=True)
     _prune_stale_tmp(root, name)
@@ -688,7 +726,9 @@ def ensure_tiny_data(
     by :func:`make_ade20k_semantic`. Each set holds a ``MANIFEST.json``
     (written last) with the generator version, the parameters and the list
     of files with their sizes; a set is regenerated only when its manifest
-    is missing or differs, or a listed file is missing or has changed size.
+    differs, or a listed file is missing or has changed size. A folder
+    without this generator's manifest (a user's data) is never replaced:
+    it is refused (:func:`check_replaceable`), ``force`` included.
     Generation goes to a hidden temporary folder that is renamed into place,
     so an interrupted run never leaves a set that looks complete. A second
     call with the same arguments writes nothing.
@@ -714,7 +754,9 @@ def ensure_tiny_data(
         wrote it).
 
     Raises:
-        ValueError: An argument is out of range; the message names it.
+        ValueError: An argument is out of range, ``root`` is a file, or a
+            set folder exists that this generator did not make; the message
+            names it.
 
     Examples:
         >>> import tempfile
@@ -723,6 +765,7 @@ def ensure_tiny_data(
         (True, {'train': 2, 'val': 1})
     """
     seed = _check_seed(seed)
+    _check_out_root(root)
     common: Dict[str, Any] = dict(seed=seed)
     if num_train is not None:
         common['num_train'] = _check_int('num_train', num_train, 1,

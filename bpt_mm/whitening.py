@@ -41,7 +41,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    'FewTokensWarning', 'query_key_product', 'project_tokens',
+    'FewTokensWarning', 'RankDeficientWarning', 'effective_rank',
+    'query_key_product', 'project_tokens',
     'SecondMomentAccumulator', 'ImageAverageAccumulator',
     'zca_whitening_matrix', 'condition_number', 'WhiteningStatistics',
     'whitening_from_tokens', 'whitened_bilinear_basis'
@@ -61,6 +62,12 @@ class FewTokensWarning(UserWarning):
     defined through the regulariser, so the whitening of the missing
     directions is arbitrary (the paper asks for ``N >> d``).
     """
+
+
+class RankDeficientWarning(FewTokensWarning):
+    """``Sigma`` has an effective rank far below ``d`` although there may be
+    enough tokens: the images carry little variation (e.g. all black), so
+    ``eps`` rather than the data defines ``W`` in most directions."""
 
 
 def _prefix(name: Optional[str]) -> str:
@@ -745,6 +752,33 @@ def zca_whitening_matrix(sigma: Tensor, eps: float = 1e-5,
     # so that W and W^T are interchangeable downstream.
     w = (w + w.T) / 2
     return w.to(dtype)
+
+
+def effective_rank(sigma: Tensor, eps: float = 1e-5) -> int:
+    """Directions in which the data, not the regulariser, defines ``W``.
+
+    The number of eigenvalues of ``sigma`` above the regulariser of
+    :func:`zca_whitening_matrix` (``eps`` times the mean eigenvalue; with
+    ``eps=0``, above rounding noise).
+
+    Args:
+        sigma (Tensor): Second moment ``(d, d)``.
+        eps (float): As in :func:`zca_whitening_matrix`. Defaults to 1e-5.
+
+    Returns:
+        int: The effective rank, from 0 to ``d``.
+
+    Examples:
+        >>> import torch
+        >>> effective_rank(torch.diag(torch.tensor([4., 1., 0.])), eps=1e-3)
+        2
+    """
+    evals, _ = _regularised_eigh(sigma, eps)
+    dim = evals.numel()
+    reg = eps * float(torch.diagonal(sigma.detach().to(torch.float64)).sum()
+                      ) / dim
+    noise = dim * torch.finfo(torch.float64).eps * float(evals.max())
+    return int(((evals - reg) > max(reg, noise)).sum())
 
 
 def condition_number(sigma: Tensor, eps: float = 1e-5) -> float:

@@ -30,6 +30,7 @@ import math
 import os
 import os.path as osp
 import time
+import warnings
 from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List,
                     Optional, Sequence, Tuple, Union)
 
@@ -40,7 +41,8 @@ from torch import Tensor
 from .prototypes import (TokenReservoir, compute_prototypes,
                          per_rank_capacity)
 from .safe_load import CheckpointError, load_weights_only
-from .whitening import (BASIS_MODES, WhiteningStatistics, condition_number,
+from .whitening import (BASIS_MODES, RankDeficientWarning,
+                        WhiteningStatistics, condition_number, effective_rank,
                         project_tokens, query_key_product,
                         whitened_bilinear_basis, zca_whitening_matrix)
 
@@ -245,6 +247,22 @@ def _block_statistics(backbone: 'PromptedViT', images: Iterable[Tensor],
         acc.update(project_tokens(tokens, product))
         num_images += x.shape[0]
     return acc, num_images
+
+
+def _warn_if_rank_deficient(result: Dict[str, Any], block: int, dim: int,
+                            eps: float) -> None:
+    """Record ``Sigma``'s effective rank in ``result``; warn when it is
+    below half of ``d`` (same on every rank: ``Sigma`` is rank 0's)."""
+    rank = effective_rank(result['sigma'], eps)
+    result['effective_rank'] = rank
+    if rank < dim / 2:
+        warnings.warn(
+            f'whitening block {block}: Sigma has effective rank {rank} of '
+            f'd={dim} ({result["num_images"]} images): the images vary too '
+            f'little (uniform or near-identical images?), so in {dim - rank} '
+            f'directions W is set by eps alone, not by the data; check the '
+            f'training images the whitening reads', RankDeficientWarning,
+            stacklevel=3)
 
 
 def _solve_block(acc, statistics: WhiteningStatistics,
@@ -458,6 +476,7 @@ def collect_whitening(backbone: 'PromptedViT',
                         prompt.rank if _is_bilinear(prompt) else None)
                 result = dict(solved, num_tokens=acc.num_tokens,
                               num_images=n_img)
+                _warn_if_rank_deficient(result, block, dim, statistics.eps)
                 # Written now: the next block's tokens must see it.
                 _write_prompt(prompt, result)
                 result['seconds'] = time.perf_counter() - start
@@ -942,15 +961,18 @@ def load_whitening(path: Union[str, os.PathLike],
 
 
 def format_whitening_table(results: Dict[int, Dict[str, Any]]) -> str:
-    """One line per block: images, tokens, condition number, seconds."""
+    """One line per block: images, tokens, condition number, effective rank
+    of ``Sigma`` (see :func:`bpt_mm.whitening.effective_rank`), seconds."""
     lines = [f"{'block':>5} {'images':>7} {'tokens':>9} {'cond':>11} "
-             f"{'seconds':>8}"]
+             f"{'rank':>6} {'seconds':>8}"]
     for block in sorted(results):
         r = results[block]
         seconds = r.get('seconds')
+        rank = r.get('effective_rank')
         lines.append(f"{block:>5} {r.get('num_images', 0):>7} "
                      f"{r.get('num_tokens', 0):>9} "
                      f"{r.get('condition_number', float('nan')):>11.4g} "
+                     + (f'{rank:>6} ' if rank is not None else f"{'-':>6} ")
                      + (f'{seconds:>8.2f}' if seconds is not None else
                         f"{'-':>8}"))
     return '\n'.join(lines)

@@ -8,4 +8,6 @@ custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='TrainableCheckpointHook'),
     dict(type='RandomStateHook'),
+    # Stop at the first NaN/Inf loss or weight, before it is saved.
+    dict(type='FiniteCheckHook'),
 ]

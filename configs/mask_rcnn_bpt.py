@@ -27,6 +27,8 @@ custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='TrainableCheckpointHook'),
     dict(type='RandomStateHook'),
+    # Stop at the first NaN/Inf loss or weight, before it is saved.
+    dict(type='FiniteCheckHook'),
     # The paper's 100 images (100 x 4096 patches at 1024 px >> d = 768).
     dict(type='BPTWhiteningHook', num_images=100),
     # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a

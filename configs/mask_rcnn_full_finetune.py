@@ -10,6 +10,8 @@ optim_wrapper = dict(paramwise_cfg=dict(layer_decay_rate=0.7))
 custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='RandomStateHook'),
+    # Stop at the first NaN/Inf loss or weight, before it is saved.
+    dict(type='FiniteCheckHook'),
 ]
 # The final LayerNorm of the ViT is trainable but unused (the
 # features are the blocks' plain outputs), which DDP must be told.

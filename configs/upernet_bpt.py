@@ -28,6 +28,8 @@ custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='TrainableCheckpointHook'),
     dict(type='RandomStateHook'),
+    # Stop at the first NaN/Inf loss or weight, before it is saved.
+    dict(type='FiniteCheckHook'),
     # 100 images x 1024 patches (512 px crops) >> d = 768.
     dict(type='BPTWhiteningHook', num_images=100),
     # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a

@@ -25,10 +25,15 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 
 from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
-from bpt_mm.launch import (check_data_paths, check_whitening_source,
-                           latest_checkpoint)
+from bpt_mm.data_check import (DataSetError, check_coco_set,
+                               check_segmentation_set)
+from bpt_mm.launch import (check_checkpoint_covers_model, check_data_paths,
+                           check_whitening_output, check_resume_checkpoint,
+                           check_whitening_source, latest_checkpoint,
+                           resolve_device)
 from bpt_mm.models import PromptedViT, WhiteningNotReadyError
 from bpt_mm.models.checkpoint import CheckpointError, load_pretrained
+from bpt_mm.tiny_data import ensure_tiny_data
 from bpt_mm.trainable_state import restore_frozen_backbone
 from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
                               zca_whitening_matrix)
@@ -186,6 +191,112 @@ def dist_train(gpus: str) -> Callable[[str], object]:
         # The launcher's contract: exit status 2 and a message on stderr.
         raise SystemExit(f'exit {out.returncode}: {out.stderr.strip()}')
     return call
+
+
+# ------------------------------------- helpers of the issue-14 cases below
+def coco_set(tmp: str, edit=None, image_size=(20, 16), file_bytes=None
+             ) -> dict:
+    """A one-image COCO-format set under ``tmp``; ``edit(coco)`` changes
+    the JSON first. Returns the dataset config."""
+    import json
+    from PIL import Image
+    os.makedirs(osp.join(tmp, 'img'), exist_ok=True)
+    image = osp.join(tmp, 'img', 'a.png')
+    if file_bytes is None:
+        Image.new('RGB', image_size).save(image)
+    else:
+        with open(image, 'wb') as f:
+            f.write(file_bytes)
+    coco = dict(
+        images=[dict(id=1, file_name='a.png', width=20, height=16)],
+        annotations=[dict(id=1, image_id=1, category_id=1,
+                          bbox=[2, 2, 8, 8], area=64, iscrowd=0)],
+        categories=[dict(id=1, name='square')])
+    if edit:
+        edit(coco)
+    with open(osp.join(tmp, 'ann.json'), 'w') as f:
+        json.dump(coco, f)
+    return dict(type='CocoDataset', data_root=tmp + '/', ann_file='ann.json',
+                data_prefix=dict(img='img/'),
+                metainfo=dict(classes=('square', )),
+                filter_cfg=dict(filter_empty_gt=True, min_size=8))
+
+
+def check_coco(edit=None, **kwargs) -> Callable[[str], object]:
+    return lambda tmp: check_coco_set('train_dataloader.dataset',
+                                      coco_set(tmp, edit, **kwargs), True)
+
+
+def truncated_json(tmp: str) -> None:
+    dataset = coco_set(tmp)
+    path = osp.join(tmp, 'ann.json')
+    with open(path) as f:
+        text = f.read()
+    with open(path, 'w') as f:
+        f.write(text[:len(text) // 2])
+    check_coco_set('train_dataloader.dataset', dataset, True)
+
+
+def seg_set(tmp: str, mask_size=(20, 16), mask_value: int = 3) -> None:
+    """A one-image ADE20K-layout set; checks it."""
+    import numpy as np
+    from PIL import Image
+    for d in ('images', 'masks'):
+        os.makedirs(osp.join(tmp, d), exist_ok=True)
+    Image.new('RGB', (20, 16)).save(osp.join(tmp, 'images', 'a.jpg'))
+    Image.fromarray(np.full(mask_size[::-1], mask_value, np.uint8)).save(
+        osp.join(tmp, 'masks', 'a.png'))
+    check_segmentation_set(
+        'train_dataloader.dataset',
+        dict(type='ADE20KDataset', data_root=tmp + '/',
+             data_prefix=dict(img_path='images', seg_map_path='masks')))
+
+
+def nan_pretrained(tmp: str) -> None:
+    """A timm-layout file of the test ViT with one NaN weight."""
+    state = {k: v for k, v in vit().state_dict().items()
+             if not k.startswith('prompts.')}
+    state['blocks.1.attn.qkv.weight'][0, 0] = float('nan')
+    path = osp.join(tmp, 'vit_nan.pth')
+    torch.save(state, path)
+    load_pretrained(vit(), path)
+
+
+def toy_model(prompt=None):
+    torch.manual_seed(0)
+    return BPTWhiteningToyModel(backbone=dict(prompt=prompt))
+
+
+def training_checkpoint(tmp: str, prompt=None, drop=()) -> str:
+    """An mmengine-style checkpoint of the toy model (``meta`` with epoch
+    and iter), without the keys in ``drop``."""
+    state = {k: v for k, v in toy_model(prompt).state_dict().items()
+             if k not in drop}
+    path = osp.join(tmp, 'iter_4.pth')
+    torch.save(dict(meta=dict(epoch=0, iter=4), state_dict=state), path)
+    return path
+
+
+def resume_from_pretrained(tmp: str) -> None:
+    path = osp.join(tmp, 'mae_pretrain.pth')
+    torch.save({'model': vit().state_dict()}, path)
+    check_resume_checkpoint(toy_model(), path)
+
+
+def resume_from_whitening_file(tmp: str) -> None:
+    check_resume_checkpoint(toy_model(), whitening_file(tmp, 'w.pth'))
+
+
+def run_tool(name: str, *argv: str) -> Callable[[str], object]:
+    """``tools/NAME.py`` in-process; ``{tmp}`` in the arguments is the
+    case's temporary directory."""
+    return lambda tmp: load_tool(name).main(
+        [a.replace('{tmp}', tmp) for a in argv])
+
+
+def file_at(tmp: str, name: str = 'a_file') -> str:
+    return text_file(tmp, name, 'mine')
+
 
 
 # ---------------------------------------------------------------- catalogue
@@ -461,6 +572,102 @@ CASES = [
                                  mlp_ratio=2.0)), source='deep_run.pth'),
          CheckpointError, [r"'deep_run\.pth' is for another backbone",
                            r"'backbone\.blocks\.3\.", r'has 3 blocks']),
+    # ---------------------------------------- issue 14: nothing silent
+    # item 4: pretrained weights with NaN/Inf
+    Case('pretrained-with-nan', nan_pretrained, CheckpointError,
+         [r"vit_nan\.pth", r"NaN/Inf values in \['blocks\.1\.attn\.qkv"
+          r"\.weight'\]"]),
+    # item 9 and 12: values timm would change, a patch larger than the image
+    Case('mlp-ratio-rounds-to-zero',
+         lambda t: vit(arch=dict(ARCH, mlp_ratio=0.01)), ValueError,
+         [r'`arch\.mlp_ratio` 0\.01', r'hidden width of int\(32 \* 0\.01\)'
+          r' = 0', r'at least 1 / embed_dims']),
+    Case('patch-larger-than-image', lambda t: vit(patch_size=64), ValueError,
+         [r'`patch_size` \(64\) is larger than `img_size` \(32\)']),
+    # item 11: --resume with a file that is not a training checkpoint
+    Case('resume-from-pretrained-weights', resume_from_pretrained,
+         ValueError, [r"--resume: '.*mae_pretrain\.pth' is not a training "
+                      r'checkpoint', r'pretrained weights\?',
+                      r'load_from=']),
+    Case('resume-from-whitening-file', resume_from_whitening_file,
+         ValueError, [r"--resume: '.*w\.pth' is not a training checkpoint",
+                      r'a whitening file']),
+    # item 5: --resume into other prompt shapes
+    Case('resume-with-other-prompt-rank',
+         lambda t: check_resume_checkpoint(
+             toy_model(dict(type='BilinearPrompt', num_tokens=4, rank=4)),
+             training_checkpoint(t, dict(type='BilinearPrompt',
+                                         num_tokens=4, rank=8))),
+         ValueError, [r'iter_4\.pth', r'backbone\.prompts\.0\.\w+: '
+                      r'checkpoint \(\d+, 8\) vs model \(\d+, 4\)']),
+    Case('resume-with-other-prompt-type',
+         lambda t: check_resume_checkpoint(
+             toy_model(dict(type='BilinearPrompt', num_tokens=4, rank=4)),
+             training_checkpoint(t, dict(type='VPTPrompt', num_tokens=4))),
+         ValueError, [r'iter_4\.pth', r'lacks 2 trainable weight',
+                      r'backbone\.prompts\.0\.coefficients']),
+    # item 6: testing a checkpoint of another config
+    Case('test-checkpoint-without-the-heads',
+         lambda t: check_checkpoint_covers_model(
+             toy_model(), training_checkpoint(t, drop=('head.weight',
+                                                       'head.bias'))),
+         ValueError, [r"iter_4\.pth' lacks 2 of the \d+ trained weights",
+                      r'head\.weight, head\.bias', r'another config']),
+    # items 8 and 10: data sets that contradict their annotations
+    Case('coco-json-truncated', truncated_json, DataSetError,
+         [r'train_dataloader\.dataset\.ann_file', r"ann\.json' is not "
+          r'valid JSON', r'line 1, column \d+', r'truncated']),
+    Case('coco-json-without-images', check_coco(lambda c: c.clear()),
+         DataSetError, [r"ann\.json' has no `images`"]),
+    Case('coco-no-annotations',
+         check_coco(lambda c: c.update(annotations=[])), DataSetError,
+         [r"ann\.json' has no `annotations`"]),
+    Case('coco-no-known-category',
+         check_coco(lambda c: c['categories'][0].update(name='disk')),
+         DataSetError, [r"none of the categories of .*ann\.json' "
+                        r"\(\['disk'\]\)", r"\['square'\]"]),
+    Case('coco-no-image-with-objects',
+         check_coco(lambda c: c['annotations'][0].update(image_id=7)),
+         DataSetError, [r"no image of .*ann\.json' has an annotation"]),
+    Case('coco-all-images-filtered',
+         check_coco(lambda c: c['images'][0].update(width=4, height=4),
+                    image_size=(4, 4)),
+         DataSetError, [r"all 1 images of .*ann\.json' are filtered out",
+                        r'filter_cfg', r'at least 8 pixels']),
+    Case('coco-zero-byte-image', check_coco(file_bytes=b''), DataSetError,
+         [r"data_prefix\.img: image file .*a\.png' is empty \(0 bytes\)"]),
+    Case('coco-image-size-differs', check_coco(image_size=(1, 1)),
+         DataSetError, [r"image file .*a\.png' is 1x1", r'annotations say '
+                        r'20x16']),
+    Case('ade-mask-size-differs', lambda t: seg_set(t, mask_size=(10, 8)),
+         DataSetError, [r"seg_map_path: mask .*a\.png' is 10x8",
+                        r"image .*a\.jpg' is 20x16"]),
+    Case('ade-mask-values-beyond-classes',
+         lambda t: seg_set(t, mask_value=200), DataSetError,
+         [r"mask .*a\.png' holds values \[200\]", r'0\.\.150']),
+    # item 12: options that name the problem
+    Case('work-dir-is-a-file',
+         lambda t: load_tool('train').main(
+             [TINY_MASK_RCNN, '--work-dir', file_at(t)]), ValueError,
+         [r"--work-dir '.*a_file' is an existing file"]),
+    Case('max-iters-not-a-number',
+         run_tool('train', TINY_MASK_RCNN, '--work-dir', '{tmp}/w',
+                  '--cfg-options', 'train_cfg.max_iters=abc'),
+         ValueError, [r'`train_cfg\.max_iters` must be an int >= 1',
+                      r"'abc' \(str\)"]),
+    Case('device-without-that-gpu', lambda t: resolve_device('cuda:99'),
+         ValueError, [r"--device 'cuda:99'"]),
+    Case('device-not-a-device', lambda t: resolve_device('gpu'),
+         ValueError, [r"--device 'gpu' is not a torch device"]),
+    Case('whitening-out-is-a-directory', lambda t: check_whitening_output(t),
+         ValueError, [r"--out '.*' is a directory"]),
+    Case('whitening-out-is-a-user-file',
+         lambda t: check_whitening_output(file_at(t, 'notes.pth')), ValueError,
+         [r"--out '.*notes\.pth' exists and is not a whitening file"]),
+    Case('tiny-data-out-is-a-file',
+         lambda t: ensure_tiny_data(file_at(t), num_train=1, num_val=1),
+         ValueError, [r"output folder \(--out\) '.*a_file' is an existing "
+                      r'file']),
 ]
 
 
@@ -482,3 +689,13 @@ def test_bad_input_is_refused_by_name(case, tmp_path):
     for pattern in case.patterns:
         assert re.search(pattern, message), \
             f'{case.id}: {pattern!r} not in the message:\n{message}'
+
+
+def test_benchmark_refuses_a_zero_inference_size(capsys):
+    # argparse's contract: exit status 2, the option named on stderr.
+    benchmark = load_tool('benchmark')
+    with pytest.raises(SystemExit) as info:
+        benchmark.parse_args(['--infer-size', '0'])
+    assert info.value.code == 2
+    assert '--infer-size must be a positive int, got 0' in \
+        capsys.readouterr().err

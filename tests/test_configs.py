@@ -288,6 +288,8 @@ def test_parses_with_imports_and_scope(name):
     assert 'TrainableParametersHook' in hook_types(cfg), name
     # every run resumes exactly (RNG states in each checkpoint)
     assert 'RandomStateHook' in hook_types(cfg), name
+    # every run stops at its first non-finite loss or weight
+    assert 'FiniteCheckHook' in hook_types(cfg), name
 
 
 def test_trainable_only_checkpoints_exactly_where_the_backbone_is_frozen(

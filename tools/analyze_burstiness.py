@@ -150,7 +150,6 @@ def main(argv=None) -> int:
             parser.error(f'--{flag}: file not found: {path!r}')
     start = time.perf_counter()
 
-    import torch
     from mmengine.config import Config
     from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
                                           plot_block)
     from bpt_mm.engine.whitening_hook import (hook_options_from_config,
                                               preprocessed_images)
-    from bpt_mm.launch import build_prompted_model
+    from bpt_mm.launch import build_prompted_model, resolve_device
     from bpt_mm.whitening import WhiteningStatistics
 
     MMLogger.get_instance('analyze_burstiness', log_level='WARNING')
@@ -189,7 +188,10 @@ def main(argv=None) -> int:
     if args.pretrained:
         cfg.model.backbone.init_cfg = dict(type='Pretrained',
                                            checkpoint=args.pretrained)
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     # The config's seed, as the Runner sets it before building the model:
     # a random (tiny) backbone is then the one training starts from.
     seed = (cfg.get('randomness') or {}).get('seed')

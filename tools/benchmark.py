@@ -112,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f'--warmup must be >= 0, got {args.warmup}')
     if args.infer_size is None:
         args.infer_size = args.size
+    elif args.infer_size <= 0:
+        parser.error(f'--infer-size must be a positive int, got '
+                     f'{args.infer_size}')
     unknown = sorted(set(args.variants or []) - set(VARIANTS))
     if unknown:
         parser.error(f'unknown --variants {unknown}; choose from '

@@ -67,7 +67,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from mmengine.config import Config
     from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
@@ -75,9 +74,11 @@ def main(argv=None) -> int:
 
     import bpt_mm  # noqa: F401  (registers the models and the hook)
     from bpt_mm.engine.whitening_hook import (BPTWhiteningHook,
+                                              distinct_images_available,
                                               hook_options_from_config,
                                               preprocessed_images)
-    from bpt_mm.launch import build_prompted_model
+    from bpt_mm.launch import (build_prompted_model, check_whitening_output,
+                               resolve_device)
     from bpt_mm.whitening_collect import (collect_whitening,
                                           format_whitening_table,
                                           save_whitening, whitening_blocks)
@@ -98,7 +99,12 @@ def main(argv=None) -> int:
     # The hook validates the options exactly as a config would.
     hook = BPTWhiteningHook(**options)
 
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = resolve_device(args.device)
+        check_whitening_output(args.out)
+    except ValueError as exc:
+        print(f'compute_whitening: error: {exc}', file=sys.stderr)
+        return 2
     try:
         model, backbone = build_prompted_model(cfg, args.checkpoint, device)
     except ValueError as exc:
@@ -115,9 +121,17 @@ def main(argv=None) -> int:
         return 1
     seed = (cfg.get('randomness') or {}).get('seed')
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
+    num_images = hook.num_images
+    distinct = distinct_images_available(loader)
+    if distinct is not None and distinct < num_images:
+        # An InfiniteSampler would repeat images: each is used once.
+        print(f'compute_whitening: warning: {num_images} images asked for, '
+              f'the training set has {distinct}; using each once',
+              file=sys.stderr)
+        num_images = distinct
     results = collect_whitening(
         backbone, preprocessed_images(model, loader), hook.statistics,
-        hook.num_images, distributed=False,
+        num_images, distributed=False,
         bilinear_mode=hook.bilinear_init, seed=hook.seed,
         allow_few_tokens=hook.allow_few_tokens)
     save_whitening(args.out, results, backbone, hook.statistics)

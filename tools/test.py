@@ -17,10 +17,12 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from bpt_mm.data_check import check_data_sets  # noqa: E402
 from bpt_mm.engine.checkpoint_hooks import \
     TRAINABLE_CHECKPOINT_HOOK_TYPES  # noqa: E402
 from bpt_mm.launch import (add_common_arguments,  # noqa: E402
-                           build_runner, check_data_paths, config_from_args,
+                           build_runner, check_checkpoint_covers_model,
+                           check_data_paths, config_from_args,
                            enable_visualization)
 from bpt_mm.utils import find_hook_entry  # noqa: E402
 
@@ -51,7 +53,9 @@ def main(argv=None) -> dict:
     if args.show_dir:
         enable_visualization(cfg, args.show_dir)
     check_data_paths(cfg, ['test_dataloader'])
+    check_data_sets(cfg, ['test_dataloader'])
     runner = build_runner(cfg)
+    check_checkpoint_covers_model(runner.model, args.checkpoint)
     return runner.test()
 
 

@@ -16,10 +16,13 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from bpt_mm.data_check import check_data_sets  # noqa: E402
 from bpt_mm.launch import (AMP_DTYPES, add_common_arguments,  # noqa: E402
                            build_runner, check_data_paths,
+                           check_resume_checkpoint,
                            check_whitening_source, config_from_args,
-                           enable_amp, latest_checkpoint)
+                           enable_amp, latest_checkpoint,
+                           set_finite_check)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='scale the lr by the real batch size '
                         '(`auto_scale_lr` of the config)')
     parser.add_argument(
+        '--allow-non-finite', action='store_true',
+        help='train on through NaN/Inf losses and weights (removes '
+        'FiniteCheckHook; by default the run stops at the first one)')
+    parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from CKPT, or without a value from the latest '
         'checkpoint in the work dir')
@@ -49,6 +56,7 @@ def main(argv=None) -> None:
     cfg = config_from_args(args)
     if args.amp:
         enable_amp(cfg, args.amp_dtype)
+    set_finite_check(cfg, enabled=not args.allow_non_finite)
     if args.auto_scale_lr:
         if not cfg.get('auto_scale_lr', {}).get('base_batch_size'):
             raise ValueError('--auto-scale-lr needs '
@@ -69,10 +77,14 @@ def main(argv=None) -> None:
             raise FileNotFoundError(f'--resume: no checkpoint file '
                                     f'{args.resume!r}')
         cfg.resume, cfg.load_from = True, args.resume
-    check_data_paths(cfg, ['train_dataloader'] + (
-        ['val_dataloader'] if cfg.get('val_cfg') else []))
+    loaders = ['train_dataloader'] + (
+        ['val_dataloader'] if cfg.get('val_cfg') else [])
+    check_data_paths(cfg, loaders)
+    check_data_sets(cfg, loaders)
     check_whitening_source(cfg)
     runner = build_runner(cfg)
+    if cfg.resume and cfg.load_from:
+        check_resume_checkpoint(runner.model, cfg.load_from)
     runner.train()
 
 

@@ -3,6 +3,7 @@ from .checkpoint_io import (install_atomic_local_backend,
                             install_plain_checkpoint_saver,
                             load_local_checkpoint)
 from .checkpoint_hooks import RandomStateHook, TrainableCheckpointHook
+from .finite_check_hook import FiniteCheckHook
 from .hooks import TrainableParametersHook
 from .optim import LayerDecayOptimWrapperConstructor
 from .prompt_stats_hook import PromptStatsHook
@@ -17,7 +18,8 @@ install_plain_checkpoint_saver()
 install_atomic_local_backend()
 
 __all__ = ['TrainableParametersHook', 'BPTWhiteningHook', 'RandomStateHook',
-           'TrainableCheckpointHook', 'LayerDecayOptimWrapperConstructor',
+           'TrainableCheckpointHook', 'FiniteCheckHook',
+           'LayerDecayOptimWrapperConstructor',
            'PromptStatsHook', 'load_local_checkpoint',
            'install_checkpoint_loader', 'install_plain_checkpoint_saver',
            'install_atomic_local_backend']

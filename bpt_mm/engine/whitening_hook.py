@@ -98,11 +98,57 @@ def _stacked_inputs(out: Any) -> Iterator[Tensor]:
             f'inputs of type {type(inputs).__name__}')
 
 
+def distinct_images_available(loader: Any) -> Optional[int]:
+    """How many distinct images ``loader``'s data set holds (None when it
+    has no length, e.g. an iterable data set)."""
+    dataset = getattr(loader, 'dataset', None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
 def hook_options_from_config(cfg) -> Dict[str, Any]:
     """The keyword arguments of the BPTWhiteningHook entry of
     ``cfg.custom_hooks`` ({} when there is none)."""
     entry = find_hook_entry(cfg, HOOK_TYPES) or {}
     return {k: v for k, v in entry.items() if k not in ('type', 'priority')}
+
+
+def refuse_overwriting_trained_projections(backbone, blocks: List[int],
+                                           source: Optional[str] = None
+                                           ) -> None:
+    """Refuse to whiten blocks whose projection came from a checkpoint.
+
+    A checkpoint whose ``whitening_ready`` is False but which holds the
+    block's ``B`` (or a ``W`` other than the identity it starts as) was
+    trained without whitening (e.g. with ``allow_identity_whitening=True``):
+    whitening it now would replace trained weights and evaluate or resume
+    another model than the one trained.
+
+    Args:
+        backbone (PromptedViT): The backbone, after loading.
+        blocks (list[int]): Blocks about to be whitened.
+        source (str, optional): The checkpoint, for the message.
+
+    Raises:
+        RuntimeError: Naming the blocks, the tensor and the ways out.
+    """
+    prompts = backbone.prompt_modules()
+    loaded = [i for i in blocks
+              if getattr(prompts[i], 'projection_loaded_unwhitened', False)]
+    if not loaded:
+        return
+    name = prompts[loaded[0]].projection_name
+    raise RuntimeError(
+        f'BPTWhiteningHook: the checkpoint {source!r} holds the prompt '
+        f'projection `{name}` of blocks {loaded} (e.g. '
+        f'`backbone.prompts.{loaded[0]}.{name}`) but marks it not whitened '
+        '(`whitening_ready` is False): it was trained without whitening, '
+        'and whitening it now would overwrite trained weights. To use the '
+        'checkpoint as trained, remove BPTWhiteningHook from `custom_hooks` '
+        'and set `model.backbone.prompt.allow_identity_whitening=True`; to '
+        'whiten from scratch, start without this checkpoint')
 
 
 @register_hook()
@@ -277,7 +323,13 @@ class BPTWhiteningHook(Hook):
         whitening ran, and a resumed run would not see the batches of an
         uninterrupted one. The data set object is reused, not rebuilt.
         """
-        cfg = runner.cfg.get('train_dataloader', None)
+        # A Runner built from keyword arguments keeps the loader config in
+        # `_train_dataloader` only (see _config_loader). Iterating the
+        # training loader itself would also close an InfiniteSampler's
+        # one generator when whitening stops drawing, and training would
+        # then get no batch at all.
+        cfg = runner.cfg.get('train_dataloader', None) or getattr(
+            runner, '_train_dataloader', None)
         if not isinstance(cfg, dict):
             return runner.train_dataloader
         cfg = copy.deepcopy(cfg)
@@ -334,6 +386,9 @@ class BPTWhiteningHook(Hook):
                         f'checkpoint; skipping (blocks {needing})')
             self._confirmed = True
             return
+        refuse_overwriting_trained_projections(backbone, missing,
+                                               getattr(runner, '_load_from',
+                                                       None))
         if len(missing) < len(needing):
             done = sorted(set(needing) - set(missing))
             logger.info(f'BPTWhiteningHook: blocks {done} hold whitening '
@@ -425,17 +480,28 @@ class BPTWhiteningHook(Hook):
         self._warn_unused(runner.logger, PROTOTYPE_OPTIONS, 'whitening')
         start = time.perf_counter()
         world = get_world_size()
-        per_rank = math.ceil(self.num_images / world)
-        error = batches = None
+        error = batches = loader = None
         try:
             loader = get_loader()
             batches = preprocessed_images(runner.model, loader)
         except Exception as exc:  # noqa: BLE001
             error = exc
         synchronise_errors(error, 'building the whitening data loader')
+        # An InfiniteSampler would serve the same images again and again:
+        # draw no more than the data set holds, so the count is of distinct
+        # images (up to the padding of DDP shards).
+        distinct = distinct_images_available(loader)
+        asked = self.num_images
+        if distinct is not None and distinct < asked:
+            runner.logger.warning(
+                f'BPTWhiteningHook: `num_images` is {asked} but the training '
+                f'set has only {distinct} distinct images; whitening uses '
+                f'each of them once ({distinct} images)')
+            asked = distinct
+        per_rank = math.ceil(asked / world)
         runner.logger.info(
             f'BPTWhiteningHook: computing whitening {when} for blocks '
-            f'{missing} from {self.num_images} training images '
+            f'{missing} from {asked} training images '
             f'({per_rank} per process) with {self.statistics}')
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always', FewTokensWarning)
@@ -451,7 +517,7 @@ class BPTWhiteningHook(Hook):
                 warnings.warn_explicit(warning.message, warning.category,
                                        warning.filename, warning.lineno)
         total = min(r['num_images'] for r in results.values())
-        if total < self.num_images:
+        if total < asked:
             runner.logger.warning(
                 f'BPTWhiteningHook: only {total} images were available '
                 f'(asked for {self.num_images})')

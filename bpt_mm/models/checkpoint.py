@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 from timm.layers import resample_abs_pos_embed
 
+from ..finite import non_finite_tensors
 from ..safe_load import CheckpointError, load_weights_only
 
 __all__ = [
@@ -682,6 +683,13 @@ def load_pretrained(model: torch.nn.Module,
             'patch size, depth)?')
     for k in mismatched:
         converted.pop(k)
+    bad = non_finite_tensors(converted)
+    if bad:
+        raise CheckpointError(
+            f'{layout} checkpoint {path!r} holds NaN/Inf values in {bad}'
+            f'{" (and maybe more)" if len(bad) == 5 else ""}: the file is '
+            'corrupt or was saved from a run that diverged; refusing to '
+            'load it')
 
     result = model.load_state_dict(converted, strict=False)
     missing_all = list(result.missing_keys)

@@ -74,6 +74,8 @@ class BasePrompt(nn.Module):
     has_projection: bool = False
     #: Whether ``forward`` is only meaningful after data-driven whitening.
     needs_whitening: bool = False
+    #: Name of the projection tensor (``W`` or ``B``) whitening writes.
+    projection_name: Optional[str] = None
 
     def __init__(self, num_tokens: int, embed_dims: int,
                  trainable_projection: bool = True) -> None:
@@ -96,6 +98,41 @@ class BasePrompt(nn.Module):
     def is_whitened(self) -> bool:
         """True once whitening statistics were written into this prompt."""
         return (not self.needs_whitening) or bool(self.whitening_ready)
+
+    #: Set on load: the projection came from a state dict that does not mark
+    #: it whitened (trained without whitening, e.g. with
+    #: ``allow_identity_whitening=True``), so whitening must not overwrite it.
+    projection_loaded_unwhitened: bool = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Keep `whitening_ready` true to what was really loaded: a projection
+        # of another shape is skipped by a non-strict load (mmengine's
+        # load_from and --resume), and its `whitening_ready=True` must not
+        # mark the random projection left in its place as whitened.
+        name = self.projection_name
+        if not (self.needs_whitening and name):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                          strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            return
+        own = getattr(self, name)
+        incoming = state_dict.get(prefix + name)
+        fits = isinstance(incoming, torch.Tensor) and \
+            incoming.shape == own.shape
+        ready_before = self.whitening_ready.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not fits:
+            self.whitening_ready.copy_(ready_before)
+            return
+        at_initial_value = name == 'whitening' and torch.equal(
+            incoming.to(own.dtype),
+            torch.eye(own.shape[0], dtype=own.dtype, device=incoming.device))
+        self.projection_loaded_unwhitened = \
+            not bool(self.whitening_ready) and not at_initial_value
 
     def forward(self) -> torch.Tensor:
         raise NotImplementedError
@@ -223,6 +260,7 @@ class WhitenedPrompt(BasePrompt):
 
     has_projection = True
     needs_whitening = True
+    projection_name = 'whitening'
 
     def __init__(self, num_tokens: int, embed_dims: int,
                  tunable: bool = False, trainable_projection: bool = True,
@@ -249,6 +287,7 @@ class WhitenedPrompt(BasePrompt):
                 f', got {tuple(whitening.shape)}')
         self.whitening.copy_(whitening)
         self.whitening_ready.fill_(True)
+        self.projection_loaded_unwhitened = False
 
     def forward(self) -> torch.Tensor:
         return self.tokens @ self.whitening.t()
@@ -282,6 +321,7 @@ class BilinearPrompt(BasePrompt):
     """
 
     has_projection = True
+    projection_name = 'basis'
 
     def __init__(self, num_tokens: int, embed_dims: int, rank: int,
                  trainable_projection: bool = True,
@@ -313,6 +353,7 @@ class BilinearPrompt(BasePrompt):
                              f'{tuple(self.basis.shape)}, got '
                              f'{tuple(basis.shape)}')
         self.basis.copy_(basis)
+        self.projection_loaded_unwhitened = False
         if self.needs_whitening:
             self.whitening_ready.fill_(True)
 

@@ -88,6 +88,14 @@ def _parse_arch(arch: Union[str, dict]) -> dict:
                 or not 0 < ratio < float('inf'):
             raise ValueError(f'`arch.mlp_ratio` must be a positive number, '
                              f'got {ratio!r}')
+        if int(arch['embed_dims'] * ratio) < 1:
+            # timm's Block takes int(dim * mlp_ratio) as the hidden width
+            # and its Mlp replaces a width of 0 by the input width.
+            raise ValueError(
+                f"`arch.mlp_ratio` {ratio!r} gives an MLP hidden width of "
+                f"int({arch['embed_dims']} * {ratio!r}) = 0 (timm would use "
+                f"{arch['embed_dims']} instead without saying so); it must "
+                f"be at least 1 / embed_dims = {1 / arch['embed_dims']:.3g}")
         if arch['embed_dims'] % arch['num_heads']:
             raise ValueError(f"`arch.embed_dims` ({arch['embed_dims']}) must "
                              f"be divisible by `arch.num_heads` "
@@ -242,6 +250,14 @@ class PromptedViT(BaseModule):
         check_positive_int(patch_size, 'patch_size')
         check_positive_int(in_channels, 'in_channels')
         _check_img_size(img_size)
+        sides = img_size if isinstance(img_size, (list, tuple)) else (
+            img_size, img_size)
+        if min(sides) < patch_size:
+            raise ValueError(
+                f'`patch_size` ({patch_size}) is larger than `img_size` '
+                f'({img_size!r}): the position-embedding grid would have no '
+                f'patch; use a patch_size of at most {min(sides)} or a '
+                f'larger img_size')
         for key, value in (('frozen', frozen), ('with_cp', with_cp),
                            ('final_norm', final_norm), ('qkv_bias', qkv_bias),
                            ('class_token', class_token)):

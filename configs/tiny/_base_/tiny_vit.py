@@ -44,6 +44,8 @@ param_scheduler = [
 custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='RandomStateHook'),
+    # Stop at the first NaN/Inf loss or weight, before it is saved.
+    dict(type='FiniteCheckHook'),
     # 16 images x 80 patches = 1280 tokens >= d = 64; eps is relative to the
     # spectrum and larger than the paper-size default because a random tiny
     # ViT gives a badly conditioned Sigma.
