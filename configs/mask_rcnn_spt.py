@@ -15,5 +15,7 @@ custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='TrainableCheckpointHook'),
     dict(type='RandomStateHook'),
+    # Stop at the first NaN/Inf loss or weight, before it is saved.
+    dict(type='FiniteCheckHook'),
     dict(type='BPTWhiteningHook', num_images=100),
 ]

@@ -10,5 +10,7 @@ model = dict(
 custom_hooks = [
     dict(type='TrainableParametersHook'),
     dict(type='RandomStateHook'),
+    # Stop at the first NaN/Inf loss or weight, before it is saved.
+    dict(type='FiniteCheckHook'),
     dict(type='BPTWhiteningHook', num_images=16),
 ]
