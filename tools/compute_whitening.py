@@ -12,7 +12,7 @@ Usage:
     python tools/compute_whitening.py CONFIG --out FILE [--checkpoint CKPT]
         [--num-images 100] [--eps 1e-5] [--source block_input|norm1]
         [--tokens patch|all] [--center|--no-center]
-        [--statistic paper|authors] [--product qk|kq|authors]
+        [--statistic paper|authors] [--product qk|kq|authors|authors_mae]
         [--bilinear-init random|eigen|identity] [--seed 0] [--allow-few-tokens]
         [--device cuda|cpu] [--cfg-options KEY=VALUE ...]
 """
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import bpt_mm  # noqa: F401  (registers the models and the hook)
     from bpt_mm.engine.whitening_hook import (BPTWhiteningHook,
                                               hook_options_from_config,
-                                              preprocessed_images)
+                                              preprocessed_batches)
     from bpt_mm.launch import build_prompted_model
     from bpt_mm.whitening_collect import (collect_whitening,
                                           format_whitening_table,
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     seed = (cfg.get('randomness') or {}).get('seed')
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
     results = collect_whitening(
-        backbone, preprocessed_images(model, loader), hook.statistics,
+        backbone, preprocessed_batches(model, loader), hook.statistics,
         hook.num_images, distributed=False,
         bilinear_mode=hook.bilinear_init, seed=hook.seed,
         allow_few_tokens=hook.allow_few_tokens)
