@@ -27,8 +27,8 @@ from bpt_mm.models import PromptedViT
 from bpt_mm.utils import trainable_parameters
 from bpt_mm.whitening_collect import whitening_blocks
 
-# The narrow ViT (d = 32) is below the configs' rank p = 100, which
-# PromptedViT rightly warns about; the counts are what is tested here.
+# A rank above the narrow ViT's min(m, d) would be warned about; the
+# counts are what is tested here.
 pytestmark = pytest.mark.filterwarnings(
     'ignore:`prompt.rank`=100 is above:UserWarning')
 
@@ -117,7 +117,9 @@ VIT_B_PROMPT_PARAMS = {
 }
 
 #: The narrow ViT the full-size models are built with.
-SMALL_ARCH = dict(embed_dims=32, num_layers=12, num_heads=2, mlp_ratio=1.0)
+# d = 128: above the configs' rank p = 100, which a whitening-initialised
+# bilinear prompt needs (prompt.rank <= embed_dims is checked at build).
+SMALL_ARCH = dict(embed_dims=128, num_layers=12, num_heads=2, mlp_ratio=1.0)
 WHITENING_HOOKS = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
 STATS_HOOKS = ('PromptStatsHook', 'bpt_mm.PromptStatsHook')
 
@@ -203,7 +205,7 @@ def _replace_sync_bn(obj: Any) -> Any:
 def small_model_cfg(name: str, cfg: Config) -> dict:
     """The config's model, narrowed for a quick CPU build.
 
-    Full-size configs get a 32-channel 12-block ViT without checkpoint, and
+    Full-size configs get a 128-channel 12-block ViT without checkpoint, and
     the layers that read the ViT's channels are narrowed to match; tiny
     configs are built as they are.
     """
