@@ -35,6 +35,13 @@ bpt_mm     already timm names, maybe under ``backbone.`` and with
            ``prompts.*`` (a checkpoint written by this package).
 ========== ==================================================================
 
+A converted file either fits the model exactly or is refused: parts one
+side has and the other lacks (patch bias, pre-norm, layer scale, qkv bias;
+:data:`ARCHITECTURE_OPTIONS`) are an error naming the PromptedViT option
+that fits, and so is any other weight the model has no place for. Only
+parts known to be irrelevant to the backbone (heads, MAE decoder and mask
+token, MoCo v3's momentum encoder and predictor, ...) are dropped, by name.
+
 The usual entry point is :func:`load_pretrained`; the steps it chains
 (:func:`load_checkpoint_file`, :func:`unwrap_state_dict`,
 :func:`detect_layout`, :func:`convert_to_timm_layout`,
@@ -59,9 +66,10 @@ from torch import Tensor
 from timm.layers import resample_abs_pos_embed
 
 __all__ = [
-    'CheckpointError', 'KNOWN_LAYOUTS', 'load_checkpoint_file',
-    'unwrap_state_dict', 'detect_layout', 'convert_to_timm_layout',
-    'resample_pos_embed', 'load_pretrained'
+    'CheckpointError', 'KNOWN_LAYOUTS', 'ARCHITECTURE_OPTIONS',
+    'load_checkpoint_file', 'unwrap_state_dict', 'detect_layout',
+    'convert_to_timm_layout', 'architecture_mismatch', 'resample_pos_embed',
+    'load_pretrained'
 ]
 
 #: Layouts :func:`detect_layout` can return, in the order it tries them.
