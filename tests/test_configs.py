@@ -607,3 +607,42 @@ def test_full_size_data_pipelines_run_on_generated_data(name, tiny_data):
             if detection:
                 # padded to the fixed LSJ size
                 assert shapes == [(3, size, size)] * 2, (name, key, shapes)
+
+
+@pytest.mark.parametrize('det', ['mask_rcnn', 'cascade_mask_rcnn'])
+def test_lsj_padding_keeps_img_shape_real(det):
+    # The 1024x1024 padding of large-scale jitter is done by the data
+    # preprocessor, so each sample's img_shape stays its real size and the
+    # whitening/statistics hooks leave the padding out.
+    from mmdet.registry import MODELS as MMDET_MODELS
+    import numpy as np
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.registry import DefaultScope
+    from mmengine.structures import InstanceData
+
+    from bpt_mm.real_tokens import img_shapes_of, real_patch_mask
+    cfg = load(f'{det}_bpt')
+    types = [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
+    assert 'Pad' not in types, types
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        preprocessor = MMDET_MODELS.build(
+            copy.deepcopy(cfg.model.data_preprocessor))
+    shapes = [(96, 80), (64, 112)]
+    samples = []
+    for h, w in shapes:
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.zeros(1, 4),
+            masks=BitmapMasks(np.zeros((1, h, w), np.uint8), h, w))
+        samples.append(sample)
+    data = dict(inputs=[torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
+                        for h, w in shapes], data_samples=samples)
+    out = preprocessor(data, True)
+    assert out['inputs'].shape[-2:] == (1024, 1024)
+    assert img_shapes_of(out['data_samples']) == tuple(shapes)
+    mask = real_patch_mask(img_shapes_of(out['data_samples']), (64, 64), 16,
+                           2)
+    assert mask.sum(1).tolist() == [6 * 5, 4 * 7]
+    masks = [s.gt_instances.masks for s in out['data_samples']]
+    assert all(m.height == m.width == 1024 for m in masks)
