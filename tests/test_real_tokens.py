@@ -106,3 +106,34 @@ def test_burstiness_and_prompt_statistics_drop_padding(one_thread):
     naive = prompt_statistics(model, batch.images, {})
     assert naive['prompt_logit_kurtosis/block0'] != pytest.approx(
         stats['prompt_logit_kurtosis/block0'], rel=1e-3)
+
+
+def test_prompt_stats_hook_takes_img_shape_from_the_batch(one_thread):
+    import logging
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from bpt_mm.engine import PromptStatsHook
+    torch.manual_seed(3)
+    images = [torch.randn(3, 24, 16), torch.randn(3, 16, 24)] * 2
+    batch = padded(images, (48, 48))
+    model = whitened_vit()
+    runner = SimpleNamespace(
+        iter=0, model=model, logger=logging.getLogger('test_real_tokens'),
+        message_hub=MessageHub.get_instance('test_real_tokens'))
+    hook = PromptStatsHook(interval=1)
+    hook.before_train(runner)
+    data_batch = dict(inputs=list(batch.images), data_samples=[
+        SimpleNamespace(metainfo=dict(img_shape=shape, pad_shape=(48, 48)))
+        for shape in batch.img_shapes])
+    hook.before_train_iter(runner, 0, data_batch)
+    with torch.no_grad():
+        model(batch.images)  # the training forward the hook captures
+    hook.after_train_iter(runner, 0, data_batch)
+    expected = prompt_statistics(model, batch.images, {},
+                                 img_shapes=batch.img_shapes)
+    assert hook.last == pytest.approx(expected, rel=1e-6)
+    naive = prompt_statistics(model, batch.images, {})
+    assert hook.last['prompt_logit_kurtosis/block0'] != pytest.approx(
+        naive['prompt_logit_kurtosis/block0'], rel=1e-3)

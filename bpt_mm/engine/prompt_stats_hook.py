@@ -149,6 +149,7 @@ class PromptStatsHook(Hook):
         self._handle = None
         self._images: Optional[Tensor] = None
         self._img_shapes: Optional[Tuple[Tuple[int, int], ...]] = None
+        self._warned = False
         #: The scalars of the last measurement (without ``train/``).
         self.last: Dict[str, float] = {}
 
@@ -195,7 +196,8 @@ class PromptStatsHook(Hook):
         # The real size of each image, so padding patches stay out of the
         # logits; None (every patch counts) when the samples carry none.
         self._img_shapes = img_shapes_of(samples)
-        if self._img_shapes is None and samples:
+        if self._img_shapes is None and samples and not self._warned:
+            self._warned = True  # once: it holds for the whole data set
             runner.logger.warning(
                 'PromptStatsHook: the data samples carry no img_shape, so '
                 'padding patches count as image tokens in the logits')
