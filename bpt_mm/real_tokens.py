@@ -18,6 +18,7 @@ Note: mmcv's pipeline transform ``Pad`` writes the padded size into
 the data preprocessor (``pad_size_divisor``, ``BatchFixedSizePad``) keeps
 ``img_shape`` the real size.
 """
+import numbers
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -60,9 +61,10 @@ def _check_shapes(shapes: Sequence[Any], batch: int) -> ImageShapes:
                          f'of {batch} images')
     out = []
     for shape in shapes:
+        # numbers.Integral: a pipeline may compute sizes with numpy.
         if not isinstance(shape, (tuple, list)) or len(shape) < 2 or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 1
-                for s in shape[:2]):
+                isinstance(s, bool) or not isinstance(s, numbers.Integral)
+                or s < 1 for s in shape[:2]):
             raise ValueError(f'an img_shape must start with a positive '
                              f'(height, width) pair of ints, got {shape!r}')
         out.append((int(shape[0]), int(shape[1])))

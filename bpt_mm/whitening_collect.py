@@ -45,9 +45,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import PromptedViT
 
 __all__ = [
-    'block_tokens', 'block_token_rows', 'whitening_blocks', 'missing_whitening_blocks',
-    'collect_whitening', 'apply_whitening', 'save_whitening', 'load_whitening',
-    'synchronise_errors', 'format_whitening_table', 'FILE_FORMAT'
+    'block_tokens', 'block_token_rows', 'whitening_blocks',
+    'missing_whitening_blocks', 'collect_whitening', 'apply_whitening',
+    'save_whitening', 'load_whitening', 'synchronise_errors',
+    'format_whitening_table', 'FILE_FORMAT'
 ]
 
 #: ``format`` entry of a whitening file.
@@ -282,7 +283,7 @@ def _block_statistics(backbone: 'PromptedViT', images: Iterable[ImageBatch],
     for batch in images:
         if statistics.statistic == 'authors':
             # Their per-position image average needs every position of
-            # every image; padding patches stay (and are counted below).
+            # every image: padding patches stay in, and the user is told.
             tokens = block_tokens(backbone, batch.images, [block],
                                   statistics)[block]
             padding = int((~_patch_mask(backbone, batch)).sum())
@@ -392,10 +393,11 @@ def collect_whitening(backbone: 'PromptedViT',
     ``num_images`` images of ``batches`` are run through the backbone up to
     block ``i`` (eval mode, no grad), the tokens entering block ``i`` are
     selected (``statistics.tokens``: patches, or CLS + patches; never
-    prompts; never patches of padding), taken before or after ``norm1`` (``statistics.source``),
-    projected with the block's query-key product (``statistics.product``)
-    and accumulated in float64. ``W = zca(Sigma)`` is then written into the
-    prompt before block ``i + 1`` is collected, so a deep prompt's
+    prompts; never patches of padding), taken before or after ``norm1``
+    (``statistics.source``), projected with the block's query-key product
+    (``statistics.product``) and accumulated in float64. ``W = zca(Sigma)``
+    is then written into the prompt before block ``i + 1`` is collected, so
+    a deep prompt's
     statistics see the earlier prompts as training will (shallow prompts
     enter before block 0, so block 0's patch tokens never depend on them).
 
