@@ -397,9 +397,9 @@ def collect_whitening(backbone: 'PromptedViT',
     (``statistics.source``), projected with the block's query-key product
     (``statistics.product``) and accumulated in float64. ``W = zca(Sigma)``
     is then written into the prompt before block ``i + 1`` is collected, so
-    a deep prompt's
-    statistics see the earlier prompts as training will (shallow prompts
-    enter before block 0, so block 0's patch tokens never depend on them).
+    a deep prompt's statistics see the earlier prompts as training will
+    (shallow prompts enter before block 0, so block 0's patch tokens never
+    depend on them).
 
     With ``torch.distributed`` initialised and ``distributed=True`` each
     process passes its own images (``num_images`` counts per process); the
