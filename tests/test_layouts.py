@@ -307,3 +307,25 @@ def test_load_resamples_plain_bicubic_unless_antialias_asked(tmp_path):
         expected = resample_pos_embed(sd['pos_embed'], (6, 6),
                                       antialias=antialias)
         assert torch.equal(model.pos_embed.detach(), expected)
+
+
+def test_pre_norm_is_stem_frozen_and_prompts_enter_after_it():
+    model = PromptedViT(arch=ARCH, img_size=IMG, patch_size=PATCH,
+                        pre_norm=True, patch_bias=False,
+                        prompt=dict(type='VPTPrompt', num_tokens=3))
+    assert model.get_layer_depth('backbone.norm_pre.weight',
+                                 'backbone.') == (0, DEPTH + 2)
+    assert not model.norm_pre.weight.requires_grad
+    assert model.patch_embed.proj.bias is None
+    with torch.no_grad():
+        model.norm_pre.weight.mul_(3.0)  # not the identity LayerNorm
+        x = torch.rand(1, 3, IMG, IMG)
+        _, tokens, _, _ = next(model.eval().iter_blocks(x))
+        # [CLS, prompts, patches]: the prompts are not normalised ...
+        torch.testing.assert_close(tokens[0, 1:4], model.prompt_tokens(0))
+        # ... the class and patch tokens are.
+        embedded, _ = model._embed(x)
+        expected = model.norm_pre(torch.cat([
+            model.cls_token, model.patch_embed(x).flatten(2).transpose(
+                1, 2)], 1) + model.pos_embed)
+        torch.testing.assert_close(embedded, expected)
