@@ -451,6 +451,10 @@ def test_detector_architecture_as_the_authors(det):
     n_ln = sum(isinstance(m, LayerNorm2d) for m in model.roi_head.modules())
     # per stage: 4 box convs and 4 mask convs (Cascade repeats the mask head)
     assert n_ln == len(heads) * (4 + 4)
+    # eps as mmdet's ViTDet config gets it from build_norm_layer, heads and
+    # pyramid alike
+    assert {m.norm.eps for m in model.modules()
+            if isinstance(m, LayerNorm2d)} == {1e-5}
 
 
 @pytest.mark.parametrize('name', FULL)
