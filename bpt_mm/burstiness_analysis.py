@@ -37,7 +37,8 @@ from torch import Tensor
 from .burstiness import describe
 from .whitening import (WhiteningStatistics, condition_number, project_tokens,
                         query_key_product, zca_whitening_matrix)
-from .whitening_collect import block_tokens
+from .real_tokens import as_image_batch
+from .whitening_collect import block_token_rows
 
 __all__ = ['QUANTITIES', 'QUANTITY_LABELS', 'DEFAULT_EPS', 'resolve_blocks',
            'analyse_backbone']
@@ -121,8 +122,10 @@ def analyse_backbone(backbone: Any,
     Args:
         backbone (PromptedViT): The backbone, run in eval mode without
             gradients (its mode is restored afterwards).
-        batches (Iterable[Tensor]): Preprocessed image batches
-            ``(B, C, H, W)``; read until ``num_images`` images are seen.
+        batches (Iterable[Tensor | ImageBatch]): Preprocessed image batches
+            ``(B, C, H, W)``, or :class:`~bpt_mm.real_tokens.ImageBatch`
+            with each image's real size (padding patches are then left
+            out); read until ``num_images`` images are seen.
         blocks (Sequence[int]): Block indices (see :func:`resolve_blocks`).
         num_images (int): Images to use. Defaults to 100 (the paper).
         statistics (WhiteningStatistics, optional): Token selection
@@ -139,7 +142,8 @@ def analyse_backbone(backbone: Any,
 
     Returns:
         dict[int, dict]: Per block: ``num_images``, ``num_tokens`` (all
-        tokens in ``Sigma``), ``num_tokens_sampled``, ``eps``,
+        tokens in ``Sigma``), ``num_dropped_tokens`` (padding patches left
+        out), ``num_tokens_sampled``, ``eps``,
         ``condition_number``, ``whitening_identity_error`` (``||W Sigma W^T
         - I||_F / ||I||_F``), ``whitening_identity_max_error`` (largest
         entry of ``|W Sigma W^T - I|``), ``stats`` ({quantity:
@@ -174,7 +178,7 @@ def analyse_backbone(backbone: Any,
     kept: Dict[int, List[Tensor]] = {i: [] for i in blocks}
     generator = torch.Generator().manual_seed(seed)
     keep = None
-    seen = 0
+    seen = dropped = 0
     was_training = backbone.training
     backbone.eval()
     try:
@@ -182,13 +186,15 @@ def analyse_backbone(backbone: Any,
             for batch in batches:
                 if seen >= num_images:
                     break
-                if not isinstance(batch, Tensor) or batch.dim() != 4:
-                    raise ValueError('image batches must be (B, C, H, W) '
-                                     'tensors')
-                x = batch[:num_images - seen].to(device)
-                tokens = block_tokens(backbone, x, blocks, statistics)
+                batch = as_image_batch(batch).first(
+                    num_images - seen).to(device)
+                x = batch.images
+                # Real image tokens only: padding patches are left out.
+                tokens, padding = block_token_rows(backbone, batch, blocks,
+                                                   statistics)
+                dropped += padding
                 for i in blocks:
-                    rows = tokens[i].reshape(-1, dim).to(torch.float64)
+                    rows = tokens[i].to(torch.float64)
                     accs[i].update(project_tokens(rows, products[i]))
                     if keep is None:
                         # Tokens per image are known from the first batch;
@@ -232,6 +238,7 @@ def analyse_backbone(backbone: Any,
         results[i] = {
             'num_images': seen,
             'num_tokens': accs[i].num_tokens,
+            'num_dropped_tokens': dropped,
             'num_tokens_sampled': int(rows.shape[0]),
             'eps': float(eps),
             'condition_number': condition_number(sigma, eps),

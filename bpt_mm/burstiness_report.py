@@ -136,7 +136,8 @@ def markdown_summary(results: Dict[int, Dict[str, Any]],
     for block, r in sorted(results.items()):
         lines += [
             f'## Block {block}', '',
-            f'{r["num_images"]} images, {r["num_tokens"]} tokens in Sigma, '
+            f'{r["num_images"]} images, {r["num_tokens"]} tokens in Sigma '
+            f'({r.get("num_dropped_tokens", 0)} padding tokens left out), '
             f'{r["num_tokens_sampled"]} sampled for the distributions. '
             f'Whitening check: ||W Sigma W^T - I||_F / ||I||_F = '
             f'{r["whitening_identity_error"]:.2e} (largest entry '

@@ -48,7 +48,7 @@ __all__ = [
     'whitening_from_tokens', 'whitened_bilinear_basis'
 ]
 
-QK_ORDERS = ('qk', 'kq', 'authors')
+QK_ORDERS = ('qk', 'kq', 'authors', 'authors_mae')
 TOKEN_SETS = ('patch', 'all')
 TOKEN_SOURCES = ('block_input', 'norm1')
 STATISTICS = ('paper', 'authors')
@@ -125,7 +125,10 @@ def query_key_product(qkv_weight: Tensor,
             product with the prompt as the key, i.e. as patches see it.
             ``'authors'``: ``W_q W_k^T`` as the authors' code forms it from
             the out x in weights; it is a product over the *input* channels
-            and in general equals neither of the others.
+            and in general equals neither of the others. ``'authors_mae'``:
+            ``W_q W_q^T``, what the authors' MAE shallow model file whitens
+            with (it loads the query weights for the key as well), to
+            reproduce their MAE numbers; symmetric, and it ignores ``W_k``.
 
     Returns:
         Tensor: The ``(d, d)`` product, in ``qkv_weight``'s dtype and device
@@ -162,8 +165,10 @@ def query_key_product(qkv_weight: Tensor,
         # Transposing the 'qk' product (rather than forming W_k^T W_q) makes
         # the two orders exact transposes of each other, bit for bit.
         product = (w_q.T @ w_k).T
-    else:
+    elif order == 'authors':
         product = w_q @ w_k.T
+    else:  # 'authors_mae': their MAE shallow file has W_k := W_q
+        product = w_q @ w_q.T
     return product.to(qkv_weight.dtype)
 
 
@@ -832,8 +837,9 @@ class WhiteningStatistics:
             the images first, then ``Sigma = X~_avg X~_avg^T / d``; needs a
             fixed ``n`` per image (see :class:`ImageAverageAccumulator`).
         product (str): The query-key product, see
-            :func:`query_key_product`: ``'qk'`` (default), ``'kq'`` or
-            ``'authors'``.
+            :func:`query_key_product`: ``'qk'`` (default), ``'kq'``,
+            ``'authors'`` or ``'authors_mae'`` (``W_q W_q^T``, the authors'
+            MAE shallow file).
         eps (float): Relative regulariser of :func:`zca_whitening_matrix`.
             Defaults to 1e-5.
 

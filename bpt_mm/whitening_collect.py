@@ -40,6 +40,8 @@ from torch import Tensor
 
 from .prototypes import (TokenReservoir, compute_prototypes,
                          per_rank_capacity)
+from .real_tokens import (ImageBatch, as_image_batch, real_patch_mask,
+                          real_rows)
 from .safe_load import CheckpointError, load_weights_only
 from .whitening import (BASIS_MODES, RankDeficientWarning,
                         WhiteningStatistics, condition_number, effective_rank,
@@ -50,9 +52,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import PromptedViT
 
 __all__ = [
-    'block_tokens', 'whitening_blocks', 'missing_whitening_blocks',
-    'collect_whitening', 'apply_whitening', 'save_whitening', 'load_whitening',
-    'synchronise_errors', 'format_whitening_table', 'FILE_FORMAT',
+    'block_tokens', 'block_token_rows', 'whitening_blocks',
+    'missing_whitening_blocks', 'collect_whitening', 'apply_whitening',
+    'save_whitening', 'load_whitening', 'synchronise_errors',
+    'format_whitening_table', 'FILE_FORMAT',
     'prototype_blocks', 'missing_prototype_blocks', 'prototype_source',
     'prototype_tokens', 'collect_prototypes', 'format_prototype_table'
 ]
@@ -151,26 +154,26 @@ def _check_positive_int(value: Any, arg: str) -> int:
     return value
 
 
-def _limited_images(batches: Iterable[Tensor], num_images: int,
-                    device: torch.device,
-                    cache: Optional[List[Tensor]]) -> Iterator[Tensor]:
+def _limited_images(batches: Iterable[Union[Tensor, ImageBatch]],
+                    num_images: int, device: torch.device,
+                    cache: Optional[List[ImageBatch]]
+                    ) -> Iterator[ImageBatch]:
     """The first ``num_images`` images of ``batches`` (the last batch cut).
 
-    No batch is drawn once the count is reached, so a data loader loads no
-    more than needed. Images are appended to ``cache`` when it is a list.
+    A batch is a ``(B, C, H, W)`` tensor (every pixel is image) or an
+    :class:`~bpt_mm.real_tokens.ImageBatch` that also gives each image's
+    real size. No batch is drawn once the count is reached, so a data loader
+    loads no more than needed. Batches are appended to ``cache`` when it is
+    a list.
     """
     seen = 0
     for batch in batches:
-        if not isinstance(batch, Tensor) or batch.dim() != 4:
-            shape = tuple(batch.shape) if isinstance(batch, Tensor) \
-                else type(batch).__name__
-            raise ValueError('image batches must be (B, C, H, W) tensors, '
-                             f'got {shape}')
-        x = batch[:num_images - seen].to(device)
+        batch = as_image_batch(batch)
+        part = batch.first(num_images - seen).to(device)
         if cache is not None:
-            cache.append(x)
-        seen += x.shape[0]
-        yield x
+            cache.append(part)
+        seen += part.images.shape[0]
+        yield part
         if seen >= num_images:
             return
 
@@ -231,22 +234,82 @@ def block_tokens(backbone: 'PromptedViT', x: Tensor, blocks: Sequence[int],
     return out
 
 
-def _block_statistics(backbone: 'PromptedViT', images: Iterable[Tensor],
+def _patch_mask(backbone: 'PromptedViT', batch: ImageBatch) -> Tensor:
+    """:func:`~bpt_mm.real_tokens.real_patch_mask` on the backbone's grid
+    (it pads the images to a multiple of the patch size)."""
+    p = backbone.patch_size
+    height, width = batch.images.shape[-2:]
+    return real_patch_mask(batch.img_shapes, (-(-height // p), -(-width // p)),
+                           p, batch.images.shape[0],
+                           device=batch.images.device)
+
+
+def block_token_rows(backbone: 'PromptedViT', batch: Union[Tensor,
+                                                           ImageBatch],
+                     blocks: Sequence[int],
+                     statistics: Optional[WhiteningStatistics] = None
+                     ) -> Tuple[Dict[int, Tensor], int]:
+    """The real tokens of :func:`block_tokens` as rows, padding dropped.
+
+    Patches that cover only padding (see :mod:`bpt_mm.real_tokens`: a patch
+    is kept when it overlaps its image's ``img_shape``) are left out; the
+    class token (``statistics.tokens == 'all'``) is always kept.
+
+    Args:
+        backbone (PromptedViT): The backbone.
+        batch (Tensor | ImageBatch): Images, with their real sizes when
+            padded.
+        blocks (Sequence[int]): Block indices.
+        statistics (WhiteningStatistics, optional): Token selection.
+
+    Returns:
+        tuple[dict[int, Tensor], int]: ``(N, d)`` rows per block, and the
+        number of tokens dropped per block (the same for every block).
+    """
+    statistics = WhiteningStatistics() if statistics is None else statistics
+    batch = as_image_batch(batch)
+    tokens = block_tokens(backbone, batch.images, blocks, statistics)
+    mask = _patch_mask(backbone, batch)
+    leading = backbone.num_prefix_tokens if statistics.tokens == 'all' \
+        else 0
+    rows = {i: real_rows(t, mask, leading) for i, t in tokens.items()}
+    return rows, int(mask.numel() - mask.sum())
+
+
+def _block_statistics(backbone: 'PromptedViT', images: Iterable[ImageBatch],
                       block: int, statistics: WhiteningStatistics,
                       device: torch.device):
-    """Accumulate ``X~`` of the tokens entering ``block`` over ``images``."""
+    """Accumulate ``X~`` of the real tokens entering ``block`` over
+    ``images``; returns the accumulator, the image count and the number of
+    padding tokens dropped."""
     blk = backbone.blocks[block]
     # M in float64 (from float64 weights): it multiplies every token.
     product = query_key_product(blk.attn.qkv.weight.detach().to(
         torch.float64), order=statistics.product)
     acc = statistics.make_accumulator(backbone.embed_dims,
                                       name=f'block {block}', device=device)
-    num_images = 0
-    for x in images:
-        tokens = block_tokens(backbone, x, [block], statistics)[block]
-        acc.update(project_tokens(tokens, product))
-        num_images += x.shape[0]
-    return acc, num_images
+    num_images = dropped = 0
+    for batch in images:
+        if statistics.statistic == 'authors':
+            # Their per-position image average needs every position of
+            # every image: padding patches stay in, and the user is told.
+            tokens = block_tokens(backbone, batch.images, [block],
+                                  statistics)[block]
+            padding = int((~_patch_mask(backbone, batch)).sum())
+            if padding:
+                warnings.warn(
+                    f'block {block}: statistic=\'authors\' averages '
+                    f'every token position over the images, so the '
+                    f'{padding} padding patch tokens of this batch are in '
+                    f"it; use statistic='paper' to leave them out")
+            acc.update(project_tokens(tokens, product))
+        else:
+            rows, padding = block_token_rows(backbone, batch, [block],
+                                             statistics)
+            dropped += padding
+            acc.update(project_tokens(rows[block], product))
+        num_images += batch.images.shape[0]
+    return acc, num_images, dropped
 
 
 def _warn_if_rank_deficient(result: Dict[str, Any], block: int, dim: int,
@@ -355,12 +418,13 @@ def collect_whitening(backbone: 'PromptedViT',
     ``num_images`` images of ``batches`` are run through the backbone up to
     block ``i`` (eval mode, no grad), the tokens entering block ``i`` are
     selected (``statistics.tokens``: patches, or CLS + patches; never
-    prompts), taken before or after ``norm1`` (``statistics.source``),
-    projected with the block's query-key product (``statistics.product``)
-    and accumulated in float64. ``W = zca(Sigma)`` is then written into the
-    prompt before block ``i + 1`` is collected, so a deep prompt's
-    statistics see the earlier prompts as training will (shallow prompts
-    enter before block 0, so block 0's patch tokens never depend on them).
+    prompts; never patches of padding), taken before or after ``norm1``
+    (``statistics.source``), projected with the block's query-key product
+    (``statistics.product``) and accumulated in float64. ``W = zca(Sigma)``
+    is then written into the prompt before block ``i + 1`` is collected, so
+    a deep prompt's statistics see the earlier prompts as training will
+    (shallow prompts enter before block 0, so block 0's patch tokens never
+    depend on them).
 
     With ``torch.distributed`` initialised and ``distributed=True`` each
     process passes its own images (``num_images`` counts per process); the
@@ -371,9 +435,12 @@ def collect_whitening(backbone: 'PromptedViT',
 
     Args:
         backbone (PromptedViT): The backbone; its prompts are modified.
-        batches (Iterable[Tensor]): Preprocessed image batches
-            ``(B, C, H, W)``; consumed once (images are cached on the
-            backbone's device when more than one block needs them).
+        batches (Iterable[Tensor | ImageBatch]): Preprocessed image
+            batches ``(B, C, H, W)``, or :class:`~bpt_mm.real_tokens.
+            ImageBatch` with each image's real size: then patches that
+            cover only padding are left out of the statistic (see
+            :mod:`bpt_mm.real_tokens`); consumed once (images are cached on
+            the backbone's device when more than one block needs them).
         statistics (WhiteningStatistics, optional): Options; default the
             paper's.
         num_images (int): Images to use (per process). Defaults to 100.
@@ -396,7 +463,8 @@ def collect_whitening(backbone: 'PromptedViT',
     Returns:
         dict[int, dict]: Per block: ``whitening`` (``W``, float32 CPU),
         ``sigma`` (float64 CPU), ``basis`` (bilinear prompts only),
-        ``num_tokens``, ``num_images`` (all processes),
+        ``num_tokens`` (the tokens in ``Sigma``), ``num_dropped_tokens``
+        (padding patches left out), ``num_images`` (all processes),
         ``condition_number`` and ``seconds`` (this process's wall time).
     """
     statistics = WhiteningStatistics() if statistics is None else statistics
@@ -439,17 +507,18 @@ def collect_whitening(backbone: 'PromptedViT',
                     images = _limited_images(batches, num_images, device,
                                              cache) if position == 0 \
                         else cache
-                    acc, n_img = _block_statistics(backbone, images, block,
-                                                   statistics, device)
+                    acc, n_img, n_dropped = _block_statistics(
+                        backbone, images, block, statistics, device)
                 except Exception as exc:  # noqa: BLE001 (re-raised below)
                     error = exc
                 stage = f'collecting the statistics of block {block}'
                 synchronise_errors(error, stage, use_dist)
                 if use_dist:
-                    count = torch.tensor([n_img], dtype=torch.int64,
+                    count = torch.tensor([n_img, n_dropped],
+                                         dtype=torch.int64,
                                          device=_comm_device())
                     dist.all_reduce(count, op=dist.ReduceOp.SUM)
-                    n_img = int(count.item())
+                    n_img, n_dropped = (int(c) for c in count.tolist())
                     acc.all_reduce()
                 if not allow_few_tokens and statistics.statistic == 'paper' \
                         and acc.num_tokens < dim:
@@ -475,6 +544,7 @@ def collect_whitening(backbone: 'PromptedViT',
                         solved, dim,
                         prompt.rank if _is_bilinear(prompt) else None)
                 result = dict(solved, num_tokens=acc.num_tokens,
+                              num_dropped_tokens=n_dropped,
                               num_images=n_img)
                 _warn_if_rank_deficient(result, block, dim, statistics.eps)
                 # Written now: the next block's tokens must see it.
@@ -786,6 +856,7 @@ def save_whitening(path: Union[str, os.PathLike],
             'whitening': result['whitening'].detach().cpu().to(
                 torch.float32).contiguous(),
             'num_tokens': int(result['num_tokens']),
+            'num_dropped_tokens': int(result.get('num_dropped_tokens', 0)),
             'num_images': int(result['num_images']),
             'condition_number': float(result['condition_number']),
             'qkv_fingerprint': _fingerprint(backbone, block),
@@ -948,6 +1019,9 @@ def load_whitening(path: Union[str, os.PathLike],
             'sigma': sigma,
             'num_tokens': _typed_field(path, f'{where}.num_tokens',
                                        entry.get('num_tokens', 0), int),
+            'num_dropped_tokens': _typed_field(
+                path, f'{where}.num_dropped_tokens',
+                entry.get('num_dropped_tokens', 0), int),
             'num_images': _typed_field(path, f'{where}.num_images',
                                        entry.get('num_images', 0), int),
             'condition_number': float(_typed_field(
@@ -961,16 +1035,18 @@ def load_whitening(path: Union[str, os.PathLike],
 
 
 def format_whitening_table(results: Dict[int, Dict[str, Any]]) -> str:
-    """One line per block: images, tokens, condition number, effective rank
-    of ``Sigma`` (see :func:`bpt_mm.whitening.effective_rank`), seconds."""
-    lines = [f"{'block':>5} {'images':>7} {'tokens':>9} {'cond':>11} "
-             f"{'rank':>6} {'seconds':>8}"]
+    """One line per block: images, tokens kept in the statistic, padding
+    tokens dropped, condition number, effective rank of ``Sigma`` (see
+    :func:`bpt_mm.whitening.effective_rank`), seconds."""
+    lines = [f"{'block':>5} {'images':>7} {'tokens':>9} {'dropped':>9} "
+             f"{'cond':>11} {'rank':>6} {'seconds':>8}"]
     for block in sorted(results):
         r = results[block]
         seconds = r.get('seconds')
         rank = r.get('effective_rank')
         lines.append(f"{block:>5} {r.get('num_images', 0):>7} "
                      f"{r.get('num_tokens', 0):>9} "
+                     f"{r.get('num_dropped_tokens', 0):>9} "
                      f"{r.get('condition_number', float('nan')):>11.4g} "
                      + (f'{rank:>6} ' if rank is not None else f"{'-':>6} ")
                      + (f'{seconds:>8.2f}' if seconds is not None else

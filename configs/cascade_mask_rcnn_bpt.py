@@ -18,6 +18,7 @@ _base_ = [
 ]
 
 model = dict(
+    data_preprocessor=dict(batch_augments=[_base_.lsj_batch_pad]),
     backbone=dict(
         prompt=dict(
             type='BilinearPrompt', num_tokens=100, rank=100,

@@ -146,7 +146,7 @@ def test_shortcut_not_taken_when_the_patches_train():
 
 def test_frozen_position_embeddings_resampled_once_until_changed(
         monkeypatch):
-    calls = _count_calls(monkeypatch, 'resample_abs_pos_embed', vit)
+    calls = _count_calls(monkeypatch, 'resample_pos_embed', vit)
     model = small_vit(prompt=dict(type='VPTPrompt', num_tokens=2)).train()
     x = torch.rand(1, 3, 48, 40)  # not the 32 x 32 pretraining grid
     first = model(x)[0]

@@ -27,8 +27,8 @@ from bpt_mm.models import PromptedViT
 from bpt_mm.utils import trainable_parameters
 from bpt_mm.whitening_collect import prototype_blocks, whitening_blocks
 
-# The narrow ViT (d = 32) is below the configs' rank p = 100, which
-# PromptedViT rightly warns about; the counts are what is tested here.
+# A rank above the narrow ViT's min(m, d) would be warned about; the
+# counts are what is tested here.
 pytestmark = pytest.mark.filterwarnings(
     'ignore:`prompt.rank`=100 is above:UserWarning')
 
@@ -122,7 +122,9 @@ VIT_B_PROMPT_PARAMS = {
 }
 
 #: The narrow ViT the full-size models are built with.
-SMALL_ARCH = dict(embed_dims=32, num_layers=12, num_heads=2, mlp_ratio=1.0)
+# d = 128: above the configs' rank p = 100, which a whitening-initialised
+# bilinear prompt needs (prompt.rank <= embed_dims is checked at build).
+SMALL_ARCH = dict(embed_dims=128, num_layers=12, num_heads=2, mlp_ratio=1.0)
 WHITENING_HOOKS = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
 STATS_HOOKS = ('PromptStatsHook', 'bpt_mm.PromptStatsHook')
 
@@ -208,7 +210,7 @@ def _replace_sync_bn(obj: Any) -> Any:
 def small_model_cfg(name: str, cfg: Config) -> dict:
     """The config's model, narrowed for a quick CPU build.
 
-    Full-size configs get a 32-channel 12-block ViT without checkpoint, and
+    Full-size configs get a 128-channel 12-block ViT without checkpoint, and
     the layers that read the ViT's channels are narrowed to match; tiny
     configs are built as they are.
     """
@@ -459,6 +461,10 @@ def test_detector_architecture_as_the_authors(det):
     n_ln = sum(isinstance(m, LayerNorm2d) for m in model.roi_head.modules())
     # per stage: 4 box convs and 4 mask convs (Cascade repeats the mask head)
     assert n_ln == len(heads) * (4 + 4)
+    # eps as mmdet's ViTDet config gets it from build_norm_layer, heads and
+    # pyramid alike
+    assert {m.norm.eps for m in model.modules()
+            if isinstance(m, LayerNorm2d)} == {1e-5}
 
 
 @pytest.mark.parametrize('name', FULL)
@@ -615,3 +621,42 @@ def test_full_size_data_pipelines_run_on_generated_data(name, tiny_data):
             if detection:
                 # padded to the fixed LSJ size
                 assert shapes == [(3, size, size)] * 2, (name, key, shapes)
+
+
+@pytest.mark.parametrize('det', ['mask_rcnn', 'cascade_mask_rcnn'])
+def test_lsj_padding_keeps_img_shape_real(det):
+    # The 1024x1024 padding of large-scale jitter is done by the data
+    # preprocessor, so each sample's img_shape stays its real size and the
+    # whitening/statistics hooks leave the padding out.
+    from mmdet.registry import MODELS as MMDET_MODELS
+    import numpy as np
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.registry import DefaultScope
+    from mmengine.structures import InstanceData
+
+    from bpt_mm.real_tokens import img_shapes_of, real_patch_mask
+    cfg = load(f'{det}_bpt')
+    types = [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
+    assert 'Pad' not in types, types
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        preprocessor = MMDET_MODELS.build(
+            copy.deepcopy(cfg.model.data_preprocessor))
+    shapes = [(96, 80), (64, 112)]
+    samples = []
+    for h, w in shapes:
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.zeros(1, 4),
+            masks=BitmapMasks(np.zeros((1, h, w), np.uint8), h, w))
+        samples.append(sample)
+    data = dict(inputs=[torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
+                        for h, w in shapes], data_samples=samples)
+    out = preprocessor(data, True)
+    assert out['inputs'].shape[-2:] == (1024, 1024)
+    assert img_shapes_of(out['data_samples']) == tuple(shapes)
+    mask = real_patch_mask(img_shapes_of(out['data_samples']), (64, 64), 16,
+                           2)
+    assert mask.sum(1).tolist() == [6 * 5, 4 * 7]
+    masks = [s.gt_instances.masks for s in out['data_samples']]
+    assert all(m.height == m.width == 1024 for m in masks)

@@ -138,3 +138,23 @@ def test_upernet_forward_backward_one_step(tmp_path):
                if n.endswith('.whitening')}
     assert sorted(w_grads) == [f'backbone.prompts.{i}.whitening'
                                for i in range(4)]
+
+
+def test_pyramid_layer_norm_eps_as_mmdet_vitdet_builds_it():
+    # mmdet's ViTDet pyramid builds its LN2d through mmcv's
+    # build_norm_layer, which sets eps=1e-5 when the config gives none.
+    import pytest
+    from mmcv.cnn import build_norm_layer
+
+    from bpt_mm.models import LayerNorm2d
+    _, built = build_norm_layer(dict(type='LN2d'), 16)
+    norms = [m.norm for m in SimpleFeaturePyramid(
+        in_channels=32, out_channels=16).modules()
+        if isinstance(m, LayerNorm2d)]
+    assert norms and all(n.eps == built.norm.eps == 1e-5 for n in norms)
+    custom = SimpleFeaturePyramid(in_channels=32, out_channels=16,
+                                  norm_eps=1e-6)
+    assert all(m.norm.eps == 1e-6 for m in custom.modules()
+               if isinstance(m, LayerNorm2d))
+    with pytest.raises(ValueError, match='`norm_eps`'):
+        SimpleFeaturePyramid(in_channels=32, norm_eps=0)

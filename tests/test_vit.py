@@ -47,8 +47,11 @@ def test_plain_vit_matches_timm_tiny_other_size(tmp_path):
                             dynamic_img_size=True).eval()
     path = tmp_path / 'vit_tiny.pth'
     torch.save({'model': ref.state_dict()}, path)
-    model = PromptedViT(arch='tiny', final_norm=True, init_cfg=dict(
-        type='Pretrained', checkpoint=str(path))).eval()
+    # timm resamples the position embedding with antialiasing; bpt_mm's
+    # default is MAE's/ViTDet's plain bicubic (tests/test_layouts.py).
+    model = PromptedViT(arch='tiny', final_norm=True,
+                        pos_embed_antialias=True, init_cfg=dict(
+                            type='Pretrained', checkpoint=str(path))).eval()
     model.init_weights()
     x = torch.rand(2, 3, 160, 96)
     with torch.no_grad():
@@ -518,3 +521,23 @@ def test_inference_caches_deep_prompt_keys_values_until_weights_change(
         loaded = model(x)[0]
     torch.testing.assert_close(loaded, uncached(), rtol=0, atol=1e-6)
     assert not torch.allclose(loaded, stepped)
+
+
+def test_one_rank_rule_applied_where_the_prompt_is_built():
+    # d = 32: a whitening-initialised basis cannot have more columns.
+    with pytest.raises(ValueError, match=r'`prompt.rank`=33 is above '
+                                         r'embed_dims=32'):
+        small_vit(prompt=dict(type='BilinearPrompt', num_tokens=40,
+                              rank=33, whitening_init=True))
+    with pytest.raises(ValueError, match='`prompt.rank`=33'):
+        small_vit(prompt=dict(type='BilinearPrompt', num_tokens=40,
+                              rank=33, whitening_init=True, depth='deep'))
+    # Without whitening it only adds parameters that add no rank: warned.
+    with pytest.warns(UserWarning, match=r'`prompt.rank`=33 is above '
+                                         r'min\(num_tokens, embed_dims\)=32'):
+        model = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=40,
+                                      rank=33))
+    assert model.prompts['0'].rank == 33
+    with pytest.warns(UserWarning, match=r'`prompt.rank`=5 is above'):
+        small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4, rank=5,
+                              whitening_init=True))

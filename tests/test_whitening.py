@@ -522,3 +522,20 @@ def test_docstring_examples():
 
 if __name__ == '__main__':
     pytest.main([os.path.abspath(__file__), '-q'])
+
+
+def test_authors_mae_product_is_their_product_with_query_weights_as_keys():
+    # The authors' MAE shallow model file loads W_q into the key projection
+    # too, so their product W_q W_k^T becomes W_q W_q^T.
+    d = 8
+    qkv = torch.randn(3 * d, d, generator=_gen(21), dtype=F64)
+    as_loaded = qkv.clone()
+    as_loaded[d:2 * d] = qkv[:d]
+    mae = query_key_product(qkv, order='authors_mae')
+    torch.testing.assert_close(
+        mae, query_key_product(as_loaded, order='authors'), rtol=0, atol=0)
+    torch.testing.assert_close(mae, mae.T, rtol=0, atol=0)
+    assert not torch.allclose(mae, query_key_product(qkv, order='authors'))
+    assert WhiteningStatistics(product='authors_mae').product == 'authors_mae'
+    with pytest.raises(ValueError, match='authors_mae'):
+        WhiteningStatistics(product='mae')

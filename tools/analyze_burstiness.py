@@ -18,7 +18,7 @@ Usage:
         [--pretrained VIT.pth] [--no-prompts] [--num-images 100]
         [--layers 0 5 11]
         [--eps 1e-9] [--source block_input|norm1] [--tokens patch|all]
-        [--product qk|kq|authors] [--center] [--max-values 1000000]
+        [--product qk|kq|authors|authors_mae] [--center] [--max-values 1000000]
         [--seed 0] [--device cpu|cuda] [--cfg-options KEY=VALUE ...]
 """
 import argparse
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     from bpt_mm.burstiness_report import (json_summary, markdown_summary,
                                           plot_block)
     from bpt_mm.engine.whitening_hook import (hook_options_from_config,
-                                              preprocessed_images)
+                                              preprocessed_batches)
     from bpt_mm.launch import build_prompted_model, resolve_device
     from bpt_mm.whitening import WhiteningStatistics
 
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         model, backbone = build_prompted_model(cfg, args.checkpoint, device)
         blocks = resolve_blocks(backbone, args.layers)
         results = analyse_backbone(
-            backbone, preprocessed_images(model, loader), blocks,
+            backbone, preprocessed_batches(model, loader), blocks,
             num_images=args.num_images, statistics=statistics,
             eps=args.eps, max_values=args.max_values, seed=args.seed)
     except ValueError as exc:

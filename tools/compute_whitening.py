@@ -12,7 +12,7 @@ Usage:
     python tools/compute_whitening.py CONFIG --out FILE [--checkpoint CKPT]
         [--num-images 100] [--eps 1e-5] [--source block_input|norm1]
         [--tokens patch|all] [--center|--no-center]
-        [--statistic paper|authors] [--product qk|kq|authors]
+        [--statistic paper|authors] [--product qk|kq|authors|authors_mae]
         [--bilinear-init random|eigen|identity] [--seed 0] [--allow-few-tokens]
         [--device cuda|cpu] [--cfg-options KEY=VALUE ...]
 """
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from bpt_mm.engine.whitening_hook import (BPTWhiteningHook,
                                               distinct_images_available,
                                               hook_options_from_config,
-                                              preprocessed_images)
+                                              preprocessed_batches)
     from bpt_mm.launch import (build_prompted_model, check_whitening_output,
                                resolve_device)
     from bpt_mm.whitening_collect import (collect_whitening,
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         num_images = distinct
     results = collect_whitening(
-        backbone, preprocessed_images(model, loader), hook.statistics,
+        backbone, preprocessed_batches(model, loader), hook.statistics,
         num_images, distributed=False,
         bilinear_mode=hook.bilinear_init, seed=hook.seed,
         allow_few_tokens=hook.allow_few_tokens)

@@ -10,9 +10,10 @@ scalars, so they appear in the text log and every visualiser backend
   ``P~`` (m x d), without dropout;
 * ``prompt_logit_kurtosis/block<i>``: Pearson's kurtosis (3 for a Gaussian)
   of the prompt logits ``P~ M X^T`` against the patch tokens ``X`` entering
-  block ``i`` in the current batch, ``M = W_q^T W_k`` (biases, LayerNorm and
-  the head scale aside, as the paper's ``X~``): how bursty the logits the
-  prompts learn from are;
+  block ``i`` in the current batch (only patches of the real image, by each
+  data sample's ``img_shape``; see :mod:`bpt_mm.real_tokens`),
+  ``M = W_q^T W_k`` (biases, LayerNorm and the head scale aside, as the
+  paper's ``X~``): how bursty the logits the prompts learn from are;
 * ``whitening_drift/block<i>``: for a trained whitening (BPT-tWhiten),
   ``||W - W_0||_F / ||W_0||_F`` with ``W_0`` its value when training
   started (kept in checkpoints, so a resumed run measures from the same
@@ -25,7 +26,7 @@ the images are those the backbone received in that iteration, captured by
 a forward pre-hook that exists only during logged iterations. Under DDP
 each process measures its own batch; the logger shows rank 0's.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from mmengine.hooks import Hook
@@ -36,7 +37,8 @@ from bpt_mm.models.vit import find_prompted_backbone
 from bpt_mm.registry import register_hook
 from bpt_mm.whitening import (QK_ORDERS, TOKEN_SOURCES, WhiteningStatistics,
                               query_key_product)
-from bpt_mm.whitening_collect import block_tokens
+from bpt_mm.real_tokens import ImageBatch, img_shapes_of
+from bpt_mm.whitening_collect import block_token_rows
 
 #: Checkpoint key of the initial trained whitening matrices.
 CHECKPOINT_KEY = 'bpt_mm_prompt_stats'
@@ -50,7 +52,8 @@ def _trained_whitening(prompt: torch.nn.Module) -> Optional[Tensor]:
 
 def prompt_statistics(backbone: Any, images: Tensor,
                       initial_whitening: Dict[int, Tensor],
-                      statistics: Optional[WhiteningStatistics] = None
+                      statistics: Optional[WhiteningStatistics] = None,
+                      img_shapes: Optional[Sequence[Tuple[int, int]]] = None
                       ) -> Dict[str, float]:
     """The hook's scalars for one batch of preprocessed images.
 
@@ -62,6 +65,9 @@ def prompt_statistics(backbone: Any, images: Tensor,
             trained whitening (blocks without an entry get no drift).
         statistics (WhiteningStatistics, optional): Token source and
             product; default the paper's.
+        img_shapes (Sequence[tuple[int, int]], optional): Real ``(h, w)``
+            of each image; patches that cover only padding are then left
+            out of the logits (see :mod:`bpt_mm.real_tokens`).
 
     Returns:
         dict[str, float]: ``{'prompt_norm/block<i>': ..., ...}``.
@@ -73,8 +79,9 @@ def prompt_statistics(backbone: Any, images: Tensor,
     backbone.eval()
     try:
         with torch.no_grad():
-            tokens = block_tokens(backbone, images, sorted(prompts),
-                                  statistics)
+            tokens, _ = block_token_rows(
+                backbone, ImageBatch(images, img_shapes), sorted(prompts),
+                statistics)
             for block, prompt in sorted(prompts.items()):
                 effective = prompt().detach()  # P~, no dropout
                 out[f'prompt_norm/block{block}'] = float(
@@ -82,7 +89,7 @@ def prompt_statistics(backbone: Any, images: Tensor,
                 product = query_key_product(
                     backbone.blocks[block].attn.qkv.weight.detach(),
                     order=statistics.product)
-                x = tokens[block].reshape(-1, effective.shape[-1])
+                x = tokens[block]
                 # (m, d) @ (d, d) @ (d, N): one logit per prompt and token
                 logits = (effective @ product.to(effective.dtype)) @ x.to(
                     effective.dtype).T
@@ -114,7 +121,8 @@ class PromptStatsHook(Hook):
             Defaults to 50 (mmdet's and mmseg's logging interval).
         source (str): ``'block_input'`` (default, the tokens entering the
             block, as the whitening) or ``'norm1'``.
-        product (str): ``'qk'`` (default), ``'kq'`` or ``'authors'``
+        product (str): ``'qk'`` (default), ``'kq'``, ``'authors'`` or
+            ``'authors_mae'``
             (see :func:`bpt_mm.whitening.query_key_product`).
     """
 
@@ -140,6 +148,8 @@ class PromptStatsHook(Hook):
         self._backbone = None
         self._handle = None
         self._images: Optional[Tensor] = None
+        self._img_shapes: Optional[Tuple[Tuple[int, int], ...]] = None
+        self._warned = False
         #: The scalars of the last measurement (without ``train/``).
         self.last: Dict[str, float] = {}
 
@@ -181,6 +191,16 @@ class PromptStatsHook(Hook):
                 not self.every_n_train_iters(runner, self.interval):
             return
         self._images = None
+        samples = data_batch.get('data_samples') \
+            if isinstance(data_batch, dict) else None
+        # The real size of each image, so padding patches stay out of the
+        # logits; None (every patch counts) when the samples carry none.
+        self._img_shapes = img_shapes_of(samples)
+        if self._img_shapes is None and samples and not self._warned:
+            self._warned = True  # once: it holds for the whole data set
+            runner.logger.warning(
+                'PromptStatsHook: the data samples carry no img_shape, so '
+                'padding patches count as image tokens in the logits')
         self._handle = self._backbone.register_forward_pre_hook(
             self._capture)
 
@@ -191,11 +211,22 @@ class PromptStatsHook(Hook):
         self._handle.remove()
         self._handle = None
         images, self._images = self._images, None
+        shapes, self._img_shapes = self._img_shapes, None
         if images is None:
             return  # the backbone did not run in this iteration
+        if shapes is not None and len(shapes) != images.shape[0]:
+            runner.logger.warning(
+                f'PromptStatsHook: {len(shapes)} data samples for '
+                f'{images.shape[0]} images reaching the backbone; padding '
+                'patches count as image tokens in this measurement')
+            shapes = None
+        if shapes is not None:
+            height, width = images.shape[-2:]
+            shapes = tuple((min(h, height), min(w, width))
+                           for h, w in shapes)
         self.last = prompt_statistics(self._backbone, images,
                                       self.initial_whitening,
-                                      self.statistics)
+                                      self.statistics, shapes)
         for key, value in self.last.items():
             runner.message_hub.update_scalar(f'train/{key}', value)
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bpt_mm.models.vit import find_prompted_backbone, unwrap_model
+from bpt_mm.real_tokens import ImageBatch, as_image_batch, img_shapes_of
 from bpt_mm.registry import register_hook
 from bpt_mm.utils import find_hook_entry
 from bpt_mm.whitening import (BASIS_MODES, FewTokensWarning,
@@ -48,10 +49,12 @@ WHITENING_OPTIONS = ('eps', 'source', 'tokens', 'center', 'statistic',
 PROTOTYPE_OPTIONS = ('prototype_tokens', 'kmeans_iters')
 
 
-def preprocessed_images(model: torch.nn.Module,
-                        dataloader: Iterable) -> Iterator[Tensor]:
+def preprocessed_batches(model: torch.nn.Module,
+                         dataloader: Iterable) -> Iterator[ImageBatch]:
     """Image batches of ``dataloader`` as the model's data preprocessor
-    gives them in test mode (``data_preprocessor(data, False)['inputs']``).
+    gives them in test mode (``data_preprocessor(data, False)``), with the
+    real size of each image (its data sample's ``img_shape``), so that
+    statistics can leave the padding out (see :mod:`bpt_mm.real_tokens`).
 
     A list of images (a preprocessor that does not stack) is stacked when the
     sizes agree and yielded one image at a time otherwise.
@@ -64,6 +67,13 @@ def preprocessed_images(model: torch.nn.Module,
     for data in dataloader:
         for part in _same_size_parts(data):
             yield from _stacked_inputs(preprocessor(part, False))
+
+
+def preprocessed_images(model: torch.nn.Module,
+                        dataloader: Iterable) -> Iterator[Tensor]:
+    """The image tensors of :func:`preprocessed_batches` (no sizes)."""
+    for batch in preprocessed_batches(model, dataloader):
+        yield batch.images
 
 
 def _same_size_parts(data: Any) -> List[Any]:
@@ -79,18 +89,25 @@ def _same_size_parts(data: Any) -> List[Any]:
             for x, s in zip(inputs, samples)]
 
 
-def _stacked_inputs(out: Any) -> Iterator[Tensor]:
-    """The image tensor(s) in a preprocessor's output, as batches."""
+def _stacked_inputs(out: Any) -> Iterator[ImageBatch]:
+    """The image tensor(s) in a preprocessor's output, as batches with the
+    ``img_shape`` of their data samples (None where a sample has none)."""
     inputs = out.get('inputs') if isinstance(out, dict) else None
+    samples = out.get('data_samples') if isinstance(out, dict) else None
     if isinstance(inputs, Tensor):
-        yield inputs
+        yield as_image_batch(ImageBatch(inputs, _shapes(samples,
+                                                        inputs.shape)))
     elif isinstance(inputs, (list, tuple)) and inputs and all(
             isinstance(x, Tensor) for x in inputs):
+        samples = samples or [None] * len(inputs)
         if len({tuple(x.shape) for x in inputs}) == 1:
-            yield torch.stack(list(inputs))
+            images = torch.stack(list(inputs))
+            yield as_image_batch(ImageBatch(images, _shapes(samples,
+                                                            images.shape)))
         else:
-            for x in inputs:
-                yield x.unsqueeze(0)
+            for x, sample in zip(inputs, samples):
+                yield as_image_batch(ImageBatch(
+                    x.unsqueeze(0), _shapes([sample], (1, ) + x.shape)))
     else:
         raise ValueError(
             'the data preprocessor must return a dict with `inputs` (a '
@@ -106,6 +123,16 @@ def distinct_images_available(loader: Any) -> Optional[int]:
         return len(dataset) if dataset is not None else None
     except TypeError:
         return None
+
+
+def _shapes(samples: Any, batch_shape) -> Any:
+    """Each sample's ``img_shape`` (capped at the tensor's size), or None."""
+    shapes = img_shapes_of(samples) if isinstance(samples, (list, tuple)) \
+        and len(samples) == batch_shape[0] else None
+    if shapes is None:
+        return None
+    height, width = batch_shape[-2:]
+    return tuple((min(h, height), min(w, width)) for h, w in shapes)
 
 
 def hook_options_from_config(cfg) -> Dict[str, Any]:
@@ -160,8 +187,12 @@ class BPTWhiteningHook(Hook):
     ``BilinearPrompt(whitening_init=True)``), the hook runs ``num_images``
     training images through the backbone, accumulates the query-key
     projected tokens entering the block and writes ``W = Sigma^{-1/2}`` into
-    the prompt (``B = W C`` for a bilinear one). Per block it logs the token
-    count, the condition number of ``Sigma + reg`` and the time taken.
+    the prompt (``B = W C`` for a bilinear one). Only real image tokens
+    count: a patch enters when it overlaps its image's ``img_shape`` (the
+    data sample's; patches of batch padding are left out, see
+    :mod:`bpt_mm.real_tokens`). Per block it logs the tokens kept and the
+    padding tokens dropped, the condition number of ``Sigma + reg`` and the
+    time taken.
 
     SPT prompts (``SPTPrompt``) instead get their initial values from the
     same ``num_images`` training images, under the same rules: prototypes
@@ -192,7 +223,8 @@ class BPTWhiteningHook(Hook):
         tokens (str): ``'patch'`` (default) or ``'all'`` (CLS too).
         center (bool): Centre the tokens. Defaults to False.
         statistic (str): ``'paper'`` (default) or ``'authors'``.
-        product (str): ``'qk'`` (default), ``'kq'`` or ``'authors'``.
+        product (str): ``'qk'`` (default), ``'kq'``, ``'authors'`` or
+            ``'authors_mae'`` (see :func:`bpt_mm.whitening.query_key_product`).
         bilinear_init (str): ``C`` of ``B = W C`` for whitening-initialised
             bilinear prompts: ``'random'`` (default), ``'eigen'`` or
             ``'identity'``.
@@ -483,7 +515,7 @@ class BPTWhiteningHook(Hook):
         error = batches = loader = None
         try:
             loader = get_loader()
-            batches = preprocessed_images(runner.model, loader)
+            batches = preprocessed_batches(runner.model, loader)
         except Exception as exc:  # noqa: BLE001
             error = exc
         synchronise_errors(error, 'building the whitening data loader')

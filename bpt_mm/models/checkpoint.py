@@ -35,6 +35,13 @@ bpt_mm     already timm names, maybe under ``backbone.`` and with
            ``prompts.*`` (a checkpoint written by this package).
 ========== ==================================================================
 
+A converted file either fits the model exactly or is refused: parts one
+side has and the other lacks (patch bias, pre-norm, layer scale, qkv bias;
+:data:`ARCHITECTURE_OPTIONS`) are an error naming the PromptedViT option
+that fits, and so is any other weight the model has no place for. Only
+parts known to be irrelevant to the backbone (heads, MAE decoder and mask
+token, MoCo v3's momentum encoder and predictor, ...) are dropped, by name.
+
 The usual entry point is :func:`load_pretrained`; the steps it chains
 (:func:`load_checkpoint_file`, :func:`unwrap_state_dict`,
 :func:`detect_layout`, :func:`convert_to_timm_layout`,
@@ -52,6 +59,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import resample_abs_pos_embed
 
@@ -59,10 +67,10 @@ from ..finite import non_finite_tensors
 from ..safe_load import CheckpointError, load_weights_only
 
 __all__ = [
-    'CheckpointError', 'KNOWN_LAYOUTS', 'load_checkpoint_file',
-    'unwrap_state_dict', 'detect_layout', 'convert_to_timm_layout',
-    'resample_pos_embed', 'load_pretrained', 'check_tensor_limits',
-    'MAX_TENSOR_FACTOR'
+    'CheckpointError', 'KNOWN_LAYOUTS', 'ARCHITECTURE_OPTIONS',
+    'load_checkpoint_file', 'unwrap_state_dict', 'detect_layout',
+    'convert_to_timm_layout', 'architecture_mismatch', 'resample_pos_embed',
+    'load_pretrained', 'check_tensor_limits', 'MAX_TENSOR_FACTOR'
 ]
 
 #: Layouts :func:`detect_layout` can return, in the order it tries them.
@@ -424,12 +432,18 @@ def _square_side(n: int) -> Optional[int]:
 def resample_pos_embed(pos_embed: Tensor,
                        new_grid: Tuple[int, int],
                        num_prefix_tokens: int = 1,
-                       old_grid: Optional[Tuple[int, int]] = None) -> Tensor:
+                       old_grid: Optional[Tuple[int, int]] = None,
+                       antialias: bool = False) -> Tensor:
     """Bicubically resample the grid part of an absolute position embedding.
 
     The first ``num_prefix_tokens`` rows (class token etc.) are kept as they
     are; the rest is reshaped to ``old_grid``, interpolated to ``new_grid``
-    (timm's defaults: bicubic, antialiased) and flattened back.
+    and flattened back. By default the interpolation is plain bicubic
+    (``align_corners=False``, no antialiasing), the formula of MAE's
+    ``interpolate_pos_embed``, ViTDet's ``get_abs_pos`` and mmseg's
+    ``resize_pos_embed``; ``antialias=True`` is timm's
+    ``resample_abs_pos_embed`` (antialiased bicubic, whose kernel differs
+    even when upsampling: about 3e-3 relative from 14x14 to 64x64).
 
     Args:
         pos_embed (Tensor): ``(1, num_prefix_tokens + H*W, C)``.
@@ -438,6 +452,8 @@ def resample_pos_embed(pos_embed: Tensor,
             Defaults to 1.
         old_grid (tuple[int, int], optional): Source ``(H, W)``; when None
             the grid is taken to be square.
+        antialias (bool): timm's antialiased resampling instead of the
+            plain bicubic one. Defaults to False.
 
     Returns:
         Tensor: ``(1, num_prefix_tokens + h*w, C)`` in the input dtype.
@@ -469,9 +485,21 @@ def resample_pos_embed(pos_embed: Tensor,
                          f' positions but pos_embed has {num_grid}')
     if old_grid == new_grid:
         return pos_embed
-    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid),
-                                  old_size=list(old_grid),
-                                  num_prefix_tokens=num_prefix_tokens)
+    if antialias:
+        return resample_abs_pos_embed(pos_embed, new_size=list(new_grid),
+                                      old_size=list(old_grid),
+                                      num_prefix_tokens=num_prefix_tokens)
+    dim = pos_embed.shape[-1]
+    prefix = pos_embed[:, :num_prefix_tokens]
+    grid = pos_embed[:, num_prefix_tokens:].reshape(
+        1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    # float32 at least: bicubic kernels are not implemented for every
+    # half type on every device.
+    work = torch.promote_types(grid.dtype, torch.float32)
+    grid = F.interpolate(grid.to(work), size=new_grid, mode='bicubic',
+                         align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
 
 
 def _model_pos_prefix(model: torch.nn.Module,
@@ -539,7 +567,9 @@ def _fit_pos_embed(ckpt_pos: Tensor, model_pos: Tensor, ckpt_has_cls: bool,
     old_grid = (side, side)
     if old_grid == model_grid:
         return ckpt_pos, None
-    resized = resample_pos_embed(ckpt_pos, model_grid, model_prefix, old_grid)
+    resized = resample_pos_embed(
+        ckpt_pos, model_grid, model_prefix, old_grid,
+        antialias=bool(getattr(model, 'pos_embed_antialias', False)))
     return resized, (old_grid, model_grid)
 
 
@@ -581,6 +611,50 @@ def check_tensor_limits(state_dict: Dict[str, Tensor],
                 f'(limit {limit} elements)')
 
 
+# ------------------------------------------------------ architecture options
+#: Parts of a ViT that a checkpoint either has or lacks, the PromptedViT
+#: option that builds them, and the value that fits a file with / without
+#: them. A file and a model that disagree on one of these would load into
+#: wrong features (a random patch bias, a missing pre-norm or layer scale),
+#: so the load is refused with the option named.
+ARCHITECTURE_OPTIONS: Tuple[Tuple[str, str, str, str], ...] = (
+    (r'patch_embed\.proj\.bias$', 'patch_bias', 'True', 'False'),
+    (r'norm_pre\.', 'pre_norm', 'True', 'False'),
+    (r'blocks\.\d+\.ls[12]\.gamma$', 'layer_scale_init_value',
+     'a positive number (the checkpoint\'s values replace it)', 'None'),
+    (r'blocks\.\d+\.attn\.qkv\.bias$', 'qkv_bias', 'True', 'False'),
+)
+
+
+def architecture_mismatch(checkpoint_keys: Sequence[str],
+                          model_keys: Sequence[str]) -> List[str]:
+    """What a checkpoint's architecture needs that the model is not built
+    with, as one readable line per :data:`ARCHITECTURE_OPTIONS` entry.
+
+    Args:
+        checkpoint_keys (Sequence[str]): Keys of the converted (timm-named)
+            checkpoint.
+        model_keys (Sequence[str]): Keys of the model's state dict.
+
+    Returns:
+        list[str]: Empty when they agree.
+    """
+    lines = []
+    for pattern, option, with_it, without_it in ARCHITECTURE_OPTIONS:
+        regex = re.compile(pattern)
+        in_file = sorted(k for k in checkpoint_keys if regex.match(k))
+        in_model = sorted(k for k in model_keys if regex.match(k))
+        if in_file and not in_model:
+            lines.append(f'the checkpoint has {_brief(in_file, 3)}, which '
+                         f'the model has no place for: set `{option}` to '
+                         f'{with_it}')
+        elif in_model and not in_file:
+            lines.append(f'the checkpoint has no {_brief(in_model, 3)}, '
+                         f'which the model would keep at random: set '
+                         f'`{option}` to {without_it}')
+    return lines
+
+
 # ------------------------------------------------------------------ loading
 def _report(logger: Any, level: str, message: str) -> None:
     if logger is not None:
@@ -601,8 +675,12 @@ def load_pretrained(model: torch.nn.Module,
 
     Reads ``path`` (weights only), unwraps the container, detects and
     converts the layout, strips a ``backbone.`` prefix, drops or resamples
-    ``pos_embed`` onto the model's own patch grid, checks every shared key's
-    shape and loads with ``strict=False``.
+    ``pos_embed`` onto the model's own patch grid (plain bicubic, or timm's
+    antialiased resampling when the model's ``pos_embed_antialias`` is
+    True), checks that file and model agree on the architecture options
+    (:func:`architecture_mismatch`) and that the file has no weight the
+    model cannot hold, checks every shared key's shape and loads with
+    ``strict=False``.
 
     Args:
         model (torch.nn.Module): A module with timm ViT names, e.g.
@@ -620,7 +698,8 @@ def load_pretrained(model: torch.nn.Module,
         dict: ``layout`` (str), ``container`` (str), ``missing`` (model keys
         the file lacks, prompt keys excluded), ``new_prompt_keys``
         (``prompts.*`` keys left at their initialisation, expected),
-        ``unexpected`` (file keys the model lacks), ``dropped`` (file keys
+        ``unexpected`` (always empty: such keys are refused), ``dropped``
+        (file keys
         removed on conversion: heads, decoders...), ``mismatched`` (``{key:
         (file shape, model shape)}``, only with ``strict_shapes=False``) and
         ``pos_embed_resized`` (``(old_grid, new_grid)`` or None).
@@ -628,8 +707,13 @@ def load_pretrained(model: torch.nn.Module,
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: The file cannot be read safely, its layout is
-            unknown, or a shape differs (with ``strict_shapes``); the
-            message names the key and both shapes.
+            unknown, it has or lacks a part the model is built without or
+            with (the message names the keys and the option to set, e.g.
+            ``patch_bias=False``), it has weights the model has no place
+            for (other than the known irrelevant ones: heads, MAE decoder,
+            mask token, MoCo momentum encoder and predictor...), or a shape
+            differs (with ``strict_shapes``); the message names the key and
+            both shapes.
 
     Examples:
         >>> info = load_pretrained(backbone, 'mae_pretrain_vit_base.pth')
@@ -663,6 +747,23 @@ def load_pretrained(model: torch.nn.Module,
         converted['pos_embed'], resized = _fit_pos_embed(
             converted['pos_embed'], model_sd['pos_embed'], ckpt_has_cls,
             model, model_sd)
+
+    mismatch = architecture_mismatch(list(converted), list(model_sd))
+    if mismatch:
+        raise CheckpointError(
+            f'{layout} checkpoint {path!r} does not fit the model as built: '
+            + '; '.join(mismatch) + ' (PromptedViT options)')
+    unused = sorted(k for k in converted if k not in model_sd)
+    if unused:
+        # Keys known to be irrelevant (heads, MAE decoder and mask token,
+        # MoCo's momentum encoder and predictor...) were already dropped by
+        # name; anything else is a weight of the network in the file.
+        raise CheckpointError(
+            f'{layout} checkpoint {path!r} has {len(unused)} weight(s) the '
+            f'model has no place for: {_brief(unused)}. They belong to an '
+            f'architecture PromptedViT was not built as (or cannot be); '
+            f'loading without them would give other features than the '
+            f'checkpoint\'s network')
 
     # In the model's order, so the first lines name the stem (cls_token,
     # pos_embed, patch_embed), which usually tells the story.
@@ -722,9 +823,6 @@ def load_pretrained(model: torch.nn.Module,
     if missing:
         _report(logger, 'warning', f'load_pretrained: {len(missing)} model '
                 f'keys missing from {path}: {_brief(missing)}')
-    if unexpected:
-        _report(logger, 'warning', f'load_pretrained: {len(unexpected)} '
-                f'checkpoint keys unused by the model: {_brief(unexpected)}')
     if mismatched:
         _report(logger, 'warning', 'load_pretrained: skipped for shape: '
                 + ', '.join(f'{k} {a} vs {b}'

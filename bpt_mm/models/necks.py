@@ -20,9 +20,10 @@ class LayerNorm2d(nn.Module):
 
     Registered as ``'LN2d'``, so mmcv's ``build_norm_layer`` (and with it
     mmdet's ``ConvModule``-based heads) accepts ``norm_cfg=dict(type='LN2d')``
-    as in ViTDet's heads; mmdet 3.3.0 itself has no such norm. Give
-    ``eps=1e-6`` there to match ViTDet: ``build_norm_layer`` defaults
-    ``eps`` to 1e-5.
+    as in ViTDet's heads; mmdet 3.3.0 itself has no such norm. The class
+    default ``eps=1e-6`` is that of mmdet's ViTDet ``LN2d`` class, but
+    ``build_norm_layer`` sets ``eps`` to 1e-5 unless the config gives one, so
+    ViTDet's heads and pyramid (built that way) run with 1e-5.
     """
 
     #: Layer-name abbreviation for ``build_norm_layer`` (``ln``, ``ln1``...).
@@ -36,9 +37,15 @@ class LayerNorm2d(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+#: The LayerNorm eps of mmdet's ViTDet pyramid: its ``LN2d`` is built by
+#: mmcv's ``build_norm_layer``, which defaults ``eps`` to 1e-5.
+VITDET_NORM_EPS = 1e-5
+
+
+def _norm(kind: str, channels: int, eps: float = VITDET_NORM_EPS
+          ) -> nn.Module:
     if kind == 'LN':
-        return LayerNorm2d(channels)
+        return LayerNorm2d(channels, eps=eps)
     if kind == 'BN':
         return nn.BatchNorm2d(channels)
     if kind is None or kind == 'none':
@@ -64,6 +71,9 @@ class SimpleFeaturePyramid(BaseModule):
         num_outs (int): Number of outputs; levels beyond
             ``len(scale_factors)`` are stride-2 max pools of the last one.
         norm (str): ``'LN'`` (ViTDet, default), ``'BN'`` or None.
+        norm_eps (float): eps of the ``'LN'`` norms. Defaults to 1e-5, what
+            mmdet's ViTDet config gets from ``build_norm_layer``, so that a
+            ViTDet checkpoint of the pyramid reproduces its features.
         init_cfg (dict, optional): mmengine init config.
 
     Examples:
@@ -76,6 +86,7 @@ class SimpleFeaturePyramid(BaseModule):
     def __init__(self, in_channels: int, out_channels: int = 256,
                  scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
                  num_outs: int = 5, norm: str = 'LN',
+                 norm_eps: float = VITDET_NORM_EPS,
                  init_cfg=None) -> None:
         super().__init__(init_cfg=init_cfg)
         allowed = (4.0, 2.0, 1.0, 0.5)
@@ -85,6 +96,10 @@ class SimpleFeaturePyramid(BaseModule):
         if num_outs < len(scale_factors):
             raise ValueError(f'`num_outs` ({num_outs}) must be at least '
                              f'len(scale_factors) ({len(scale_factors)})')
+        if isinstance(norm_eps, bool) or not isinstance(
+                norm_eps, (int, float)) or not 0 < norm_eps < 1:
+            raise ValueError(f'`norm_eps` must be a number in (0, 1), got '
+                             f'{norm_eps!r}')
         _norm(norm, 1)  # validates `norm` before building anything
         self.num_outs = num_outs
         self.stages = nn.ModuleList()
@@ -94,7 +109,7 @@ class SimpleFeaturePyramid(BaseModule):
             if scale == 4.0:
                 layers += [
                     nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
-                    _norm(norm, dim // 2), nn.GELU(),
+                    _norm(norm, dim // 2, norm_eps), nn.GELU(),
                     nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)
                 ]
                 dim //= 4
@@ -105,10 +120,10 @@ class SimpleFeaturePyramid(BaseModule):
                 layers.append(nn.MaxPool2d(2, stride=2))
             layers += [
                 nn.Conv2d(dim, out_channels, 1, bias=norm is None),
-                _norm(norm, out_channels),
+                _norm(norm, out_channels, norm_eps),
                 nn.Conv2d(out_channels, out_channels, 3, padding=1,
                           bias=norm is None),
-                _norm(norm, out_channels),
+                _norm(norm, out_channels, norm_eps),
             ]
             self.stages.append(nn.Sequential(*layers))
 

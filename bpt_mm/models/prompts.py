@@ -25,7 +25,8 @@ resumed run or a loaded checkpoint does not compute them again.
 """
 import inspect
 import math
-from typing import Optional, Set, Tuple
+import warnings
+from typing import Any, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -307,8 +308,11 @@ class BilinearPrompt(BasePrompt):
     Args:
         num_tokens (int): Number of prompts ``m``.
         embed_dims (int): Token width ``d``.
-        rank (int): Inner dimension ``p``. Above ``min(m, d)`` it adds
-            parameters without adding rank (a warning says so).
+        rank (int): Inner dimension ``p``. Above ``d`` with
+            ``whitening_init`` it is refused (``B = W C`` has at most ``d``
+            orthonormal columns ``C``); otherwise, above ``min(m, d)`` it
+            adds parameters without adding rank (a warning says so). See
+            :func:`check_rank`.
         trainable_projection (bool): Whether ``B`` trains. Set by the
             backbone.
         whitening_init (bool): Initialise ``B`` by whitening.
@@ -336,7 +340,7 @@ class BilinearPrompt(BasePrompt):
         kwargs.pop('patch_size', None)
         super().__init__(num_tokens, embed_dims,
                          trainable_projection=trainable_projection, **kwargs)
-        self.rank = check_positive_int(rank, 'prompt.rank')
+        self.rank = check_rank(rank, num_tokens, embed_dims, whitening_init)
         self.whitening_init = whitening_init
         check_init_std(init_std)
         self.coefficients = nn.Parameter(
@@ -359,6 +363,40 @@ class BilinearPrompt(BasePrompt):
 
     def forward(self) -> torch.Tensor:
         return self.coefficients @ self.basis.t()
+
+
+def check_rank(rank: Any, num_tokens: int, embed_dims: int,
+               whitening_init: bool) -> int:
+    """The one rule for ``prompt.rank`` (``p``) of a bilinear prompt.
+
+    ``p > d`` with ``whitening_init`` is refused here, when the prompt is
+    built, rather than when whitening runs: ``B = W C`` needs ``p``
+    orthonormal columns in ``d`` dimensions. Any other ``p > min(m, d)`` is
+    allowed with a warning: ``A B^T`` cannot have rank above ``min(m, d)``,
+    so the extra parameters add none.
+
+    Args:
+        rank: The configured ``prompt.rank``.
+        num_tokens (int): ``m``.
+        embed_dims (int): ``d``.
+        whitening_init (bool): Whether ``B`` is set by whitening.
+
+    Returns:
+        int: ``rank``.
+    """
+    check_positive_int(rank, 'prompt.rank')
+    if whitening_init and rank > embed_dims:
+        raise ValueError(
+            f'`prompt.rank`={rank} is above embed_dims={embed_dims}: a '
+            f'whitening-initialised basis B = W C has at most embed_dims '
+            f'orthonormal columns; use prompt.rank <= {embed_dims} or '
+            f'whitening_init=False')
+    if rank > min(num_tokens, embed_dims):
+        warnings.warn(
+            f'`prompt.rank`={rank} is above min(num_tokens, embed_dims)='
+            f'{min(num_tokens, embed_dims)}: it adds parameters without '
+            f'adding rank to the prompts')
+    return rank
 
 
 def build_prompt(cfg: dict, num_tokens: int, embed_dims: int,

@@ -15,7 +15,6 @@ after the position embedding is added, so they have none.
   how it is computed (see :mod:`bpt_mm.models.attention`).
 """
 import difflib
-import warnings
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -24,13 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule, is_model_wrapper
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bpt_mm.registry import PROMPTS, register_model
 from .attention import block_prompt_keys_values, prompted_block_forward
+from .checkpoint import resample_pos_embed
 from .prompts import (BasePrompt, build_prompt, check_positive_int,
                       prompt_type_options)
 
@@ -122,6 +122,19 @@ def _check_img_size(img_size) -> None:
                          f'width) pair of positive ints, got {img_size!r}')
 
 
+def _check_layer_scale(value) -> Optional[float]:
+    """None for no layer scale (0 is the same: timm's ``Block`` builds an
+    identity for a falsy ``init_values``), else a positive float."""
+    if value is None or (not isinstance(value, bool)
+                         and isinstance(value, (int, float)) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < float('inf'):
+        raise ValueError(f'`layer_scale_init_value` must be None (no layer '
+                         f'scale) or a positive number, got {value!r}')
+    return float(value)
+
+
 def _normalise_indices(indices, num_layers: int, key: str) -> Tuple[int, ...]:
     """Turn ints or sequences of ints (negative allowed) into sorted indices."""
     if isinstance(indices, int) and not isinstance(indices, bool):
@@ -158,6 +171,21 @@ class PromptedViT(BaseModule):
             zero-padded at the bottom/right.
         in_channels (int): Input channels.
         qkv_bias (bool): Bias in the qkv projection (True for MAE/DeiT/timm).
+        patch_bias (bool): Bias in the patch embedding's convolution (True
+            for timm/MAE/DeiT; False for mmseg's ``VisionTransformer``, whose
+            default it is, and mmpretrain's ``pre_norm=True`` ViTs).
+        pre_norm (bool): A LayerNorm (timm's ``norm_pre``) on the embedded
+            tokens, after the position embedding and before the prompts and
+            block 0, as mmpretrain's ``pre_norm=True`` (CLIP-style) ViTs and
+            mmseg's ``ln_pre``. Defaults to False.
+        layer_scale_init_value (float, optional): Layer scale (timm's
+            ``ls1``/``ls2``, DeiT III's ``gamma_1``/``gamma_2``,
+            mmpretrain's ``gamma1``/``gamma2``) initialised to this value in
+            every block; None (default) or 0 for none.
+        pos_embed_antialias (bool): Resample the position embedding (at
+            load and for other input sizes) as timm does, bicubic with
+            antialiasing. Defaults to False: plain bicubic
+            (``align_corners=False``), as MAE's and ViTDet's code.
         class_token (bool): Whether the model has a class token. It stays
             first; prompts go between it and the patch tokens.
         drop_path_rate (float): Stochastic depth rate, linear over depth.
@@ -225,6 +253,10 @@ class PromptedViT(BaseModule):
                  patch_size: int = 16,
                  in_channels: int = 3,
                  qkv_bias: bool = True,
+                 patch_bias: bool = True,
+                 pre_norm: bool = False,
+                 layer_scale_init_value: Optional[float] = None,
+                 pos_embed_antialias: bool = False,
                  class_token: bool = True,
                  drop_path_rate: float = 0.,
                  out_indices: Union[int, Sequence[int]] = -1,
@@ -260,7 +292,9 @@ class PromptedViT(BaseModule):
                 f'larger img_size')
         for key, value in (('frozen', frozen), ('with_cp', with_cp),
                            ('final_norm', final_norm), ('qkv_bias', qkv_bias),
-                           ('class_token', class_token)):
+                           ('class_token', class_token),
+                           ('patch_bias', patch_bias), ('pre_norm', pre_norm),
+                           ('pos_embed_antialias', pos_embed_antialias)):
             _check_bool(value, key)
         if isinstance(drop_path_rate, bool) or not isinstance(
                 drop_path_rate, (int, float)):
@@ -287,10 +321,14 @@ class PromptedViT(BaseModule):
                              '`window_size > 0`')
         self.frozen = frozen
         self.with_cp = with_cp
+        self.layer_scale_init_value = _check_layer_scale(
+            layer_scale_init_value)
+        self.pos_embed_antialias = pos_embed_antialias
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_channels,
-            embed_dim=self.embed_dims, flatten=False, strict_img_size=False)
+            embed_dim=self.embed_dims, flatten=False, strict_img_size=False,
+            bias=patch_bias)
         self.pretrain_grid = tuple(self.patch_embed.grid_size)
         self.num_prefix_tokens = 1 if class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(
@@ -304,9 +342,12 @@ class PromptedViT(BaseModule):
         self.blocks = nn.ModuleList([
             Block(dim=self.embed_dims, num_heads=self.num_heads,
                   mlp_ratio=settings['mlp_ratio'], qkv_bias=qkv_bias,
-                  drop_path=dpr[i], norm_layer=LayerNorm)
+                  drop_path=dpr[i], norm_layer=LayerNorm,
+                  init_values=self.layer_scale_init_value)
             for i in range(self.num_layers)
         ])
+        self.norm_pre = LayerNorm(self.embed_dims) if pre_norm \
+            else nn.Identity()
         self.norm = LayerNorm(self.embed_dims)
         self._init_backbone_weights()
 
@@ -324,7 +365,7 @@ class PromptedViT(BaseModule):
         # not state: never saved, rebuilt on demand.
         self._prompt_kv_cache: Dict[int, tuple] = {}
         # Frozen position embeddings resampled per grid size; not state.
-        self._pos_embed_cache: Dict[Tuple[int, int], tuple] = {}
+        self._pos_embed_cache: Dict[Tuple[int, int, bool], tuple] = {}
 
     # ------------------------------------------------------------------ set-up
     def _init_backbone_weights(self) -> None:
@@ -431,12 +472,6 @@ class PromptedViT(BaseModule):
                 embed_dims=self.embed_dims, patch_size=self.patch_size,
                 trainable_projection=layer in
                 cfg['trainable_projection_layers'])
-        rank = cfg.get('rank')
-        if rank is not None and rank > min(cfg['num_tokens'], self.embed_dims):
-            warnings.warn(
-                f"`prompt.rank`={rank} is above min(num_tokens, embed_dims)="
-                f"{min(cfg['num_tokens'], self.embed_dims)}: it adds "
-                f'parameters without adding rank to the prompts')
         if cfg['dropout'] > 0:
             self.prompt_dropout = nn.Dropout(cfg['dropout'])
 
@@ -447,7 +482,7 @@ class PromptedViT(BaseModule):
 
     def backbone_modules(self) -> List[nn.Module]:
         """The pretrained parts (everything but the prompts)."""
-        return [self.patch_embed, self.blocks, self.norm]
+        return [self.patch_embed, self.norm_pre, self.blocks, self.norm]
 
     def train(self, mode: bool = True) -> 'PromptedViT':
         super().train(mode)
@@ -502,7 +537,8 @@ class PromptedViT(BaseModule):
                         prefix: str = '') -> Tuple[int, int]:
         """Depth of a parameter for layer-wise learning-rate decay.
 
-        Patch embedding, class token and position embedding are depth 0,
+        Patch embedding, class token, position embedding and the pre-norm
+        are depth 0,
         block ``i`` and the prompts entering it are ``i + 1``, and
         everything else (final norm, anything outside the backbone) is
         ``num_layers + 1``.
@@ -522,7 +558,7 @@ class PromptedViT(BaseModule):
             return total - 1, total
         name = param_name[len(prefix):]
         if name in ('cls_token', 'pos_embed') or name.startswith(
-                'patch_embed'):
+                ('patch_embed', 'norm_pre')):
             return 0, total
         if name.startswith('blocks.') or name.startswith('prompts.'):
             return int(name.split('.')[1]) + 1, total
@@ -564,7 +600,8 @@ class PromptedViT(BaseModule):
             f'{start}.')
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        """Patch-embed, add position embeddings and the class token."""
+        """Patch-embed, add position embeddings and the class token, apply
+        the pre-norm (if any)."""
         p = self.patch_size
         H, W = x.shape[-2:]
         pad_h, pad_w = (p - H % p) % p, (p - W % p) % p
@@ -578,7 +615,7 @@ class PromptedViT(BaseModule):
             pos = self._resampled_pos_embed(h, w)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        return x + pos, (h, w)
+        return self.norm_pre(x + pos), (h, w)
 
     def _resampled_pos_embed(self, h: int, w: int) -> Tensor:
         """The position embeddings resampled to an ``h x w`` grid.
@@ -591,16 +628,18 @@ class PromptedViT(BaseModule):
         cacheable = not pos.requires_grad and \
             not torch.is_inference_mode_enabled()
         key = _tensors_state([pos])
-        hit = self._pos_embed_cache.get((h, w)) if cacheable else None
+        # The resampling mode is part of the key: it is a plain attribute.
+        entry = (h, w, self.pos_embed_antialias)
+        hit = self._pos_embed_cache.get(entry) if cacheable else None
         if hit is not None and hit[0] == key:
             return hit[1]
-        resampled = resample_abs_pos_embed(
-            pos, new_size=[h, w], old_size=list(self.pretrain_grid),
-            num_prefix_tokens=self.num_prefix_tokens)
+        resampled = resample_pos_embed(
+            pos, (h, w), num_prefix_tokens=self.num_prefix_tokens,
+            old_grid=self.pretrain_grid, antialias=self.pos_embed_antialias)
         if cacheable:
             if len(self._pos_embed_cache) >= 4:  # a few input sizes at most
                 self._pos_embed_cache.pop(next(iter(self._pos_embed_cache)))
-            self._pos_embed_cache[(h, w)] = (key, resampled)
+            self._pos_embed_cache[entry] = (key, resampled)
         return resampled
 
     def _block_needs_grad(self, index: int) -> bool:

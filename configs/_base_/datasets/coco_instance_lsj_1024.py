@@ -1,7 +1,12 @@
 # COCO 2017 instances with ViTDet's large-scale jitter at 1024x1024: random
-# resize of the long side to 0.1-2.0 x 1024, a 1024x1024 crop, flip, and
-# padding to 1024x1024 (pixel value 114); at test time the long side is
-# resized to 1024 and padded. The paper does not publish its input size.
+# resize of the long side to 0.1-2.0 x 1024, a 1024x1024 crop, flip; the
+# padding of training batches to 1024x1024 is done by the detector's data
+# preprocessor (`lsj_batch_pad` below, in mask_rcnn_bpt.py and
+# cascade_mask_rcnn_bpt.py), as in mmdet's own LSJ configs: a `Pad` in this
+# pipeline would write the padded size into `img_shape`, and the whitening
+# and statistics hooks could no longer leave the padding out (README,
+# "Whitening"). At test time the long side is resized to 1024 and padded
+# (pixel value 114). The paper does not publish its input size.
 _base_ = 'mmdet::_base_/datasets/coco_instance.py'
 
 image_size = (1024, 1024)
@@ -21,9 +26,11 @@ train_pipeline = [
         recompute_bbox=True,
         allow_negative_crop=True),
     dict(type='FilterAnnotations', min_gt_bbox_wh=(1e-2, 1e-2)),
-    dict(type='Pad', size=image_size, pad_val=dict(img=(114, 114, 114))),
     dict(type='PackDetInputs'),
 ]
+# Training batches padded to 1024x1024 after normalisation (value 0, the
+# mean colour, as detectron2's ViTDet pads), masks too.
+lsj_batch_pad = dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)
 test_pipeline = [
     dict(type='LoadImageFromFile', backend_args=_base_.backend_args),
     dict(type='Resize', scale=image_size, keep_ratio=True),

@@ -14,8 +14,10 @@
 custom_imports = dict(imports=['bpt_mm'], allow_failed_imports=False)
 
 # LayerNorm over channels for the convolutions of the RoI heads. 'LN2d' is
-# bpt_mm's LayerNorm2d (mmdet 3.3.0 has no such norm); eps as ViTDet.
-head_norm_cfg = dict(type='LN2d', eps=1e-6)
+# bpt_mm's LayerNorm2d (mmdet 3.3.0 has no such norm). No eps, as mmdet's
+# ViTDet config: mmcv's build_norm_layer then sets 1e-5, the eps ViTDet's
+# heads (and its pyramid, see SimpleFeaturePyramid's norm_eps) run with.
+head_norm_cfg = dict(type='LN2d')
 
 vit_b_backbone = dict(
     type='PromptedViT',

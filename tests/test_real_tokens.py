@@ -1,0 +1,139 @@
+"""Only real image tokens enter the statistics: padding patches are dropped."""
+import pytest
+import torch
+
+from bpt_mm.burstiness import kurtosis
+from bpt_mm.burstiness_analysis import analyse_backbone
+from bpt_mm.engine.prompt_stats_hook import prompt_statistics
+from bpt_mm.models import PromptedViT
+from bpt_mm.real_tokens import ImageBatch, real_patch_mask
+from bpt_mm.whitening import WhiteningStatistics, query_key_product
+from bpt_mm.whitening_collect import block_tokens, collect_whitening
+
+PATCH = 8
+
+
+def whitened_vit(seed: int = 0) -> PromptedViT:
+    torch.manual_seed(seed)
+    model = PromptedViT(
+        arch=dict(embed_dims=16, num_layers=2, num_heads=2, mlp_ratio=2.0),
+        img_size=32, patch_size=PATCH,
+        prompt=dict(type='WhitenedPrompt', num_tokens=2, tunable=False))
+    with torch.no_grad():
+        # Zero position embeddings: resampling them to the padded canvas
+        # would change the real tokens themselves (as in any ViTDet-style
+        # detector); that is the model, not the statistic under test.
+        model.pos_embed.zero_()
+    return model.eval()
+
+
+def padded(images, canvas):
+    """Images top-left on a zero canvas, as mmdet/mmseg preprocessors pad."""
+    out = torch.zeros(len(images), 3, *canvas)
+    for i, image in enumerate(images):
+        out[i, :, :image.shape[-2], :image.shape[-1]] = image
+    return ImageBatch(out, tuple(tuple(im.shape[-2:]) for im in images))
+
+
+def test_patch_mask_keeps_patches_that_overlap_the_image():
+    mask = real_patch_mask([(17, 8), (8, 24)], (4, 3), PATCH, 2)
+    assert mask.view(2, 4, 3).tolist() == [
+        [[True, False, False]] * 3 + [[False, False, False]],
+        [[True, True, True]] + [[False, False, False]] * 3]
+    assert real_patch_mask(None, (2, 2), PATCH, 3).all()
+    with pytest.raises(ValueError, match='2 entries for a batch of 3'):
+        real_patch_mask([(8, 8), (8, 8)], (2, 2), PATCH, 3)
+
+
+@pytest.mark.parametrize('tokens', ['patch', 'all'])
+def test_whitening_of_padded_batch_equals_unpadded(tokens, one_thread):
+    torch.manual_seed(1)
+    # Sizes that are not patch multiples: the partial patches are real.
+    images = [torch.randn(3, 28, 20), torch.randn(3, 20, 28),
+              torch.randn(3, 28, 20), torch.randn(3, 20, 28)]
+    statistics = WhiteningStatistics(tokens=tokens, eps=1e-6)
+
+    unpadded_model = whitened_vit()
+    unpadded = collect_whitening(
+        unpadded_model, [im.unsqueeze(0) for im in images], statistics,
+        num_images=4, allow_few_tokens=True)[0]
+    # One batch on a canvas twice the size of the largest image.
+    padded_model = whitened_vit()
+    batch = padded(images, (56, 56))
+    result = collect_whitening(padded_model, [batch], statistics,
+                               num_images=4, allow_few_tokens=True)[0]
+
+    per_image = 4 * 3 + (tokens == 'all')  # 28x20 px -> 4x3 patches
+    assert unpadded['num_tokens'] == result['num_tokens'] == 4 * per_image
+    assert unpadded['num_dropped_tokens'] == 0
+    assert result['num_dropped_tokens'] == 4 * (7 * 7 - 12)
+    torch.testing.assert_close(result['sigma'], unpadded['sigma'],
+                               rtol=1e-6, atol=1e-6 * float(
+                                   unpadded['sigma'].abs().max()))
+    torch.testing.assert_close(result['whitening'], unpadded['whitening'],
+                               rtol=1e-6, atol=1e-6 * float(
+                                   unpadded['whitening'].abs().max()))
+
+    # Without the sizes every patch of the canvas counts: another matrix.
+    naive = collect_whitening(whitened_vit(), [batch.images], statistics,
+                              num_images=4, allow_few_tokens=True)[0]
+    assert naive['num_tokens'] == 4 * (49 + (tokens == 'all'))
+    assert not torch.allclose(naive['sigma'], unpadded['sigma'], rtol=1e-3)
+
+
+def test_burstiness_and_prompt_statistics_drop_padding(one_thread):
+    torch.manual_seed(2)
+    images = [torch.randn(3, 24, 16), torch.randn(3, 16, 24)] * 2
+    batch = padded(images, (48, 48))
+    model = whitened_vit()
+
+    results = analyse_backbone(model, [batch], [0], num_images=4, eps=1e-3)
+    assert results[0]['num_tokens'] == 4 * 6
+    assert results[0]['num_dropped_tokens'] == 4 * (36 - 6)
+
+    # The prompt-logit kurtosis of the padded batch is that of the logits
+    # against the images' own tokens, each image run alone.
+    stats = prompt_statistics(model, batch.images, {},
+                              img_shapes=batch.img_shapes)
+    prompt = model.prompts['0']().detach()
+    product = query_key_product(model.blocks[0].attn.qkv.weight.detach())
+    with torch.no_grad():
+        rows = torch.cat([block_tokens(model, im.unsqueeze(0), [0])[0][0]
+                          for im in images])
+    assert rows.shape[0] == 4 * 6
+    assert stats['prompt_logit_kurtosis/block0'] == pytest.approx(
+        kurtosis(prompt @ product @ rows.T), rel=1e-5)
+    naive = prompt_statistics(model, batch.images, {})
+    assert naive['prompt_logit_kurtosis/block0'] != pytest.approx(
+        stats['prompt_logit_kurtosis/block0'], rel=1e-3)
+
+
+def test_prompt_stats_hook_takes_img_shape_from_the_batch(one_thread):
+    import logging
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from bpt_mm.engine import PromptStatsHook
+    torch.manual_seed(3)
+    images = [torch.randn(3, 24, 16), torch.randn(3, 16, 24)] * 2
+    batch = padded(images, (48, 48))
+    model = whitened_vit()
+    runner = SimpleNamespace(
+        iter=0, model=model, logger=logging.getLogger('test_real_tokens'),
+        message_hub=MessageHub.get_instance('test_real_tokens'))
+    hook = PromptStatsHook(interval=1)
+    hook.before_train(runner)
+    data_batch = dict(inputs=list(batch.images), data_samples=[
+        SimpleNamespace(metainfo=dict(img_shape=shape, pad_shape=(48, 48)))
+        for shape in batch.img_shapes])
+    hook.before_train_iter(runner, 0, data_batch)
+    with torch.no_grad():
+        model(batch.images)  # the training forward the hook captures
+    hook.after_train_iter(runner, 0, data_batch)
+    expected = prompt_statistics(model, batch.images, {},
+                                 img_shapes=batch.img_shapes)
+    assert hook.last == pytest.approx(expected, rel=1e-6)
+    naive = prompt_statistics(model, batch.images, {})
+    assert hook.last['prompt_logit_kurtosis/block0'] != pytest.approx(
+        naive['prompt_logit_kurtosis/block0'], rel=1e-3)
