@@ -494,7 +494,7 @@ def collect_whitening(backbone: 'PromptedViT',
     dim = backbone.embed_dims
     device = _module_device(backbone)
     was_training = backbone.training
-    cache: Optional[List[Tensor]] = [] if len(blocks) > 1 else None
+    cache: Optional[List[ImageBatch]] = [] if len(blocks) > 1 else None
     results: Dict[int, Dict[str, Any]] = {}
     backbone.eval()
     try:
@@ -629,7 +629,7 @@ def _gather_rows(rows: Tensor) -> Tensor:
 
 
 def collect_prototypes(backbone: 'PromptedViT',
-                       batches: Iterable[Tensor],
+                       batches: Iterable[Union[Tensor, ImageBatch]],
                        num_images: int = 100,
                        distributed: bool = True,
                        blocks: Optional[Sequence[int]] = None,
@@ -656,8 +656,9 @@ def collect_prototypes(backbone: 'PromptedViT',
 
     Args:
         backbone (PromptedViT): The backbone; its SPT prompts are modified.
-        batches (Iterable[Tensor]): Preprocessed image batches
-            ``(B, C, H, W)``; consumed once.
+        batches (Iterable[Tensor | ImageBatch]): Preprocessed image
+            batches ``(B, C, H, W)``, with each image's real size when
+            padded (padding patches are left out); consumed once.
         num_images (int): Images to use (per process). Defaults to 100.
         distributed (bool): Gather over ``torch.distributed`` processes
             when it is initialised. Defaults to True.
@@ -699,7 +700,7 @@ def collect_prototypes(backbone: 'PromptedViT',
     dim = backbone.embed_dims
     device = _module_device(backbone)
     was_training = backbone.training
-    cache: Optional[List[Tensor]] = [] if len(blocks) > 1 else None
+    cache: Optional[List[ImageBatch]] = [] if len(blocks) > 1 else None
     results: Dict[int, Dict[str, Any]] = {}
     backbone.eval()
     try:
@@ -715,10 +716,14 @@ def collect_prototypes(backbone: 'PromptedViT',
                     images = _limited_images(batches, num_images, device,
                                              cache) if position == 0 \
                         else cache
-                    for x in images:
-                        reservoir.update(prototype_tokens(backbone, x, block,
-                                                          source))
-                        n_img += x.shape[0]
+                    for batch in images:
+                        # Only real image tokens: padding patches would
+                        # become prototypes (see bpt_mm.real_tokens).
+                        tokens = prototype_tokens(backbone, batch.images,
+                                                  block, source)
+                        reservoir.update(real_rows(
+                            tokens, _patch_mask(backbone, batch)))
+                        n_img += batch.images.shape[0]
                 except Exception as exc:  # noqa: BLE001 (re-raised below)
                     error = exc
                 synchronise_errors(

@@ -8,7 +8,8 @@ from bpt_mm.engine.prompt_stats_hook import prompt_statistics
 from bpt_mm.models import PromptedViT
 from bpt_mm.real_tokens import ImageBatch, real_patch_mask
 from bpt_mm.whitening import WhiteningStatistics, query_key_product
-from bpt_mm.whitening_collect import block_tokens, collect_whitening
+from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
+                                      collect_whitening)
 
 PATCH = 8
 
@@ -79,6 +80,43 @@ def test_whitening_of_padded_batch_equals_unpadded(tokens, one_thread):
                               num_images=4, allow_few_tokens=True)[0]
     assert naive['num_tokens'] == 4 * (49 + (tokens == 'all'))
     assert not torch.allclose(naive['sigma'], unpadded['sigma'], rtol=1e-3)
+
+
+@pytest.mark.parametrize('depth,init', [('shallow', 'sample'),
+                                        ('deep', 'kmeans')])
+def test_spt_prototypes_of_padded_batch_equal_unpadded(depth, init,
+                                                       one_thread):
+    """SPT prototypes are drawn from real image tokens only: a padded batch
+    gives the prototypes of the unpadded images, bit for bit."""
+    torch.manual_seed(4)
+    images = [torch.randn(3, 28, 20), torch.randn(3, 20, 28)] * 2
+
+    def spt_vit():
+        torch.manual_seed(0)
+        model = PromptedViT(
+            arch=dict(embed_dims=16, num_layers=2, num_heads=2,
+                      mlp_ratio=2.0),
+            img_size=32, patch_size=PATCH,
+            prompt=dict(type='SPTPrompt', num_tokens=6, depth=depth,
+                        init=init))
+        with torch.no_grad():
+            model.pos_embed.zero_()  # as in whitened_vit()
+        return model.eval()
+
+    unpadded = collect_prototypes(spt_vit(), [im.unsqueeze(0)
+                                              for im in images],
+                                  num_images=4)
+    batch = padded(images, (56, 56))
+    result = collect_prototypes(spt_vit(), [batch], num_images=4)
+    naive = collect_prototypes(spt_vit(), [batch.images], num_images=4)
+    for block, expected in unpadded.items():
+        assert result[block]['num_tokens'] == expected['num_tokens'] == 48
+        # Without the sizes, the 4 * 37 padding patches are candidates.
+        assert naive[block]['num_tokens'] == 4 * 49
+    # Block 0's tokens do not depend on the canvas; above it, real tokens
+    # attend to the padding (the model, not the rule under test).
+    assert torch.equal(result[0]['prototypes'], unpadded[0]['prototypes'])
+    assert not torch.equal(naive[0]['prototypes'], unpadded[0]['prototypes'])
 
 
 def test_burstiness_and_prompt_statistics_drop_padding(one_thread):

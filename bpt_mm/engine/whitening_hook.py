@@ -454,16 +454,26 @@ class BPTWhiteningHook(Hook):
                 '`whitening_file`')
         self._warn_unused(logger, WHITENING_OPTIONS, 'SPT prototypes')
         start = time.perf_counter()
-        per_rank = math.ceil(self.num_images / get_world_size())
-        error = batches = None
+        error = batches = loader = None
         try:
-            batches = preprocessed_images(runner.model, get_loader())
+            loader = get_loader()
+            batches = preprocessed_batches(runner.model, loader)
         except Exception as exc:  # noqa: BLE001
             error = exc
         synchronise_errors(error, 'building the SPT prototype data loader')
+        # Distinct images, as for whitening (see _compute).
+        distinct = distinct_images_available(loader)
+        asked = self.num_images
+        if distinct is not None and distinct < asked:
+            logger.warning(
+                f'BPTWhiteningHook: `num_images` is {asked} but the training '
+                f'set has only {distinct} distinct images; the SPT '
+                f'prototypes use each of them once ({distinct} images)')
+            asked = distinct
+        per_rank = math.ceil(asked / get_world_size())
         logger.info(
             f'BPTWhiteningHook: computing SPT prototypes {when} for blocks '
-            f'{missing} from {self.num_images} training images ({per_rank} '
+            f'{missing} from {asked} training images ({per_rank} '
             f'per process), at most {self.prototype_tokens} tokens per block')
         results = collect_prototypes(
             backbone, batches, per_rank, distributed=True, blocks=missing,
