@@ -131,6 +131,32 @@ def test_whitening_never_overwrites_a_trained_projection(tmp_path):
         assert f.read() == before
 
 
+def test_spt_prototypes_never_overwrite_trained_prompt_tokens(tmp_path):
+    # VPT prompts trained for two iterations, then an SPT config loads them.
+    tmp = str(tmp_path / 'vpt')
+    toy_runner(tmp, dict(type='VPTPrompt', num_tokens=4), max_iters=2,
+               default_hooks=dict(checkpoint=dict(
+                   type='CheckpointHook', interval=2, by_epoch=False))
+               ).train()
+    path = osp.join(tmp, 'iter_2.pth')
+    with open(path, 'rb') as f:
+        before = f.read()
+    trained = torch.load(path, weights_only=True)[
+        'state_dict']['backbone.prompts.0.tokens']
+    runner = toy_runner(str(tmp_path / 'spt'),
+                        dict(type='SPTPrompt', num_tokens=4), max_iters=3,
+                        load_from=path,
+                        hooks=[dict(type='BPTWhiteningHook', num_images=4)])
+    with pytest.raises(RuntimeError) as info:
+        runner.train()
+    message = str(info.value)
+    assert 'blocks [0]' in message and 'prototypes_ready' in message
+    assert path in message and 'allow_identity_whitening=True' in message
+    assert torch.equal(runner.model.backbone.prompts['0'].tokens, trained)
+    with open(path, 'rb') as f:
+        assert f.read() == before
+
+
 # ---------------------------------------------------------------- item 5
 def test_whitening_state_follows_what_was_really_loaded():
     torch.manual_seed(0)

@@ -178,6 +178,32 @@ def refuse_overwriting_trained_projections(backbone, blocks: List[int],
         'whiten from scratch, start without this checkpoint')
 
 
+def refuse_overwriting_trained_prompts(backbone, blocks: List[int],
+                                       source: Optional[str] = None) -> None:
+    """Refuse to compute SPT prototypes over prompt tokens that came from
+    a checkpoint which does not mark them as prototypes (``prototypes_ready``
+    False or absent: a VPT checkpoint, or SPT trained from VPT's start):
+    the prototypes would replace trained weights.
+
+    Raises:
+        RuntimeError: Naming the blocks, the tensor and the ways out.
+    """
+    prompts = backbone.prompt_modules()
+    loaded = [i for i in blocks if getattr(
+        prompts[i], 'tokens_loaded_without_prototypes', False)]
+    if loaded:
+        raise RuntimeError(
+            f'BPTWhiteningHook: the checkpoint {source!r} holds the prompt '
+            f'tokens of blocks {loaded} (e.g. `backbone.prompts.'
+            f'{loaded[0]}.tokens`) but does not mark them as SPT '
+            'prototypes (`prototypes_ready` is False or absent): computing '
+            'prototypes now would overwrite trained weights. To use the '
+            'checkpoint as trained, remove BPTWhiteningHook from '
+            '`custom_hooks` and set '
+            '`model.backbone.prompt.allow_identity_whitening=True`; to '
+            'start SPT from prototypes, start without this checkpoint')
+
+
 @register_hook()
 class BPTWhiteningHook(Hook):
     """Compute the ZCA whitening of BPT prompts from training images.
@@ -445,6 +471,9 @@ class BPTWhiteningHook(Hook):
             logger.info('BPTWhiteningHook: SPT prototypes restored from '
                         f'checkpoint; skipping (blocks {needing})')
             return
+        refuse_overwriting_trained_prompts(backbone, missing,
+                                           getattr(runner, '_load_from',
+                                                   None))
         if self.whitening_file is not None:
             raise ValueError(
                 f'BPTWhiteningHook `whitening_file` '

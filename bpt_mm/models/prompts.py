@@ -233,6 +233,30 @@ class SPTPrompt(VPTPrompt):
         self.tokens.copy_(prototypes)
         self.prototypes_ready.fill_(True)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # As the whitened prompts do for their projection: `prototypes_ready`
+        # stays true to what was really loaded, and prompt tokens loaded
+        # without it (a VPT checkpoint, or SPT trained from the uniform
+        # start) are marked, so that prototypes never overwrite them.
+        incoming = state_dict.get(prefix + 'tokens')
+        fits = isinstance(incoming, torch.Tensor) and \
+            incoming.shape == self.tokens.shape
+        ready_before = self.prototypes_ready.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not fits:
+            self.prototypes_ready.copy_(ready_before)
+            return
+        self.tokens_loaded_without_prototypes = \
+            not bool(self.prototypes_ready)
+
+    #: Set on load: the prompt tokens came from a state dict that does not
+    #: mark them as prototypes (see ``_load_from_state_dict``).
+    tokens_loaded_without_prototypes: bool = False
+
 
 @PROMPTS.register_module()
 class WhitenedPrompt(BasePrompt):
