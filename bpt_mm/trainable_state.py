@@ -14,7 +14,6 @@ gap: it loads the backbone's pretrained weights when they are not in yet,
 checks the fingerprint, and fills the checkpoint's state dict back to a full
 one, or refuses with an error that says what is missing.
 """
-import hashlib
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from bpt_mm.models.checkpoint import CheckpointError
+from bpt_mm.models.frozen_state import EXTRA_STATE_KEY, frozen_extra_state
 from bpt_mm.models.vit import PromptedViT, find_prompted_backbone, unwrap_model
 
 #: Key of bpt_mm's record in ``checkpoint['meta']``.
@@ -40,18 +40,13 @@ def backbone_prefix(model: nn.Module, backbone: PromptedViT) -> str:
 
 
 def backbone_fingerprint(backbone: PromptedViT) -> str:
-    """SHA-256 over the frozen backbone tensors, keys in state-dict order.
+    """SHA-256 over the frozen backbone tensors, keys in state-dict order
+    (:meth:`PromptedViT.frozen_fingerprint`).
 
     Two backbones have the same fingerprint exactly when every frozen
     tensor has the same name, shape, dtype and bytes.
     """
-    digest = hashlib.sha256()
-    state = backbone.state_dict()
-    for key in backbone.frozen_state_keys():
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f'{key}:{tuple(tensor.shape)}:{tensor.dtype};'.encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return backbone.frozen_fingerprint()
 
 
 def _require_prompted_backbone(model: nn.Module, what: str) -> PromptedViT:
@@ -111,12 +106,17 @@ def strip_frozen_backbone(model: nn.Module,
     for key in backbone.frozen_state_keys():
         if state.pop(prefix + key, None) is not None:
             removed += 1
+    fingerprint = fingerprint or backbone_fingerprint(backbone)
+    # The record the module itself checks on any load (see
+    # bpt_mm.models.frozen_state); meta below is for the runner's hook.
+    state[prefix + EXTRA_STATE_KEY] = frozen_extra_state(
+        backbone.pretrained_checkpoint, fingerprint)
     meta = checkpoint.setdefault('meta', {})
     meta[META_KEY] = dict(
         trainable_only=True,
         backbone_prefix=prefix,
         backbone_checkpoint=os.fspath(backbone.pretrained_checkpoint),
-        backbone_fingerprint=fingerprint or backbone_fingerprint(backbone),
+        backbone_fingerprint=fingerprint,
         removed_keys=removed)
     return dict(removed=removed, bytes_before=before,
                 bytes_after=_tensor_bytes(state))
@@ -217,7 +217,7 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
     # not: a fine-tuned backbone missing from a checkpoint is as bad.
     own = list(backbone.state_dict())
     missing = [k for k in own if not k.startswith('prompts.')
-               and prefix + k not in state]
+               and k != EXTRA_STATE_KEY and prefix + k not in state]
     if not missing:
         return []
     # Checked before anything is loaded: weights that train cannot come

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.logging import MMLogger
-from mmengine.model import BaseModule, is_model_wrapper
+from mmengine.model import BaseModule, BaseTTAModel, is_model_wrapper
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
@@ -31,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 from bpt_mm.registry import PROMPTS, register_model
 from .attention import block_prompt_keys_values, prompted_block_forward
+from .frozen_state import (EXTRA_STATE_KEY, complete_frozen_state,
+                           frozen_extra_state, frozen_fingerprint,
+                           parse_extra_state)
 from .prompts import (BasePrompt, build_prompt, check_positive_int,
                       prompt_type_options)
 
@@ -114,6 +117,35 @@ def _check_img_size(img_size) -> None:
                          f'width) pair of positive ints, got {img_size!r}')
 
 
+#: Model zoos whose mmengine tables hold CNN weights only (no ViT): a
+#: `pretrained` from them is an mmseg base's default for its ResNet.
+_CNN_ZOOS = ('open-mmlab://', 'openmmlab://', 'torchvision://', 'modelzoo://')
+
+
+def _check_forwarded_pretrained(pretrained, init_cfg) -> None:
+    """Refuse at build a ``pretrained`` that cannot be this ViT's weights.
+
+    mmseg's segmentors pass ``model.pretrained`` to the backbone, and its
+    model bases set it for their ResNet (``'open-mmlab://resnet50_v1c'``):
+    a config that swaps in PromptedViT inherits it.
+    """
+    fix = ('set `model.pretrained=None` in the config (mmseg passes '
+           '`model.pretrained` to the backbone) and give the ViT weights as '
+           "`model.backbone.init_cfg=dict(type='Pretrained', "
+           "checkpoint=PATH)`")
+    if not isinstance(pretrained, str):
+        raise TypeError(f'`pretrained` must be a checkpoint path (str), got '
+                        f'{pretrained!r}')
+    if init_cfg is not None:
+        raise ValueError(f'PromptedViT got both `pretrained` '
+                         f'({pretrained!r}) and `init_cfg` ({init_cfg!r}); '
+                         f'{fix}')
+    if pretrained.startswith(_CNN_ZOOS):
+        raise ValueError(f'`pretrained` is {pretrained!r}, a CNN from a '
+                         f'model zoo (an mmseg base sets it for its ResNet), '
+                         f'not weights of this ViT: {fix}')
+
+
 def _normalise_indices(indices, num_layers: int, key: str) -> Tuple[int, ...]:
     """Turn ints or sequences of ints (negative allowed) into sorted indices."""
     if isinstance(indices, int) and not isinstance(indices, bool):
@@ -195,9 +227,13 @@ class PromptedViT(BaseModule):
               matrices were never computed (default False: refuse).
         init_cfg (dict, optional): ``dict(type='Pretrained',
             checkpoint=PATH)`` loads a timm/DeiT, MAE, MoCo v3, mmpretrain or
-            mmseg ViT checkpoint, detecting its layout.
+            mmseg ViT checkpoint, detecting its layout. ``PATH`` may also be
+            an ``https://`` URL or a model-zoo name as mmengine accepts them
+            (see :mod:`bpt_mm.models.checkpoint_source`).
         pretrained (str, optional): The same as ``init_cfg`` with that
             checkpoint; mmseg's segmentors pass their ``pretrained`` here.
+            A model-zoo CNN (an mmseg base's ``'open-mmlab://resnet50_v1c'``)
+            is refused at build.
 
     Examples:
         >>> import torch
@@ -228,9 +264,7 @@ class PromptedViT(BaseModule):
                  pretrained: Optional[str] = None) -> None:
         if pretrained is not None:
             # mmseg's EncoderDecoder hands its `pretrained` to the backbone.
-            if init_cfg is not None:
-                raise ValueError('give the checkpoint either as `pretrained` '
-                                 'or as `init_cfg`, not both')
+            _check_forwarded_pretrained(pretrained, init_cfg)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
         settings = _parse_arch(arch)
@@ -302,6 +336,12 @@ class PromptedViT(BaseModule):
         self._whitening_confirmed = False
         #: Set by :meth:`init_weights` once the pretrained weights are in.
         self.pretrained_loaded = False
+        # SHA-256 of the frozen weights, saved as extra state (see
+        # bpt_mm.models.frozen_state); None until known.
+        self._frozen_sha256: Optional[str] = None
+        # True while init_weights loads the pretrained file, whose state
+        # dict must not be completed from that same file.
+        self._loading_pretrained = False
         # Deep prompts' keys/values at inference (see _cached_prompt_kv);
         # not state: never saved, rebuilt on demand.
         self._prompt_kv_cache: Dict[int, tuple] = {}
@@ -450,6 +490,7 @@ class PromptedViT(BaseModule):
         if (isinstance(self.init_cfg, dict)
                 and self.init_cfg.get('type') == 'Pretrained'):
             from .checkpoint import load_pretrained
+            from .checkpoint_source import local_checkpoint
             unknown = set(self.init_cfg) - {'type', 'checkpoint'}
             if unknown:
                 raise ValueError(f'`init_cfg` of PromptedViT accepts keys '
@@ -458,10 +499,20 @@ class PromptedViT(BaseModule):
             if 'checkpoint' not in self.init_cfg:
                 raise ValueError("`init_cfg=dict(type='Pretrained')` needs "
                                  '`checkpoint`: the path of the weights')
-            load_pretrained(self, self.init_cfg['checkpoint'],
-                            logger=MMLogger.get_current_instance())
+            self._loading_pretrained = True
+            try:
+                load_pretrained(
+                    self, local_checkpoint(self.init_cfg['checkpoint']),
+                    logger=MMLogger.get_current_instance())
+            finally:
+                self._loading_pretrained = False
             self._is_init = True
             self.pretrained_loaded = True
+            # Hashed once here (frozen weights never change) so that every
+            # checkpoint records which backbone it was trained on.
+            self._frozen_sha256 = None
+            if self.frozen:
+                self._frozen_sha256 = self.frozen_fingerprint()
             return
         super().init_weights()
 
@@ -478,7 +529,50 @@ class PromptedViT(BaseModule):
         train: every key outside ``prompts.`` when ``frozen``, else none."""
         if not self.frozen:
             return []
-        return [k for k in self.state_dict() if not k.startswith('prompts.')]
+        return [k for k in self.state_dict()
+                if not k.startswith('prompts.') and k != EXTRA_STATE_KEY]
+
+    def frozen_fingerprint(self) -> str:
+        """SHA-256 of the frozen weights (:meth:`frozen_state_keys`, in
+        state-dict order); computed once and kept until a load changes
+        them."""
+        if self._frozen_sha256 is None:
+            self._frozen_sha256 = frozen_fingerprint(
+                self, self.frozen_state_keys())
+        return self._frozen_sha256
+
+    def get_extra_state(self) -> dict:
+        """Which pretrained file the frozen weights came from and their
+        SHA-256 (None when unknown or not frozen); saved with the weights
+        as ``_extra_state``."""
+        return frozen_extra_state(self.pretrained_checkpoint,
+                                  self._frozen_sha256 if self.frozen
+                                  else None)
+
+    def set_extra_state(self, state: dict) -> None:
+        """Checked only: the record describes the saved weights, which
+        :meth:`_load_from_state_dict` compares when it completes them."""
+        parse_extra_state(state, EXTRA_STATE_KEY)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A state dict without the frozen weights (a trainable-only
+        # checkpoint) is completed from the pretrained file or refused,
+        # whoever loads it: a non-strict load would otherwise keep random
+        # weights with nothing but a missing-key warning.
+        if not self._loading_pretrained:
+            complete_frozen_state(self, state_dict, prefix)
+        has_record = prefix + EXTRA_STATE_KEY in state_dict
+        if any(prefix + k in state_dict for k in self.frozen_state_keys()):
+            self._frozen_sha256 = None  # new frozen weights: hash anew
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not has_record and prefix + EXTRA_STATE_KEY in missing_keys:
+            # Pretrained files and checkpoints of earlier versions have no
+            # record; nothing is lost without one.
+            missing_keys.remove(prefix + EXTRA_STATE_KEY)
 
     def get_layer_depth(self, param_name: str,
                         prefix: str = '') -> Tuple[int, int]:
@@ -717,8 +811,11 @@ def _tensors_state(tensors) -> tuple:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside a DDP/FSDP wrapper (or the model itself)."""
-    return model.module if is_model_wrapper(model) else model
+    """The model inside a DDP/FSDP wrapper or a test-time-augmentation
+    model (``--tta``), or the model itself."""
+    if is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        return model.module
+    return model
 
 
 def find_prompted_backbone(model: nn.Module) -> Optional[PromptedViT]:
