@@ -81,10 +81,11 @@ def complete_frozen_state(backbone: nn.Module, state_dict: Dict[str, Any],
 
     The frozen tensors come from the backbone itself when it holds the ones
     the state dict was trained on (its fingerprint equals the recorded
-    one, or its pretrained file was loaded and nothing was recorded),
-    otherwise from the pretrained file its ``init_cfg`` names, which is
-    loaded now (``init_weights``) and checked against the recorded
-    fingerprint.
+    one, or its pretrained file was loaded), otherwise from the pretrained
+    file its ``init_cfg`` names or, without one, from the file the state
+    dict records (mmdet's ``init_detector`` and mmseg's ``init_model``
+    clear ``init_cfg``), which is loaded now and checked against the
+    recorded fingerprint.
 
     Args:
         backbone (PromptedViT): The module receiving ``state_dict``.
@@ -112,25 +113,40 @@ def complete_frozen_state(backbone: nn.Module, state_dict: Dict[str, Any],
     holds_them = backbone.pretrained_loaded or (
         expected is not None and backbone.frozen_fingerprint() == expected)
     if not holds_them:
-        source = backbone.pretrained_checkpoint
-        if source is None:
-            trained = f', trained on {trained_on!r}' if trained_on else ''
+        # init_cfg's file; else the recorded one, which mmdet's
+        # init_detector and mmseg's init_model need (they clear init_cfg):
+        # the fingerprint check below makes either safe.
+        source = backbone.pretrained_checkpoint or trained_on
+        if source is None or (source == trained_on and expected is None):
             raise CheckpointError(
                 f'the checkpoint has none of the {len(keys)} frozen backbone '
                 f'weights (e.g. {prefix + keys[0]!r}): it is a trainable-only '
-                f'checkpoint{trained}, and `model.backbone.init_cfg` names no '
-                f'pretrained file to take them from, so the backbone would '
-                f"run with random weights. Set model.backbone.init_cfg=dict("
-                f"type='Pretrained', checkpoint=PATH) to the backbone it was "
-                f'trained on, or make a full checkpoint with '
+                f'checkpoint, and neither it nor `model.backbone.init_cfg` '
+                f'names a pretrained file to take them from, so the backbone '
+                f"would run with random weights. Set model.backbone.init_cfg="
+                f"dict(type='Pretrained', checkpoint=PATH) to the backbone it "
+                f'was trained on, or make a full checkpoint with '
                 f'`python tools/merge_checkpoint.py CONFIG CHECKPOINT OUT` '
                 f'and load that')
-        backbone.init_weights()
+        try:
+            backbone.load_pretrained_file(source)
+        except (FileNotFoundError, CheckpointError) as exc:
+            where = ('`model.backbone.init_cfg` names'
+                     if source == backbone.pretrained_checkpoint
+                     else 'the checkpoint records')
+            raise CheckpointError(
+                f'the checkpoint has none of the {len(keys)} frozen backbone '
+                f'weights (a trainable-only checkpoint), and the pretrained '
+                f'file {where}, {source!r}, cannot be read ({exc}). Point '
+                f"model.backbone.init_cfg=dict(type='Pretrained', "
+                f'checkpoint=PATH) at that backbone, or make a full '
+                f'checkpoint with `python tools/merge_checkpoint.py CONFIG '
+                f'CHECKPOINT OUT` and load that') from exc
     if expected is not None:
         actual = backbone.frozen_fingerprint()
         if actual != expected:
             raise CheckpointError(
-                f'the pretrained backbone {backbone.pretrained_checkpoint!r} '
+                f'the pretrained backbone {backbone._pretrained_source!r} '
                 f'is not the one this checkpoint was trained on (recorded: '
                 f'{trained_on!r}): the SHA-256 of its frozen weights is '
                 f'{actual[:12]}..., the checkpoint expects {expected[:12]}...'

@@ -342,6 +342,9 @@ class PromptedViT(BaseModule):
         # True while init_weights loads the pretrained file, whose state
         # dict must not be completed from that same file.
         self._loading_pretrained = False
+        # The file load_pretrained_file read (init_cfg's, or the one a
+        # trainable-only checkpoint recorded).
+        self._pretrained_source: Optional[str] = None
         # Deep prompts' keys/values at inference (see _cached_prompt_kv);
         # not state: never saved, rebuilt on demand.
         self._prompt_kv_cache: Dict[int, tuple] = {}
@@ -489,8 +492,6 @@ class PromptedViT(BaseModule):
         """
         if (isinstance(self.init_cfg, dict)
                 and self.init_cfg.get('type') == 'Pretrained'):
-            from .checkpoint import load_pretrained
-            from .checkpoint_source import local_checkpoint
             unknown = set(self.init_cfg) - {'type', 'checkpoint'}
             if unknown:
                 raise ValueError(f'`init_cfg` of PromptedViT accepts keys '
@@ -499,22 +500,33 @@ class PromptedViT(BaseModule):
             if 'checkpoint' not in self.init_cfg:
                 raise ValueError("`init_cfg=dict(type='Pretrained')` needs "
                                  '`checkpoint`: the path of the weights')
-            self._loading_pretrained = True
-            try:
-                load_pretrained(
-                    self, local_checkpoint(self.init_cfg['checkpoint']),
-                    logger=MMLogger.get_current_instance())
-            finally:
-                self._loading_pretrained = False
+            self.load_pretrained_file(self.init_cfg['checkpoint'])
             self._is_init = True
-            self.pretrained_loaded = True
-            # Hashed once here (frozen weights never change) so that every
-            # checkpoint records which backbone it was trained on.
-            self._frozen_sha256 = None
-            if self.frozen:
-                self._frozen_sha256 = self.frozen_fingerprint()
             return
         super().init_weights()
+
+    def load_pretrained_file(self, checkpoint: str) -> None:
+        """Load pretrained ViT weights (any known layout; a local path, URL
+        or model-zoo name) and hash the frozen ones.
+
+        Args:
+            checkpoint (str): The file, as ``init_cfg`` would name it.
+        """
+        from .checkpoint import load_pretrained
+        from .checkpoint_source import local_checkpoint
+        self._loading_pretrained = True
+        try:
+            load_pretrained(self, local_checkpoint(checkpoint),
+                            logger=MMLogger.get_current_instance())
+        finally:
+            self._loading_pretrained = False
+        self.pretrained_loaded = True
+        self._pretrained_source = checkpoint
+        # Hashed once here (frozen weights never change) so that every
+        # checkpoint records which backbone it was trained on.
+        self._frozen_sha256 = None
+        if self.frozen:
+            self._frozen_sha256 = self.frozen_fingerprint()
 
     @property
     def pretrained_checkpoint(self) -> Optional[str]:
@@ -545,9 +557,9 @@ class PromptedViT(BaseModule):
         """Which pretrained file the frozen weights came from and their
         SHA-256 (None when unknown or not frozen); saved with the weights
         as ``_extra_state``."""
-        return frozen_extra_state(self.pretrained_checkpoint,
-                                  self._frozen_sha256 if self.frozen
-                                  else None)
+        return frozen_extra_state(
+            self._pretrained_source or self.pretrained_checkpoint,
+            self._frozen_sha256 if self.frozen else None)
 
     def set_extra_state(self, state: dict) -> None:
         """Checked only: the record describes the saved weights, which
