@@ -1,6 +1,7 @@
 """What ``tools/test.py``'s ``--out`` and ``--tta`` do to a config, as
 mmdet's and mmseg's own ``tools/test.py`` define them (``--show``,
-``--show-dir`` and ``--wait-time``: :func:`bpt_mm.launch.enable_visualization`).
+``--show-dir`` and ``--wait-time``: see
+:func:`bpt_mm.launch.enable_visualization`).
 
 * ``--out``: mmdet dumps the predictions to a pickle file
   (``DumpDetResults``), mmseg writes the predicted masks to a directory
