@@ -5,6 +5,7 @@ names through ``$MMENGINE_HOME/open_mmlab.json``, which mmengine reads for
 ``open-mmlab://`` names. A download is read by the same weights-only
 readers as a local file, so a pickle that would run code is refused.
 """
+import copy
 import functools
 import http.server
 import json
@@ -148,8 +149,10 @@ def test_mmseg_base_pretrained_is_refused_at_build(tmp_path):
     cfg = Config.fromfile(str(config))
     assert cfg.model.pretrained == 'open-mmlab://resnet50_v1c'
     init_default_scope('mmseg')
+    # (mmseg's EncoderDecoder writes `pretrained` into the backbone's
+    # config it is given: each build gets a copy)
     with pytest.raises(ValueError, match=r'model\.pretrained=None'):
-        MODELS.build(cfg.model)
+        MODELS.build(copy.deepcopy(cfg.model))
     cfg.model.pretrained = None
-    model = MODELS.build(cfg.model)
+    model = MODELS.build(copy.deepcopy(cfg.model))
     assert type(model.backbone).__name__ == 'PromptedViT'
