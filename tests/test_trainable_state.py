@@ -4,6 +4,7 @@ Small PromptedViT models in plain torch; the end-to-end use through
 tools/train.py, tools/test.py and tools/merge_checkpoint.py is in
 tests/test_tools.py.
 """
+import copy
 import os
 import pickle
 
@@ -57,6 +58,13 @@ def pretrained(tmp_path):
     return str(save_backbone(tmp_path / 'vit.pth', seed=1))
 
 
+def copy_state(model):
+    """A copy of the state dict: tensors cloned; the frozen backbone's
+    record (``backbone._extra_state``, a dict of strings) as it is."""
+    return {k: v.clone() if torch.is_tensor(v) else v
+            for k, v in model.state_dict().items()}
+
+
 def trained_checkpoint(pretrained):
     """A model with its pretrained backbone loaded and 'trained' heads."""
     model = Detector(pretrained)
@@ -65,8 +73,7 @@ def trained_checkpoint(pretrained):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.5)
-    ckpt = dict(meta=dict(iter=3), state_dict={
-        k: v.clone() for k, v in model.state_dict().items()})
+    ckpt = dict(meta=dict(iter=3), state_dict=copy_state(model))
     return model, ckpt
 
 
@@ -77,7 +84,8 @@ def test_strip_keeps_exactly_prompts_whitening_neck_and_heads(pretrained):
     info = strip_frozen_backbone(model, ckpt)
     kept = set(ckpt['state_dict'])
     assert kept == {k for k in full if not k.startswith('backbone.')
-                    or k.startswith('backbone.prompts.')}
+                    or k.startswith('backbone.prompts.')
+                    or k == 'backbone._extra_state'}  # the record
     assert 'backbone.prompts.0.whitening' in kept
     assert 'backbone.prompts.0.whitening_ready' in kept  # a buffer
     assert info['removed'] == len(full) - len(kept)
@@ -93,7 +101,7 @@ def test_strip_keeps_exactly_prompts_whitening_neck_and_heads(pretrained):
 
 def test_restore_on_a_fresh_model_loads_the_pretrained_backbone(pretrained):
     model, ckpt = trained_checkpoint(pretrained)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = copy_state(model)
     strip_frozen_backbone(model, ckpt)
     fresh = Detector(pretrained, seed=7)  # as Runner.test builds it
     assert not fresh.backbone.pretrained_loaded
@@ -101,10 +109,14 @@ def test_restore_on_a_fresh_model_loads_the_pretrained_backbone(pretrained):
     assert fresh.backbone.pretrained_loaded
     assert len(filled) == len(expected) - len(
         [k for k in expected if not k.startswith('backbone.')
-         or k.startswith('backbone.prompts.')])
+         or k.startswith('backbone.prompts.')
+         or k == 'backbone._extra_state'])
     fresh.load_state_dict(ckpt['state_dict'], strict=True)
     for key, value in fresh.state_dict().items():
-        assert torch.equal(value, expected[key]), key
+        if torch.is_tensor(value):
+            assert torch.equal(value, expected[key]), key
+        else:  # the backbone's record (extra state)
+            assert value == expected[key], key
 
 
 def test_restore_leaves_a_full_checkpoint_alone(pretrained):
@@ -117,7 +129,13 @@ def test_restore_leaves_a_full_checkpoint_alone(pretrained):
 def test_restore_without_a_pretrained_file_is_refused(pretrained):
     model, ckpt = trained_checkpoint(pretrained)
     strip_frozen_backbone(model, ckpt)
-    with pytest.raises(CheckpointError, match=r'names no pretrained') as err:
+    # without init_cfg: the file the checkpoint records, fingerprint checked
+    fresh = Detector(None)
+    restore_frozen_backbone(fresh, copy.deepcopy(ckpt))
+    assert fresh.backbone.pretrained_loaded
+    # and with that file gone: refused, naming it and the way out
+    os.rename(pretrained, pretrained + '.moved')
+    with pytest.raises(CheckpointError, match='merge_checkpoint') as err:
         restore_frozen_backbone(Detector(None), ckpt)
     assert pretrained in str(err.value)  # says which file it was
 

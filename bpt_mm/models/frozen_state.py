@@ -110,8 +110,9 @@ def complete_frozen_state(backbone: nn.Module, state_dict: Dict[str, Any],
                                prefix + EXTRA_STATE_KEY)
     expected = record['frozen_sha256']
     trained_on = record['pretrained_checkpoint']
+    actual = backbone.frozen_fingerprint() if expected is not None else None
     holds_them = backbone.pretrained_loaded or (
-        expected is not None and backbone.frozen_fingerprint() == expected)
+        expected is not None and actual == expected)
     if not holds_them:
         # init_cfg's file; else the recorded one, which mmdet's
         # init_detector and mmseg's init_model need (they clear init_cfg):
@@ -142,15 +143,15 @@ def complete_frozen_state(backbone: nn.Module, state_dict: Dict[str, Any],
                 f'checkpoint=PATH) at that backbone, or make a full '
                 f'checkpoint with `python tools/merge_checkpoint.py CONFIG '
                 f'CHECKPOINT OUT` and load that') from exc
-    if expected is not None:
-        actual = backbone.frozen_fingerprint()
-        if actual != expected:
-            raise CheckpointError(
-                f'the pretrained backbone {backbone._pretrained_source!r} '
-                f'is not the one this checkpoint was trained on (recorded: '
-                f'{trained_on!r}): the SHA-256 of its frozen weights is '
-                f'{actual[:12]}..., the checkpoint expects {expected[:12]}...'
-                f'; point model.backbone.init_cfg.checkpoint at that file')
+        if expected is not None:
+            actual = backbone.frozen_fingerprint()
+    if expected is not None and actual != expected:
+        raise CheckpointError(
+            f'the pretrained backbone {backbone._pretrained_source!r} '
+            f'is not the one this checkpoint was trained on (recorded: '
+            f'{trained_on!r}): the SHA-256 of its frozen weights is '
+            f'{actual[:12]}..., the checkpoint expects {expected[:12]}...'
+            f'; point model.backbone.init_cfg.checkpoint at that file')
     own = backbone.state_dict()
     for key in keys:
         state_dict[prefix + key] = own[key]

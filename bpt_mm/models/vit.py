@@ -337,7 +337,8 @@ class PromptedViT(BaseModule):
         #: Set by :meth:`init_weights` once the pretrained weights are in.
         self.pretrained_loaded = False
         # SHA-256 of the frozen weights, saved as extra state (see
-        # bpt_mm.models.frozen_state); None until known.
+        # bpt_mm.models.frozen_state): set when they are loaded from the
+        # pretrained file or from a state dict that records it.
         self._frozen_sha256: Optional[str] = None
         # True while init_weights loads the pretrained file, whose state
         # dict must not be completed from that same file.
@@ -545,13 +546,9 @@ class PromptedViT(BaseModule):
                 if not k.startswith('prompts.') and k != EXTRA_STATE_KEY]
 
     def frozen_fingerprint(self) -> str:
-        """SHA-256 of the frozen weights (:meth:`frozen_state_keys`, in
-        state-dict order); computed once and kept until a load changes
-        them."""
-        if self._frozen_sha256 is None:
-            self._frozen_sha256 = frozen_fingerprint(
-                self, self.frozen_state_keys())
-        return self._frozen_sha256
+        """SHA-256 of the frozen weights as they are now
+        (:meth:`frozen_state_keys`, in state-dict order)."""
+        return frozen_fingerprint(self, self.frozen_state_keys())
 
     def get_extra_state(self) -> dict:
         """Which pretrained file the frozen weights came from and their
@@ -577,7 +574,11 @@ class PromptedViT(BaseModule):
             complete_frozen_state(self, state_dict, prefix)
         has_record = prefix + EXTRA_STATE_KEY in state_dict
         if any(prefix + k in state_dict for k in self.frozen_state_keys()):
-            self._frozen_sha256 = None  # new frozen weights: hash anew
+            # Other frozen weights than the pretrained file's: the record
+            # is what the state dict says about them, if anything.
+            record = parse_extra_state(
+                state_dict.get(prefix + EXTRA_STATE_KEY), EXTRA_STATE_KEY)
+            self._frozen_sha256 = record['frozen_sha256']
         super()._load_from_state_dict(state_dict, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys,
                                       error_msgs)
