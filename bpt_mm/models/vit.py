@@ -137,9 +137,9 @@ def _check_forwarded_pretrained(pretrained, init_cfg) -> None:
         raise TypeError(f'`pretrained` must be a checkpoint path (str), got '
                         f'{pretrained!r}')
     if init_cfg is not None:
-        raise ValueError(f'PromptedViT got both `pretrained` '
-                         f'({pretrained!r}) and `init_cfg` ({init_cfg!r}); '
-                         f'{fix}')
+        raise ValueError(f'give the checkpoint either as `pretrained` or '
+                         f'as `init_cfg`, not both (got {pretrained!r} and '
+                         f'{init_cfg!r}): {fix}')
     if pretrained.startswith(_CNN_ZOOS):
         raise ValueError(f'`pretrained` is {pretrained!r}, a CNN from a '
                          f'model zoo (an mmseg base sets it for its ResNet), '
