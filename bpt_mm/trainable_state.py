@@ -161,6 +161,8 @@ def check_backbone_shapes(model: nn.Module, checkpoint: Dict[str, Any],
         if not key.startswith(prefix) or not isinstance(value, torch.Tensor):
             continue
         name = key[len(prefix):]
+        if name == EXTRA_STATE_KEY:
+            continue  # the record, not a weight (its length varies)
         if name in own and tuple(own[name].shape) != tuple(value.shape):
             raise CheckpointError(
                 f'checkpoint{where} is for another backbone: {key!r} has '

@@ -24,7 +24,7 @@ from mmengine.config import Config
 
 from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import CheckpointError
-from bpt_mm.models.frozen_state import EXTRA_STATE_KEY
+from bpt_mm.models.frozen_state import EXTRA_STATE_KEY, parse_extra_state
 from bpt_mm.trainable_state import strip_frozen_backbone
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -59,7 +59,7 @@ def test_module_completes_or_refuses_a_state_dict_without_frozen_weights(
     with torch.no_grad():
         trained.prompts['0'].tokens.normal_()  # 'trained' prompts
     full = trained.state_dict()
-    record = full[EXTRA_STATE_KEY]
+    record = parse_extra_state(full[EXTRA_STATE_KEY], EXTRA_STATE_KEY)
     assert record['pretrained_checkpoint'] == vit_file
     assert len(record['frozen_sha256']) == 64
     small = {k: v for k, v in full.items()

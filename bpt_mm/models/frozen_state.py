@@ -14,6 +14,7 @@ sits in the module's ``_load_from_state_dict``, it holds for strict and
 non-strict loads, inside DDP wrappers and without any hook.
 """
 import hashlib
+import json
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -45,30 +46,44 @@ def frozen_fingerprint(backbone: nn.Module, keys: List[str]) -> str:
 
 
 def frozen_extra_state(pretrained_checkpoint: Optional[str],
-                       fingerprint: Optional[str]) -> Dict[str, Any]:
-    """The extra-state record: plain strings (a weights-only load reads
-    it)."""
-    return dict(pretrained_checkpoint=None if pretrained_checkpoint is None
-                else str(pretrained_checkpoint),
-                frozen_sha256=fingerprint)
+                       fingerprint: Optional[str]) -> torch.Tensor:
+    """The extra-state record, as a uint8 tensor of JSON text.
+
+    A tensor, not a dict: mmengine's runner broadcasts every state-dict
+    entry between processes, and much code clones or compares them; a
+    weights-only load reads it like any tensor.
+    """
+    record = dict(pretrained_checkpoint=None if pretrained_checkpoint is None
+                  else str(pretrained_checkpoint),
+                  frozen_sha256=fingerprint)
+    data = json.dumps(record, sort_keys=True).encode()
+    return torch.tensor(list(data), dtype=torch.uint8)
 
 
 def parse_extra_state(state: Any, where: str) -> Dict[str, Optional[str]]:
-    """Check an extra-state record read from a checkpoint.
+    """Read an extra-state record (:func:`frozen_extra_state`) from a
+    checkpoint; None means no record.
 
     Raises:
-        CheckpointError: ``state`` is not a dict of the fields of
-            :func:`frozen_extra_state` with str or None values.
+        CheckpointError: ``state`` is not such a record.
     """
     if state is None:
         return dict.fromkeys(EXTRA_STATE_FIELDS)
-    if not isinstance(state, dict) or set(state) - set(EXTRA_STATE_FIELDS) \
+    record = None
+    if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 \
+            and state.dim() == 1:
+        try:
+            record = json.loads(bytes(state.tolist()).decode())
+        except ValueError:
+            record = None
+    if not isinstance(record, dict) or set(record) - set(EXTRA_STATE_FIELDS) \
             or any(v is not None and not isinstance(v, str)
-                   for v in state.values()):
+                   for v in record.values()):
         raise CheckpointError(
-            f'{where!r} must be a dict with keys {list(EXTRA_STATE_FIELDS)} '
-            f'and str or None values (written by bpt_mm), got {state!r}')
-    return {k: state.get(k) for k in EXTRA_STATE_FIELDS}
+            f'{where!r} must be bpt_mm\'s record of the frozen backbone (a '
+            f'uint8 tensor of JSON with keys {list(EXTRA_STATE_FIELDS)}), '
+            f'got {str(state)[:200]}')
+    return {k: record.get(k) for k in EXTRA_STATE_FIELDS}
 
 
 def complete_frozen_state(backbone: nn.Module, state_dict: Dict[str, Any],

@@ -550,15 +550,15 @@ class PromptedViT(BaseModule):
         (:meth:`frozen_state_keys`, in state-dict order)."""
         return frozen_fingerprint(self, self.frozen_state_keys())
 
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> Tensor:
         """Which pretrained file the frozen weights came from and their
-        SHA-256 (None when unknown or not frozen); saved with the weights
-        as ``_extra_state``."""
+        SHA-256 (None when unknown or not frozen), saved with the weights
+        as ``_extra_state`` (see :func:`frozen_extra_state`)."""
         return frozen_extra_state(
             self._pretrained_source or self.pretrained_checkpoint,
             self._frozen_sha256 if self.frozen else None)
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: Tensor) -> None:
         """Checked only: the record describes the saved weights, which
         :meth:`_load_from_state_dict` compares when it completes them."""
         parse_extra_state(state, EXTRA_STATE_KEY)
