@@ -136,8 +136,16 @@ def test_mmengine_load_checkpoint_completes_a_nested_backbone(
     model = Model()
     load_checkpoint(model, str(tmp_path / 'small.pth'), strict=True)
     x = torch.rand(1, 3, 32, 32)
+    expected = trained.eval().head(trained.backbone(x)[0])
     torch.testing.assert_close(model.eval().head(model.backbone(x)[0]),
-                               trained.eval().head(trained.backbone(x)[0]),
+                               expected, rtol=0, atol=0)
+    # inside a wrapper (keys under 'module.backbone.'), torch's own load
+    torch.manual_seed(6)
+    wrapped = torch.nn.DataParallel(Model())
+    wrapped.load_state_dict({'module.' + k: v for k, v in
+                             ckpt['state_dict'].items()}, strict=True)
+    inner = wrapped.module.eval()
+    torch.testing.assert_close(inner.head(inner.backbone(x)[0]), expected,
                                rtol=0, atol=0)
 
 
