@@ -389,29 +389,49 @@ def set_finite_check(cfg: Config, enabled: bool = True) -> None:
     cfg.custom_hooks = hooks
 
 
-def enable_visualization(cfg: Config, show_dir: str) -> None:
-    """Draw test predictions into ``show_dir`` (``--show-dir``).
+def enable_visualization(cfg: Config, show_dir: Optional[str] = None,
+                         show: bool = False, wait_time: float = 2.0) -> None:
+    """Draw test predictions (``--show``, ``--show-dir``, ``--wait-time``),
+    as mmdet's and mmseg's ``tools/test.py`` do.
 
-    mmdet's ``DetVisualizationHook`` and mmseg's ``SegVisualizationHook``
-    take the switch differently; both are handled.
+    mmdet's ``DetVisualizationHook`` saves the drawings under
+    ``<work_dir>/<timestamp>/<show_dir>``; for mmseg (whose tool makes
+    ``show_dir`` the visualizer's save directory, relative to the current
+    directory) they go to ``<work_dir>/<show_dir>``, so a relative
+    ``--show-dir`` means the same in both. An absolute ``show_dir`` stays
+    as it is. mmseg's hook draws every ``interval``-th batch only (50 by
+    default); here, as in mmdet, every prediction is drawn.
+
+    Args:
+        cfg (Config): The test config (``default_scope`` mmdet or mmseg).
+        show_dir (str, optional): Where the drawings go.
+        show (bool): Also show each drawing in a window.
+        wait_time (float): Seconds each shown drawing stays up.
 
     Raises:
-        ValueError: The config has no ``default_hooks.visualization``.
+        ValueError: The config has no ``default_hooks.visualization``, or
+            ``wait_time`` is negative.
     """
     hooks = cfg.get('default_hooks') or {}
     vis = hooks.get('visualization')
     if vis is None:
-        raise ValueError('--show-dir needs `default_hooks.visualization` '
-                         '(DetVisualizationHook or SegVisualizationHook) in '
-                         'the config')
+        raise ValueError('--show/--show-dir need `default_hooks.'
+                         'visualization` (DetVisualizationHook or '
+                         'SegVisualizationHook) in the config')
+    if not wait_time >= 0:
+        raise ValueError(f'--wait-time must be >= 0 seconds, got '
+                         f'{wait_time}')
     vis['draw'] = True
+    if show:
+        vis['show'] = True
+        vis['wait_time'] = wait_time
     if cfg.default_scope == 'mmdet':
-        vis['test_out_dir'] = osp.abspath(show_dir)
+        if show_dir:
+            vis['test_out_dir'] = show_dir
     else:
-        # SegVisualizationHook draws every `interval`-th batch only (50 by
-        # default); --show-dir means every prediction, as in mmdet.
         vis['interval'] = 1
-        cfg.visualizer['save_dir'] = osp.abspath(show_dir)
+        if show_dir:
+            cfg.visualizer['save_dir'] = osp.join(cfg.work_dir, show_dir)
 
 
 def _dataset_paths(dataset: Any, key: str) -> List[Tuple[str, str, str]]:

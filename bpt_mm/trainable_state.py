@@ -14,7 +14,6 @@ gap: it loads the backbone's pretrained weights when they are not in yet,
 checks the fingerprint, and fills the checkpoint's state dict back to a full
 one, or refuses with an error that says what is missing.
 """
-import hashlib
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,6 +21,8 @@ import torch
 import torch.nn as nn
 
 from bpt_mm.models.checkpoint import CheckpointError
+from bpt_mm.models.frozen_state import (EXTRA_STATE_KEY, complete_frozen_state,
+                                        frozen_extra_state)
 from bpt_mm.models.vit import PromptedViT, find_prompted_backbone, unwrap_model
 
 #: Key of bpt_mm's record in ``checkpoint['meta']``.
@@ -40,18 +41,13 @@ def backbone_prefix(model: nn.Module, backbone: PromptedViT) -> str:
 
 
 def backbone_fingerprint(backbone: PromptedViT) -> str:
-    """SHA-256 over the frozen backbone tensors, keys in state-dict order.
+    """SHA-256 over the frozen backbone tensors, keys in state-dict order
+    (:meth:`PromptedViT.frozen_fingerprint`).
 
     Two backbones have the same fingerprint exactly when every frozen
     tensor has the same name, shape, dtype and bytes.
     """
-    digest = hashlib.sha256()
-    state = backbone.state_dict()
-    for key in backbone.frozen_state_keys():
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f'{key}:{tuple(tensor.shape)}:{tensor.dtype};'.encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return backbone.frozen_fingerprint()
 
 
 def _require_prompted_backbone(model: nn.Module, what: str) -> PromptedViT:
@@ -111,12 +107,17 @@ def strip_frozen_backbone(model: nn.Module,
     for key in backbone.frozen_state_keys():
         if state.pop(prefix + key, None) is not None:
             removed += 1
+    fingerprint = fingerprint or backbone_fingerprint(backbone)
+    # The record the module itself checks on any load (see
+    # bpt_mm.models.frozen_state); meta below is for the runner's hook.
+    state[prefix + EXTRA_STATE_KEY] = frozen_extra_state(
+        backbone.pretrained_checkpoint, fingerprint)
     meta = checkpoint.setdefault('meta', {})
     meta[META_KEY] = dict(
         trainable_only=True,
         backbone_prefix=prefix,
         backbone_checkpoint=os.fspath(backbone.pretrained_checkpoint),
-        backbone_fingerprint=fingerprint or backbone_fingerprint(backbone),
+        backbone_fingerprint=fingerprint,
         removed_keys=removed)
     return dict(removed=removed, bytes_before=before,
                 bytes_after=_tensor_bytes(state))
@@ -160,6 +161,8 @@ def check_backbone_shapes(model: nn.Module, checkpoint: Dict[str, Any],
         if not key.startswith(prefix) or not isinstance(value, torch.Tensor):
             continue
         name = key[len(prefix):]
+        if name == EXTRA_STATE_KEY:
+            continue  # the record, not a weight (its length varies)
         if name in own and tuple(own[name].shape) != tuple(value.shape):
             raise CheckpointError(
                 f'checkpoint{where} is for another backbone: {key!r} has '
@@ -180,12 +183,13 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
                             source: Optional[str] = None) -> List[str]:
     """Make ``checkpoint`` whole again before it is loaded into ``model``.
 
-    When the checkpoint lacks frozen backbone keys (a trainable-only
-    checkpoint, or any checkpoint missing them), the backbone's pretrained
-    weights are loaded from ``init_cfg`` unless they are in already (as in
-    training, after ``init_weights``), checked against the recorded
-    fingerprint, and copied into ``checkpoint['state_dict']``. A full
-    checkpoint is left as it is.
+    A trainable-only checkpoint (no frozen backbone key, a record of the
+    backbone it was trained on) is completed by the module's own rule,
+    :func:`bpt_mm.models.frozen_state.complete_frozen_state`. When only
+    some frozen keys are missing, the backbone's pretrained weights are
+    loaded from ``init_cfg`` unless they are in already (as in training,
+    after ``init_weights``) and copied into ``checkpoint['state_dict']``.
+    A full checkpoint is left as it is.
 
     Args:
         model (nn.Module): The model about to receive the checkpoint.
@@ -217,7 +221,7 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
     # not: a fine-tuned backbone missing from a checkpoint is as bad.
     own = list(backbone.state_dict())
     missing = [k for k in own if not k.startswith('prompts.')
-               and prefix + k not in state]
+               and k != EXTRA_STATE_KEY and prefix + k not in state]
     if not missing:
         return []
     # Checked before anything is loaded: weights that train cannot come
@@ -228,37 +232,39 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
             f'the checkpoint lacks backbone weights that train in this model '
             f'(e.g. {prefix + trained[0]!r}); they cannot come from the '
             f'pretrained file')
+    frozen = backbone.frozen_state_keys()
+    if len(missing) == len(frozen) and (
+            record or prefix + EXTRA_STATE_KEY in state):
+        # A trainable-only checkpoint: the module's own rule (which also
+        # serves loads without this hook). Checkpoints written before the
+        # module kept the record as extra state have it in meta only.
+        state.setdefault(prefix + EXTRA_STATE_KEY, frozen_extra_state(
+            record.get('backbone_checkpoint'),
+            record.get('backbone_fingerprint')))
+        filled = complete_frozen_state(backbone, state, prefix)
+        if logger is not None:
+            logger.info(f'restored {len(filled)} frozen backbone tensors '
+                        f'from {backbone._pretrained_source!r} into the '
+                        f'checkpoint (trainable-only: True)')
+        return filled
     if not backbone.pretrained_loaded:
         if backbone.pretrained_checkpoint is None:
-            what = ' (it holds trainable weights only)' if record else ''
-            trained_on = record.get('backbone_checkpoint')
-            hint = f' ({trained_on!r})' if trained_on else ''
             raise CheckpointError(
                 f'the checkpoint has no weights for {len(missing)} backbone '
-                f'keys, e.g. {prefix + missing[0]!r}{what}, and '
+                f'keys, e.g. {prefix + missing[0]!r}, and '
                 f'`model.backbone.init_cfg` names no pretrained checkpoint '
                 f"to take them from. Set init_cfg=dict(type='Pretrained', "
-                f'checkpoint=PATH) to the backbone it was trained on{hint}, '
-                f'or load a full checkpoint (tools/merge_checkpoint.py '
-                f'makes one)')
+                f'checkpoint=PATH) to the backbone it was trained on, or '
+                f'load a full checkpoint (tools/merge_checkpoint.py makes '
+                f'one)')
         backbone.init_weights()
-    expected = record.get('backbone_fingerprint')
-    if expected is not None:
-        actual = backbone_fingerprint(backbone)
-        if actual != expected:
-            raise CheckpointError(
-                f'the pretrained backbone {backbone.pretrained_checkpoint!r} '
-                f'is not the one this checkpoint was trained on (recorded '
-                f"{record.get('backbone_checkpoint')!r}): the SHA-256 of its "
-                f'frozen weights is {actual[:12]}..., the checkpoint expects '
-                f'{expected[:12]}...')
     backbone_state = backbone.state_dict()
     for key in missing:
         state[prefix + key] = backbone_state[key].detach().clone()
     if logger is not None:
         logger.info(f'restored {len(missing)} frozen backbone tensors from '
                     f'{backbone.pretrained_checkpoint!r} into the checkpoint '
-                    f'(trainable-only: {bool(record)})')
+                    f'(trainable-only: False)')
     return [prefix + k for k in missing]
 
 

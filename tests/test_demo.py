@@ -13,7 +13,9 @@ def test_demo_schedule_reaches_a_positive_box_ap(tmp_path):
     out = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'demo.py'), '--work-dir',
          str(work_dir), '--data-root', str(tmp_path / 'data')],
-        capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
+        # No time limit of its own: on a loaded machine the schedule can
+        # take many minutes (the suite's own limit applies).
+        capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     # whitening ran before training (the tiny config whitening-initialises B)
     assert 'BPTWhiteningHook: computing whitening' in out.stdout + out.stderr

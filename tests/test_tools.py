@@ -4,6 +4,7 @@ generated data, on the CPU."""
 import glob
 import os
 import os.path as osp
+import pickle
 import re
 import subprocess
 import sys
@@ -79,16 +80,28 @@ def test_tiny_config_trains_evaluates_and_tests(family, tiny_workspace,
     ckpt = work / 'iter_4.pth'
     assert ckpt.is_file()
 
-    show = tmp_path / 'show'
+    # --show-dir relative: under the work dir, as mmdet and mmseg put it
+    out = tmp_path / ('preds.pkl' if scope == 'mmdet' else 'preds')
     text = run(tool('test.py', config, ckpt, '--work-dir', tmp_path / 'test',
-                    '--show-dir', show), tiny_workspace)
+                    '--show-dir', 'show', '--out', out), tiny_workspace)
     test = last_metrics(text, 'test')
     # the same weights on the same images: the same numbers
     for key in METRICS[scope]:
         assert test[key] == val[key], key
-    drawn = [f for f in glob.glob(str(show / '**' / '*'), recursive=True)
+    drawn = [f for f in glob.glob(str(tmp_path / 'test' / '**' / 'show' /
+                                      '**' / '*'), recursive=True)
              if f.endswith(('.jpg', '.png'))]
-    assert drawn, f'--show-dir {show} holds no images'
+    assert drawn, f'--show-dir show: no images under {tmp_path / "test"}'
+    if scope == 'mmdet':  # --out: the predictions of the 8 images
+        with open(out, 'rb') as f:
+            assert len(pickle.load(f)) == 8
+    else:  # one predicted mask per image of the 4
+        assert len(glob.glob(str(out / '*.png'))) == 4
+        # --tta: the config's multi-scale, flipped test-time augmentation
+        text = run(tool('test.py', config, ckpt, '--work-dir',
+                        tmp_path / 'tta', '--tta'), tiny_workspace)
+        tta = last_metrics(text, 'test')
+        assert all(0.0 <= tta[k] <= 100.0 for k in METRICS[scope])
 
 
 def test_dist_train_two_processes_end_with_identical_weights(
@@ -331,11 +344,18 @@ def test_trainable_only_checkpoint_tests_merges_and_refuses(
                     tmp_path / 't2'), tiny_workspace)
     assert last_metrics(text, 'test')['aAcc'] == val['aAcc']
 
-    # the small checkpoint without a pretrained backbone: refused, never
-    # evaluated on a random one; with another backbone: refused
+    # the small checkpoint with a config without a pretrained backbone:
+    # completed from the file it recorded, whose fingerprint it checks ...
     text = run(tool('test.py', no_backbone, small, '--work-dir',
-                    tmp_path / 't3'), tiny_workspace, expect=1)
-    assert 'names no pretrained checkpoint' in text
+                    tmp_path / 't3'), tiny_workspace)
+    assert last_metrics(text, 'test')['aAcc'] == val['aAcc']
+    # ... and without that file: refused, never evaluated on a random one
+    os.rename(pretrained, tmp_path / 'moved.pth')
+    text = run(tool('test.py', no_backbone, small, '--work-dir',
+                    tmp_path / 't3b'), tiny_workspace, expect=1)
+    assert 'merge_checkpoint.py' in text and str(pretrained) in text
+    os.rename(tmp_path / 'moved.pth', pretrained)
+    # with another backbone: refused
     other = save_tiny_backbone(base, tmp_path / 'other.pth', seed=4)
     other_cfg = write_config(tmp_path, base, with_backbone(other),
                              'other.py')

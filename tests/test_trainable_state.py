@@ -4,6 +4,7 @@ Small PromptedViT models in plain torch; the end-to-end use through
 tools/train.py, tools/test.py and tools/merge_checkpoint.py is in
 tests/test_tools.py.
 """
+import copy
 import os
 import pickle
 
@@ -58,6 +59,10 @@ def pretrained(tmp_path):
     return str(save_backbone(tmp_path / 'vit.pth', seed=1))
 
 
+def copy_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def trained_checkpoint(pretrained):
     """A model with its pretrained backbone loaded and 'trained' heads."""
     model = Detector(pretrained)
@@ -66,8 +71,7 @@ def trained_checkpoint(pretrained):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.5)
-    ckpt = dict(meta=dict(iter=3), state_dict={
-        k: v.clone() for k, v in model.state_dict().items()})
+    ckpt = dict(meta=dict(iter=3), state_dict=copy_state(model))
     return model, ckpt
 
 
@@ -78,7 +82,8 @@ def test_strip_keeps_exactly_prompts_whitening_neck_and_heads(pretrained):
     info = strip_frozen_backbone(model, ckpt)
     kept = set(ckpt['state_dict'])
     assert kept == {k for k in full if not k.startswith('backbone.')
-                    or k.startswith('backbone.prompts.')}
+                    or k.startswith('backbone.prompts.')
+                    or k == 'backbone._extra_state'}  # the record
     assert 'backbone.prompts.0.whitening' in kept
     assert 'backbone.prompts.0.whitening_ready' in kept  # a buffer
     assert info['removed'] == len(full) - len(kept)
@@ -94,7 +99,7 @@ def test_strip_keeps_exactly_prompts_whitening_neck_and_heads(pretrained):
 
 def test_restore_on_a_fresh_model_loads_the_pretrained_backbone(pretrained):
     model, ckpt = trained_checkpoint(pretrained)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = copy_state(model)
     strip_frozen_backbone(model, ckpt)
     fresh = Detector(pretrained, seed=7)  # as Runner.test builds it
     assert not fresh.backbone.pretrained_loaded
@@ -102,7 +107,8 @@ def test_restore_on_a_fresh_model_loads_the_pretrained_backbone(pretrained):
     assert fresh.backbone.pretrained_loaded
     assert len(filled) == len(expected) - len(
         [k for k in expected if not k.startswith('backbone.')
-         or k.startswith('backbone.prompts.')])
+         or k.startswith('backbone.prompts.')
+         or k == 'backbone._extra_state'])
     fresh.load_state_dict(ckpt['state_dict'], strict=True)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, expected[key]), key
@@ -118,7 +124,13 @@ def test_restore_leaves_a_full_checkpoint_alone(pretrained):
 def test_restore_without_a_pretrained_file_is_refused(pretrained):
     model, ckpt = trained_checkpoint(pretrained)
     strip_frozen_backbone(model, ckpt)
-    with pytest.raises(CheckpointError, match=r'names no pretrained') as err:
+    # without init_cfg: the file the checkpoint records, fingerprint checked
+    fresh = Detector(None)
+    restore_frozen_backbone(fresh, copy.deepcopy(ckpt))
+    assert fresh.backbone.pretrained_loaded
+    # and with that file gone: refused, naming it and the way out
+    os.rename(pretrained, pretrained + '.moved')
+    with pytest.raises(CheckpointError, match='merge_checkpoint') as err:
         restore_frozen_backbone(Detector(None), ckpt)
     assert pretrained in str(err.value)  # says which file it was
 

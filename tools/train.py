@@ -26,7 +26,8 @@ from bpt_mm.launch import (AMP_DTYPES, add_common_arguments,  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Train a bpt_mm model')
+    parser = argparse.ArgumentParser(description='Train a bpt_mm model',
+                                     allow_abbrev=False)
     parser.add_argument('config', help='train config file path')
     add_common_arguments(parser, 'train_cfg.max_iters=20')
     parser.add_argument('--amp', action='store_true',

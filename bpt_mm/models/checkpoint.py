@@ -722,8 +722,16 @@ def load_pretrained(model: torch.nn.Module,
     """
     ckpt = load_checkpoint_file(path)
     state_dict, container = unwrap_state_dict(ckpt)
+    # A bpt_mm file's record of the backbone it was made from (module extra
+    # state, see bpt_mm.models.frozen_state) is not a weight.
+    records = sorted(k for k in state_dict
+                     if k.endswith(torch.nn.modules.module
+                                   ._EXTRA_STATE_KEY_SUFFIX))
+    for key in records:
+        state_dict.pop(key)
     layout = detect_layout(state_dict)
     converted, dropped = convert_to_timm_layout(state_dict, layout)
+    dropped = sorted(dropped + records)
 
     # Layouts whose converter does not already strip it (or a bare backbone
     # saved from a wrapper) may still carry 'backbone.'.

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.logging import MMLogger
-from mmengine.model import BaseModule, is_model_wrapper
+from mmengine.model import BaseModule, BaseTTAModel, is_model_wrapper
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
@@ -31,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 from bpt_mm.registry import PROMPTS, register_model
 from .attention import block_prompt_keys_values, prompted_block_forward
 from .checkpoint import resample_pos_embed
+from .frozen_state import (EXTRA_STATE_KEY, complete_frozen_state,
+                           frozen_extra_state, frozen_fingerprint,
+                           parse_extra_state)
 from .prompts import (BasePrompt, build_prompt, check_positive_int,
                       prompt_type_options)
 
@@ -135,6 +138,35 @@ def _check_layer_scale(value) -> Optional[float]:
     return float(value)
 
 
+#: Model zoos whose mmengine tables hold CNN weights only (no ViT): a
+#: `pretrained` from them is an mmseg base's default for its ResNet.
+_CNN_ZOOS = ('open-mmlab://', 'openmmlab://', 'torchvision://', 'modelzoo://')
+
+
+def _check_forwarded_pretrained(pretrained, init_cfg) -> None:
+    """Refuse at build a ``pretrained`` that cannot be this ViT's weights.
+
+    mmseg's segmentors pass ``model.pretrained`` to the backbone, and its
+    model bases set it for their ResNet (``'open-mmlab://resnet50_v1c'``):
+    a config that swaps in PromptedViT inherits it.
+    """
+    fix = ('set `model.pretrained=None` in the config (mmseg passes '
+           '`model.pretrained` to the backbone) and give the ViT weights as '
+           "`model.backbone.init_cfg=dict(type='Pretrained', "
+           "checkpoint=PATH)`")
+    if not isinstance(pretrained, str):
+        raise TypeError(f'`pretrained` must be a checkpoint path (str), got '
+                        f'{pretrained!r}')
+    if init_cfg is not None:
+        raise ValueError(f'give the checkpoint either as `pretrained` or '
+                         f'as `init_cfg`, not both (got {pretrained!r} and '
+                         f'{init_cfg!r}): {fix}')
+    if pretrained.startswith(_CNN_ZOOS):
+        raise ValueError(f'`pretrained` is {pretrained!r}, a CNN from a '
+                         f'model zoo (an mmseg base sets it for its ResNet), '
+                         f'not weights of this ViT: {fix}')
+
+
 def _normalise_indices(indices, num_layers: int, key: str) -> Tuple[int, ...]:
     """Turn ints or sequences of ints (negative allowed) into sorted indices."""
     if isinstance(indices, int) and not isinstance(indices, bool):
@@ -233,9 +265,13 @@ class PromptedViT(BaseModule):
               matrices were never computed (default False: refuse).
         init_cfg (dict, optional): ``dict(type='Pretrained',
             checkpoint=PATH)`` loads a timm/DeiT, MAE, MoCo v3, mmpretrain or
-            mmseg ViT checkpoint, detecting its layout.
+            mmseg ViT checkpoint, detecting its layout. ``PATH`` may also be
+            an ``https://`` URL or a model-zoo name as mmengine accepts them
+            (see :mod:`bpt_mm.models.checkpoint_source`).
         pretrained (str, optional): The same as ``init_cfg`` with that
             checkpoint; mmseg's segmentors pass their ``pretrained`` here.
+            A model-zoo CNN (an mmseg base's ``'open-mmlab://resnet50_v1c'``)
+            is refused at build.
 
     Examples:
         >>> import torch
@@ -270,9 +306,7 @@ class PromptedViT(BaseModule):
                  pretrained: Optional[str] = None) -> None:
         if pretrained is not None:
             # mmseg's EncoderDecoder hands its `pretrained` to the backbone.
-            if init_cfg is not None:
-                raise ValueError('give the checkpoint either as `pretrained` '
-                                 'or as `init_cfg`, not both')
+            _check_forwarded_pretrained(pretrained, init_cfg)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
         settings = _parse_arch(arch)
@@ -361,6 +395,16 @@ class PromptedViT(BaseModule):
         self._whitening_confirmed = False
         #: Set by :meth:`init_weights` once the pretrained weights are in.
         self.pretrained_loaded = False
+        # SHA-256 of the frozen weights, saved as extra state (see
+        # bpt_mm.models.frozen_state): set when they are loaded from the
+        # pretrained file or from a state dict that records it.
+        self._frozen_sha256: Optional[str] = None
+        # True while init_weights loads the pretrained file, whose state
+        # dict must not be completed from that same file.
+        self._loading_pretrained = False
+        # The file load_pretrained_file read (init_cfg's, or the one a
+        # trainable-only checkpoint recorded).
+        self._pretrained_source: Optional[str] = None
         # Deep prompts' keys/values at inference (see _cached_prompt_kv);
         # not state: never saved, rebuilt on demand.
         self._prompt_kv_cache: Dict[int, tuple] = {}
@@ -502,7 +546,6 @@ class PromptedViT(BaseModule):
         """
         if (isinstance(self.init_cfg, dict)
                 and self.init_cfg.get('type') == 'Pretrained'):
-            from .checkpoint import load_pretrained
             unknown = set(self.init_cfg) - {'type', 'checkpoint'}
             if unknown:
                 raise ValueError(f'`init_cfg` of PromptedViT accepts keys '
@@ -511,12 +554,33 @@ class PromptedViT(BaseModule):
             if 'checkpoint' not in self.init_cfg:
                 raise ValueError("`init_cfg=dict(type='Pretrained')` needs "
                                  '`checkpoint`: the path of the weights')
-            load_pretrained(self, self.init_cfg['checkpoint'],
-                            logger=MMLogger.get_current_instance())
+            self.load_pretrained_file(self.init_cfg['checkpoint'])
             self._is_init = True
-            self.pretrained_loaded = True
             return
         super().init_weights()
+
+    def load_pretrained_file(self, checkpoint: str) -> None:
+        """Load pretrained ViT weights (any known layout; a local path, URL
+        or model-zoo name) and hash the frozen ones.
+
+        Args:
+            checkpoint (str): The file, as ``init_cfg`` would name it.
+        """
+        from .checkpoint import load_pretrained
+        from .checkpoint_source import local_checkpoint
+        self._loading_pretrained = True
+        try:
+            load_pretrained(self, local_checkpoint(checkpoint),
+                            logger=MMLogger.get_current_instance())
+        finally:
+            self._loading_pretrained = False
+        self.pretrained_loaded = True
+        self._pretrained_source = checkpoint
+        # Hashed once here (frozen weights never change) so that every
+        # checkpoint records which backbone it was trained on.
+        self._frozen_sha256 = None
+        if self.frozen:
+            self._frozen_sha256 = self.frozen_fingerprint()
 
     @property
     def pretrained_checkpoint(self) -> Optional[str]:
@@ -531,7 +595,50 @@ class PromptedViT(BaseModule):
         train: every key outside ``prompts.`` when ``frozen``, else none."""
         if not self.frozen:
             return []
-        return [k for k in self.state_dict() if not k.startswith('prompts.')]
+        return [k for k in self.state_dict()
+                if not k.startswith('prompts.') and k != EXTRA_STATE_KEY]
+
+    def frozen_fingerprint(self) -> str:
+        """SHA-256 of the frozen weights as they are now
+        (:meth:`frozen_state_keys`, in state-dict order)."""
+        return frozen_fingerprint(self, self.frozen_state_keys())
+
+    def get_extra_state(self) -> Tensor:
+        """Which pretrained file the frozen weights came from and their
+        SHA-256 (None when unknown or not frozen), saved with the weights
+        as ``_extra_state`` (see :func:`frozen_extra_state`)."""
+        return frozen_extra_state(
+            self._pretrained_source or self.pretrained_checkpoint,
+            self._frozen_sha256 if self.frozen else None)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        """Checked only: the record describes the saved weights, which
+        :meth:`_load_from_state_dict` compares when it completes them."""
+        parse_extra_state(state, EXTRA_STATE_KEY)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A state dict without the frozen weights (a trainable-only
+        # checkpoint) is completed from the pretrained file or refused,
+        # whoever loads it: a non-strict load would otherwise keep random
+        # weights with nothing but a missing-key warning.
+        if not self._loading_pretrained:
+            complete_frozen_state(self, state_dict, prefix)
+        has_record = prefix + EXTRA_STATE_KEY in state_dict
+        if any(prefix + k in state_dict for k in self.frozen_state_keys()):
+            # Other frozen weights than the pretrained file's: the record
+            # is what the state dict says about them, if anything.
+            record = parse_extra_state(
+                state_dict.get(prefix + EXTRA_STATE_KEY), EXTRA_STATE_KEY)
+            self._frozen_sha256 = record['frozen_sha256']
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not has_record and prefix + EXTRA_STATE_KEY in missing_keys:
+            # Pretrained files and checkpoints of earlier versions have no
+            # record; nothing is lost without one.
+            missing_keys.remove(prefix + EXTRA_STATE_KEY)
 
     def get_layer_depth(self, param_name: str,
                         prefix: str = '') -> Tuple[int, int]:
@@ -779,8 +886,11 @@ def _tensors_state(tensors) -> tuple:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside a DDP/FSDP wrapper (or the model itself)."""
-    return model.module if is_model_wrapper(model) else model
+    """The model inside a DDP/FSDP wrapper or a test-time-augmentation
+    model (``--tta``), or the model itself."""
+    if is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        return model.module
+    return model
 
 
 def find_prompted_backbone(model: nn.Module) -> Optional[PromptedViT]:
