@@ -58,8 +58,11 @@ def config_path(name: str) -> str:
         FileNotFoundError: No such config; the message lists close names.
 
     Examples:
+        >>> import bpt_mm
         >>> from mmengine.config import Config
         >>> cfg = Config.fromfile(bpt_mm.config_path('mask_rcnn_bpt.py'))
+        >>> cfg.model.backbone.type
+        'PromptedViT'
     """
     folder = package_folder('configs')
     if not name.endswith('.py'):

@@ -127,9 +127,9 @@ def real_patch_mask(img_shapes: Optional[Sequence[Tuple[int, int]]],
 
     Examples:
         >>> real_patch_mask([(20, 9)], (3, 2), 8, 1).view(3, 2)
-        tensor([[ True,  True],
-                [ True,  True],
-                [ True,  True]])
+        tensor([[True, True],
+                [True, True],
+                [True, True]])
         >>> real_patch_mask([(8, 8)], (3, 2), 8, 1).view(3, 2)[:, 0]
         tensor([ True, False, False])
     """

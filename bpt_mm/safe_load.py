@@ -269,7 +269,12 @@ def load_weights_only(path: Union[str, os.PathLike],
             and why, and for a refused global, how to proceed.
 
     Examples:
-        >>> state = load_weights_only('vit.pth', what='pretrained checkpoint')
+        >>> import os.path as osp, tempfile
+        >>> path = osp.join(tempfile.mkdtemp(), 'vit.pth')
+        >>> torch.save({'pos_embed': torch.zeros(1, 5, 8)}, path)
+        >>> state = load_weights_only(path, what='pretrained checkpoint')
+        >>> state['pos_embed'].shape
+        torch.Size([1, 5, 8])
     """
     path = os.path.expanduser(os.fspath(path))
     check_torch_file(path, what)

@@ -65,9 +65,12 @@ def load_local_checkpoint(filename: str,
             be read; the message names the file and what to do.
 
     Examples:
-        >>> ckpt = load_local_checkpoint('work_dirs/x/iter_60.pth')
-        >>> sorted(ckpt)
-        ['message_hub', 'meta', 'optimizer', 'param_schedulers', 'state_dict']
+        >>> import os.path as osp, tempfile, torch
+        >>> path = osp.join(tempfile.mkdtemp(), 'iter_1.pth')
+        >>> torch.save({'meta': {'iter': 1}, 'state_dict': {'w': torch.ones(2)}},
+        ...            path)
+        >>> sorted(load_local_checkpoint(path))
+        ['meta', 'state_dict']
     """
     filename = osp.expanduser(filename)
     checkpoint = load_weights_only(filename, what='checkpoint',

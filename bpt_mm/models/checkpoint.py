@@ -116,8 +116,10 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
             never retried with ``weights_only=False``.
 
     Examples:
-        >>> ckpt = load_checkpoint_file('mae_pretrain_vit_base.pth')
-        >>> sorted(ckpt)
+        >>> import os.path as osp, tempfile
+        >>> path = osp.join(tempfile.mkdtemp(), 'vit.pth')
+        >>> torch.save({'model': {'pos_embed': torch.zeros(1, 5, 8)}}, path)
+        >>> sorted(load_checkpoint_file(path))
         ['model']
     """
     path = os.fspath(path)
@@ -157,6 +159,7 @@ def unwrap_state_dict(ckpt: Dict[str, Any]) -> Tuple[Dict[str, Tensor], str]:
         CheckpointError: No dict of tensors was found.
 
     Examples:
+        >>> t = torch.zeros(1, 5, 8)
         >>> sd, where = unwrap_state_dict({'model': {'pos_embed': t}})
         >>> where
         'model'
@@ -217,6 +220,7 @@ def detect_layout(state_dict: Dict[str, Tensor]) -> str:
             and some of the keys seen.
 
     Examples:
+        >>> w = torch.zeros(24, 8)
         >>> detect_layout({'backbone.layers.0.attn.attn.in_proj_weight': w})
         'mmseg'
     """
@@ -341,9 +345,17 @@ def convert_to_timm_layout(
         CheckpointError: ``layout`` is unknown or cannot be detected.
 
     Examples:
-        >>> sd, dropped = convert_to_timm_layout(mae_ckpt['model'])
-        >>> 'mask_token' in dropped, 'blocks.0.attn.qkv.weight' in sd
-        (True, True)
+        >>> from bpt_mm.models import PromptedViT
+        >>> vit = PromptedViT(arch=dict(embed_dims=16, num_layers=1,
+        ...                              num_heads=2), img_size=32,
+        ...                   patch_size=16)
+        >>> mae = {k: v for k, v in vit.state_dict().items()
+        ...        if not k.startswith('_')}  # an MAE pretraining file:
+        >>> mae.update(mask_token=torch.zeros(1, 1, 16),
+        ...            **{'decoder_embed.weight': torch.zeros(8, 16)})
+        >>> sd, dropped = convert_to_timm_layout(mae)
+        >>> dropped, 'blocks.0.attn.qkv.weight' in sd
+        (['decoder_embed.weight', 'mask_token'], True)
     """
     if layout is None:
         layout = detect_layout(state_dict)
@@ -716,7 +728,19 @@ def load_pretrained(model: torch.nn.Module,
             both shapes.
 
     Examples:
-        >>> info = load_pretrained(backbone, 'mae_pretrain_vit_base.pth')
+        >>> import os.path as osp, tempfile
+        >>> from bpt_mm.models import PromptedViT
+        >>> def vit():
+        ...     return PromptedViT(arch=dict(embed_dims=16, num_layers=1,
+        ...                                  num_heads=2), img_size=32,
+        ...                        patch_size=16)
+        >>> weights = {k: v for k, v in vit().state_dict().items()
+        ...            if not k.startswith('_')}
+        >>> weights.update(mask_token=torch.zeros(1, 1, 16),  # MAE's
+        ...                **{'decoder_embed.weight': torch.zeros(8, 16)})
+        >>> path = osp.join(tempfile.mkdtemp(), 'mae_pretrain.pth')
+        >>> torch.save({'model': weights}, path)
+        >>> info = load_pretrained(vit(), path)
         >>> info['layout'], info['missing']
         ('mae', [])
     """
