@@ -329,3 +329,31 @@ def test_pre_norm_is_stem_frozen_and_prompts_enter_after_it():
             model.cls_token, model.patch_embed(x).flatten(2).transpose(
                 1, 2)], 1) + model.pos_embed)
         torch.testing.assert_close(embedded, expected)
+
+
+# ------------------------------------------------- weights the file lacks
+def test_used_weights_missing_from_the_file_are_refused(tmp_path, one_thread):
+    """A checkpoint shallower than the model, or without the final norm a
+    ``final_norm=True`` model applies, would leave random (frozen) weights
+    in a backbone that reads as loaded: refused, naming keys and option."""
+    sd = random_state(0, patch_bias=True, pre_norm=False, layer_scale=False)
+    path = tmp_path / 'depth2.pth'
+    torch.save(sd, path)
+    deeper = dict(ARCH, num_layers=DEPTH + 1)
+    with pytest.raises(CheckpointError,
+                       match=r'blocks\.2\.attn\.qkv\.weight.*block\(s\) '
+                       r'\[2\].*num_layers=3'):
+        PromptedViT(arch=deeper, img_size=IMG, patch_size=PATCH,
+                    init_cfg=dict(type='Pretrained',
+                                  checkpoint=str(path))).init_weights()
+
+    no_norm = {k: v for k, v in sd.items() if not k.startswith('norm.')}
+    path = tmp_path / 'no_norm.pth'
+    torch.save(no_norm, path)
+    with pytest.raises(CheckpointError,
+                       match=r'norm\.weight.*`final_norm=False`'):
+        prompted_vit(path, final_norm=True)
+    # Without final_norm the norm is never used: the file loads exactly.
+    model = prompted_vit(path, final_norm=False)
+    x = torch.rand(2, 3, IMG, IMG)
+    assert_features_equal(model, reference_features(sd, x), x)

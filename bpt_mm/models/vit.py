@@ -511,12 +511,63 @@ class PromptedViT(BaseModule):
             if 'checkpoint' not in self.init_cfg:
                 raise ValueError("`init_cfg=dict(type='Pretrained')` needs "
                                  '`checkpoint`: the path of the weights')
-            load_pretrained(self, self.init_cfg['checkpoint'],
-                            logger=MMLogger.get_current_instance())
+            info = load_pretrained(self, self.init_cfg['checkpoint'],
+                                   logger=MMLogger.get_current_instance())
+            self._check_nothing_used_is_missing(
+                info['missing'], self.init_cfg['checkpoint'])
             self._is_init = True
             self.pretrained_loaded = True
             return
         super().init_weights()
+
+    def _check_nothing_used_is_missing(self, missing: Sequence[str],
+                                       path: str) -> None:
+        """Refuse a pretrained load that left weights of the forward at
+        their random initialisation.
+
+        ``load_pretrained`` only reports missing keys, as it serves any
+        timm-named module; for this backbone a missing block, patch
+        embedding or position embedding would be a random (and, when
+        ``frozen``, never trained) part of a model that reads as
+        "loaded". The final ``norm`` is the one exception: it is used
+        only with ``final_norm=True`` and the last block in
+        ``out_indices``, and MAE/mmseg checkpoints without it are loaded
+        with ``final_norm=False``.
+
+        Args:
+            missing (Sequence[str]): Model keys the file lacks (prompt keys
+                excluded), from :func:`load_pretrained`.
+            path (str): The checkpoint, for the message.
+
+        Raises:
+            CheckpointError: Some used weight is missing; the message names
+                the keys and the options to check.
+        """
+        from .checkpoint import CheckpointError
+        norm_used = self.final_norm and \
+            self.out_indices[-1] == self.num_layers - 1
+        used = [k for k in missing
+                if norm_used or not k.startswith('norm.')]
+        if not used:
+            return
+        shown = ', '.join(used[:12]) + (
+            f', ... (+{len(used) - 12})' if len(used) > 12 else '')
+        hints = []
+        blocks = sorted({int(k.split('.')[1]) for k in used
+                         if k.startswith('blocks.')})
+        if blocks:
+            hints.append(f'The file has no weights for block(s) {blocks}: '
+                         f'is `arch` (num_layers={self.num_layers}) the '
+                         f'checkpoint\'s depth?')
+        if any(k.startswith('norm.') for k in used):
+            hints.append('The file has no final norm: set '
+                         '`final_norm=False`')
+        raise CheckpointError(
+            f'checkpoint {path!r} leaves {len(used)} weight(s) of the '
+            f'backbone at their random initialisation: {shown}. '
+            + ' '.join(hints)
+            + (' ' if hints else '') + 'Refusing to build a backbone '
+            'that only looks pretrained.')
 
     @property
     def pretrained_checkpoint(self) -> Optional[str]:
