@@ -357,3 +357,16 @@ def test_used_weights_missing_from_the_file_are_refused(tmp_path, one_thread):
     model = prompted_vit(path, final_norm=False)
     x = torch.rand(2, 3, IMG, IMG)
     assert_features_equal(model, reference_features(sd, x), x)
+
+
+def test_register_tokens_are_refused_by_name(tmp_path, one_thread):
+    """timm's ``reg_tokens`` add a ``reg_token`` and lengthen ``pos_embed``;
+    the refusal names the register tokens, not the position-embedding
+    shape they change (which was checked first and said 'not square')."""
+    sd = random_state(0, patch_bias=True, pre_norm=False, layer_scale=False)
+    sd['reg_token'] = torch.zeros(1, 4, DIM)
+    sd['pos_embed'] = torch.cat([sd['pos_embed'], torch.zeros(1, 4, DIM)], 1)
+    path = tmp_path / 'reg.pth'
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r'no place for: reg_token'):
+        prompted_vit(path)

@@ -742,12 +742,9 @@ def load_pretrained(model: torch.nn.Module,
         dropped = sorted(dropped + ['cls_token'])
 
     check_tensor_limits(converted, model_sd, path)
-    resized = None
-    if 'pos_embed' in converted and 'pos_embed' in model_sd:
-        converted['pos_embed'], resized = _fit_pos_embed(
-            converted['pos_embed'], model_sd['pos_embed'], ckpt_has_cls,
-            model, model_sd)
-
+    # Which weights the file has is checked before any value is fitted:
+    # a part the model lacks (register tokens, q/k norms) is named as such,
+    # not as the position-embedding shape it also changes.
     mismatch = architecture_mismatch(list(converted), list(model_sd))
     if mismatch:
         raise CheckpointError(
@@ -764,6 +761,12 @@ def load_pretrained(model: torch.nn.Module,
             f'architecture PromptedViT was not built as (or cannot be); '
             f'loading without them would give other features than the '
             f'checkpoint\'s network')
+
+    resized = None
+    if 'pos_embed' in converted and 'pos_embed' in model_sd:
+        converted['pos_embed'], resized = _fit_pos_embed(
+            converted['pos_embed'], model_sd['pos_embed'], ckpt_has_cls,
+            model, model_sd)
 
     # In the model's order, so the first lines name the stem (cls_token,
     # pos_embed, patch_embed), which usually tells the story.

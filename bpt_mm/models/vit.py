@@ -561,7 +561,7 @@ class PromptedViT(BaseModule):
                          f'checkpoint\'s depth?')
         if any(k.startswith('norm.') for k in used):
             hints.append('The file has no final norm: set '
-                         '`final_norm=False`')
+                         '`final_norm=False`.')
         raise CheckpointError(
             f'checkpoint {path!r} leaves {len(used)} weight(s) of the '
             f'backbone at their random initialisation: {shown}. '
