@@ -558,7 +558,17 @@ def _fit_pos_embed(ckpt_pos: Tensor, model_pos: Tensor, ckpt_has_cls: bool,
         raise CheckpointError(
             f'pos_embed {tuple(ckpt_pos.shape)} has no position for the '
             f"model's class token (model pos_embed "
-            f'{tuple(model_pos.shape)})')
+            f'{tuple(model_pos.shape)}): the file comes from a ViT that adds '
+            f'the class token without a position (DeiT III, timm\'s '
+            f'no_embed_class); set `no_embed_class` to True')
+    if ckpt_prefix > model_prefix and 'cls_token' in model_sd:
+        # The model has a class token but no position for it: dropping the
+        # file's would change the class token's input, so refuse.
+        raise CheckpointError(
+            f'pos_embed {tuple(ckpt_pos.shape)} has a position for the '
+            f'class token, but the model is built without one (model '
+            f'pos_embed {tuple(model_pos.shape)}); set `no_embed_class` to '
+            f'False')
     if ckpt_prefix > model_prefix:
         # The model has no class token: drop its position, as mmpretrain
         # does for with_cls_token=False.

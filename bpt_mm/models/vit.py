@@ -188,6 +188,10 @@ class PromptedViT(BaseModule):
             (``align_corners=False``), as MAE's and ViTDet's code.
         class_token (bool): Whether the model has a class token. It stays
             first; prompts go between it and the patch tokens.
+        no_embed_class (bool): The position embedding covers the patch grid
+            only and the class token is added without one, as in DeiT III
+            (timm's ``no_embed_class=True``, FlexiViT). Defaults to False
+            (MAE, DeiT, mmpretrain, mmseg: the class token has a position).
         drop_path_rate (float): Stochastic depth rate, linear over depth.
         out_indices (int | sequence[int]): Blocks whose patch tokens are
             returned as ``B x C x H/p x W/p`` maps. Negative counts from the
@@ -258,6 +262,7 @@ class PromptedViT(BaseModule):
                  layer_scale_init_value: Optional[float] = None,
                  pos_embed_antialias: bool = False,
                  class_token: bool = True,
+                 no_embed_class: bool = False,
                  drop_path_rate: float = 0.,
                  out_indices: Union[int, Sequence[int]] = -1,
                  final_norm: bool = False,
@@ -293,6 +298,7 @@ class PromptedViT(BaseModule):
         for key, value in (('frozen', frozen), ('with_cp', with_cp),
                            ('final_norm', final_norm), ('qkv_bias', qkv_bias),
                            ('class_token', class_token),
+                           ('no_embed_class', no_embed_class),
                            ('patch_bias', patch_bias), ('pre_norm', pre_norm),
                            ('pos_embed_antialias', pos_embed_antialias)):
             _check_bool(value, key)
@@ -333,8 +339,12 @@ class PromptedViT(BaseModule):
         self.num_prefix_tokens = 1 if class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(
             1, 1, self.embed_dims)) if class_token else None
+        # Read by the checkpoint loader (as on timm's model): how many rows
+        # of pos_embed precede the grid.
+        self.no_embed_class = no_embed_class
+        self.num_pos_prefix = 0 if no_embed_class else self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(
-            1, self.num_prefix_tokens + self.patch_embed.num_patches,
+            1, self.num_pos_prefix + self.patch_embed.num_patches,
             self.embed_dims))
         # Linear stochastic-depth schedule (plain floats: works on the meta device).
         dpr = [drop_path_rate * i / max(self.num_layers - 1, 1)
@@ -664,6 +674,12 @@ class PromptedViT(BaseModule):
         pos = self.pos_embed
         if (h, w) != self.pretrain_grid:
             pos = self._resampled_pos_embed(h, w)
+        if self.no_embed_class:
+            # DeiT III: positions for the patches only, class token after.
+            x = x + pos
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+            return self.norm_pre(x), (h, w)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return self.norm_pre(x + pos), (h, w)
@@ -685,7 +701,7 @@ class PromptedViT(BaseModule):
         if hit is not None and hit[0] == key:
             return hit[1]
         resampled = resample_pos_embed(
-            pos, (h, w), num_prefix_tokens=self.num_prefix_tokens,
+            pos, (h, w), num_prefix_tokens=self.num_pos_prefix,
             old_grid=self.pretrain_grid, antialias=self.pos_embed_antialias)
         if cacheable:
             if len(self._pos_embed_cache) >= 4:  # a few input sizes at most
