@@ -264,3 +264,16 @@ def test_named_arch_list_is_left_to_torch_and_blank_list_is_unset():
     assert plan.action == 'build'
     assert plan.build_env['TORCH_CUDA_ARCH_LIST'] == '9.0'
     assert plan.key == BASE + '_cu130_sm90'
+
+
+@pytest.mark.parametrize('ops,gpus', [('auto', ()), ('cpu', ('9.0', )),
+                                      ('cpu', ()), ('auto', ('9.0', ))])
+def test_rocm_torch_stops_whatever_ops_are_asked(ops, gpus):
+    """mmcv's setup.py compiles HIP ops for any ROCm torch (with ROCm
+    installed), visible GPU or not, FORCE_CUDA=0 or not: a 'CPU' plan would
+    compile HIP ops and cache them under the CPU-only key."""
+    plan = decide(gpu_capabilities=gpus, torch_hip='6.2', requested_ops=ops,
+                  cached_keys=frozenset([BASE]))
+    assert plan.action == 'stop'
+    assert 'ROCm' in plan.message and 'HIP ops' in plan.message
+    assert 'existing OpenMMLab environment' in plan.message

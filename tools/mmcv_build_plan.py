@@ -231,6 +231,20 @@ def decide(facts: BuildFacts, base_key: str) -> BuildPlan:
                          f'{list(OPS_CHOICES)}, got '
                          f'{facts.requested_ops!r}')
     has_gpu = bool(facts.gpu_capabilities)
+    if facts.torch_hip is not None:
+        # mmcv 2.1's setup.py compiles HIP ops for any ROCm torch once ROCm
+        # is installed (`is_rocm_pytorch or torch.cuda.is_available() or
+        # FORCE_CUDA`), whether a GPU is visible or not and whatever
+        # FORCE_CUDA says: no plan of this set-up gives CPU ops there, and
+        # a HIP wheel must not be cached under the CPU-only key.
+        return _stop(base_key,
+                     f'torch is a ROCm build (HIP {facts.torch_hip}): '
+                     f"mmcv's setup.py compiles HIP ops for any ROCm torch "
+                     f'(BPT_MM_MMCV_OPS={facts.requested_ops} and '
+                     f'FORCE_CUDA=0 cannot stop it), which this set-up does '
+                     f'not build or cache; use a CPU or CUDA build of torch '
+                     f'(the set-up installs one into a fresh venv), '
+                     + _existing_env_hint() + '. Nothing was compiled.')
     if facts.requested_ops == 'cpu' or (facts.requested_ops == 'auto'
                                          and not has_gpu):
         note = ''
@@ -242,12 +256,6 @@ def decide(facts: BuildFacts, base_key: str) -> BuildPlan:
         return _cpu_plan(base_key, facts, hide_gpus=has_gpu, note=note)
 
     # From here on: CUDA ops, because a GPU is visible or they were asked for.
-    if facts.torch_hip is not None:
-        return _stop(base_key,
-                     f'torch is a ROCm build (HIP {facts.torch_hip}): this '
-                     f'set-up only builds mmcv for CUDA or the CPU; set '
-                     f'BPT_MM_MMCV_OPS=cpu for CPU ops, '
-                     + _existing_env_hint())
     if facts.torch_cuda is None:
         return _stop(base_key,
                      'BPT_MM_MMCV_OPS=cuda, but the installed torch is a '
