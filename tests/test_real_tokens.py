@@ -232,3 +232,21 @@ def test_pipeline_pad_is_refused_before_statistics():
         with pytest.raises(ValueError, match=r'pipeline pads images.*'
                            + re.escape(shown) + r'.*BatchFixedSizePad'):
             next(preprocessed_batches(model, loader))
+
+
+def test_prompt_stats_hook_refuses_a_pipeline_pad(one_thread):
+    """The hook reads ``img_shape`` from training batches: with a pipeline
+    ``Pad`` those are padded sizes, so it refuses before training."""
+    import logging
+    from types import SimpleNamespace
+
+    import mmdet.datasets.transforms  # noqa: F401
+    from mmdet.datasets.transforms import Pad
+
+    from bpt_mm.engine import PromptStatsHook
+    loader = torch.utils.data.DataLoader(_Listed([Pad(size_divisor=32)]))
+    runner = SimpleNamespace(iter=0, model=whitened_vit(),
+                             logger=logging.getLogger('test_real_tokens'),
+                             train_dataloader=loader)
+    with pytest.raises(ValueError, match=r'PromptStatsHook.*pipeline pads'):
+        PromptStatsHook(interval=1).before_train(runner)
