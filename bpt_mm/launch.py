@@ -325,6 +325,39 @@ def amp_dtype(requested: Optional[str] = None,
     return AMP_DTYPES[requested]
 
 
+def _configured_amp_dtype(configured: Any,
+                          blocker: Optional[str]) -> Any:
+    """Check a config's ``optim_wrapper.dtype`` as :func:`amp_dtype` checks
+    ``--amp-dtype``, and return it unchanged.
+
+    Args:
+        configured: ``optim_wrapper.dtype``: ``'float16'``, ``'bfloat16'``
+            or the torch dtype (what mmengine's ``AmpOptimWrapper`` takes).
+        blocker: Why the model cannot run bf16, or None.
+
+    Raises:
+        ValueError: Another value, or bf16 for a model with a blocker or on
+            a GPU without native bf16; the message names
+            ``optim_wrapper.dtype``.
+    """
+    name = str(configured).replace('torch.', '') if isinstance(
+        configured, (str, torch.dtype)) else None
+    if name not in AMP_DTYPES.values():
+        raise ValueError(f'optim_wrapper.dtype must be one of '
+                         f'{sorted(AMP_DTYPES.values())} for --amp, got '
+                         f'{configured!r}')
+    if name == 'bfloat16' and blocker is not None:
+        raise ValueError(f'optim_wrapper.dtype={configured!r}: {blocker}; '
+                         f"set it to 'float16' (or --amp-dtype fp16 without "
+                         f'it)')
+    if name == 'bfloat16' and not native_bf16():
+        raise ValueError(
+            f'optim_wrapper.dtype={configured!r}: '
+            f'{torch.cuda.get_device_name()} has no native bf16 (compute '
+            f"capability below 8.0); set it to 'float16'")
+    return configured
+
+
 def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
     """Switch the optimizer wrapper to mixed precision (``--amp``).
 
@@ -353,7 +386,10 @@ def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
                          f'config has {kind!r}')
     configured = cfg.optim_wrapper.get('dtype')
     if configured is not None and dtype is None:
-        chosen = configured
+        # The config's own dtype is kept, but under the same rules as a
+        # chosen one: a bf16 there would otherwise reach mmcv's RoIAlign (or
+        # an emulating GPU) and fail, or crawl, only once training runs.
+        chosen = _configured_amp_dtype(configured, bf16_blocker(cfg))
     else:
         chosen = amp_dtype(dtype, bf16_blocker(cfg))
         if configured is not None and configured != chosen:

@@ -14,9 +14,11 @@ for patch size ``p``; the class token is always real; prompts are never
 statistics tokens.
 
 Note: mmcv's pipeline transform ``Pad`` writes the padded size into
-``img_shape``; padding done there cannot be told from the image. Padding in
-the data preprocessor (``pad_size_divisor``, ``BatchFixedSizePad``) keeps
-``img_shape`` the real size.
+``img_shape``; padding done there cannot be told from the image, so a data
+set whose pipeline has one is refused by :func:`check_no_pipeline_padding`
+wherever token statistics are collected. Padding in the data preprocessor
+(``pad_size_divisor``, ``BatchFixedSizePad``) keeps ``img_shape`` the real
+size.
 """
 import numbers
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
@@ -25,7 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = ['ImageBatch', 'as_image_batch', 'img_shapes_of',
-           'real_patch_mask', 'real_rows']
+           'real_patch_mask', 'real_rows', 'pipeline_padding',
+           'check_no_pipeline_padding']
 
 #: ``(height, width)`` in pixels of the real content of each image.
 ImageShapes = Tuple[Tuple[int, int], ...]
@@ -166,3 +169,79 @@ def real_rows(tokens: Tensor, patch_mask: Tensor,
                       device=patch_mask.device)
     mask = torch.cat([lead, patch_mask], dim=1).to(tokens.device)
     return tokens[mask]
+
+
+def pipeline_padding(dataset: Any) -> List[str]:
+    """Where the pipelines of ``dataset`` pad images with mmcv's ``Pad``
+    (mmdet's ``Pad`` included), which makes ``img_shape`` the padded size.
+
+    Data-set wrappers (``dataset``/``datasets`` attributes: Repeat, Concat,
+    ClassBalanced, MultiImageMix) and nested transforms (``transforms``
+    attributes: RandomChoice, RandomApply, Compose) are walked.
+
+    Args:
+        dataset: A built data set, or None.
+
+    Returns:
+        list[str]: One ``'<data set class>.pipeline: Pad(...)'`` per
+        padding transform; empty when there is none or mmcv is absent.
+    """
+    try:
+        from mmcv.transforms import Pad
+    except ImportError:  # no mmcv: no mmcv pipeline either
+        return []
+    found: List[str] = []
+    seen = set()
+
+    def transforms_of(node: Any, where: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, Pad):
+            found.append(f'{where}: {node!r}')
+            return
+        children = getattr(node, 'transforms', None)
+        if isinstance(node, (list, tuple)):
+            children = node
+        if isinstance(children, (list, tuple)):
+            for child in children:
+                transforms_of(child, where)
+
+    def datasets_of(node: Any) -> None:
+        if node is None or id(node) in seen:
+            return
+        seen.add(id(node))
+        pipeline = getattr(node, 'pipeline', None)
+        if pipeline is not None:
+            transforms_of(pipeline, f'{type(node).__name__}.pipeline')
+        datasets_of(getattr(node, 'dataset', None))
+        for child in getattr(node, 'datasets', None) or ():
+            datasets_of(child)
+
+    datasets_of(dataset)
+    return found
+
+
+def check_no_pipeline_padding(dataset: Any, what: str) -> None:
+    """Refuse to collect token statistics from a data set that pads in its
+    pipeline: every sample's ``img_shape`` would be the padded size, so the
+    padding patches would count as image tokens, unseen.
+
+    Args:
+        dataset: A built data set, or None (nothing to check).
+        what: What the tokens are collected for, for the message.
+
+    Raises:
+        ValueError: The pipeline has a ``Pad``; the message names it and
+            says where the padding belongs instead.
+    """
+    pads = pipeline_padding(dataset)
+    if pads:
+        raise ValueError(
+            f'{what}: the data pipeline pads images ({"; ".join(pads)}), '
+            'which writes the padded size into `img_shape`, so padding '
+            'patches would be counted as image tokens. Remove `Pad` from '
+            'the training pipeline and pad in the data preprocessor '
+            'instead (`pad_size_divisor`, or `batch_augments=[dict('
+            "type='BatchFixedSizePad', size=...)]`), as mmdet's and "
+            "bpt_mm's detector configs do")

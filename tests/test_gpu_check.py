@@ -76,3 +76,24 @@ def test_unknown_argument_is_refused(tmp_path):
     out = _run(tmp_path, '--amp')
     assert out.returncode == 2
     assert "unknown argument '--amp'" in out.stderr
+
+
+def test_relative_out_and_python_are_taken_from_the_callers_folder(
+        tmp_path):
+    """``--out results`` run from another folder means that folder's
+    ``results``, not one inside the clone; so does a relative PYTHON."""
+    link = tmp_path / 'py'
+    link.symlink_to(sys.executable)
+    out = subprocess.run(
+        ['bash', SCRIPT, '--dry-run', '--out', 'results'],
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHON='./py'))
+    assert out.returncode == 0, out.stderr
+    logs = re.findall(r'log: (.*)$', out.stdout, flags=re.M)
+    assert logs and all(
+        log.startswith(str(tmp_path / 'results') + '/') for log in logs)
+    steps = re.findall(r'^\[gpu_check\] \w+ \(limit \d+ s\): (.*)$',
+                       out.stdout, flags=re.M)
+    assert steps and all(
+        shlex.split(line)[0] == str(tmp_path) + '/./py' for line in steps)
+    assert not osp.exists(osp.join(ROOT, 'results'))

@@ -111,3 +111,27 @@ def test_gpus_get_nccl_and_one_process_each(monkeypatch):
     monkeypatch.setenv('LOCAL_RANK', '2')
     with pytest.raises(RuntimeError, match='this node has 2 GPU'):
         launch.setup_launcher(Config(dict()), 'pytorch')
+
+
+def test_a_configured_amp_dtype_is_checked_like_the_option(monkeypatch):
+    """A config's own ``optim_wrapper.dtype`` is kept under --amp, but not a
+    bf16 that mmcv's RoIAlign (no bf16 CUDA kernel) or a GPU without native
+    bf16 could not run, nor a value AmpOptimWrapper does not take; each is
+    refused naming ``optim_wrapper.dtype`` before training."""
+    fake_gpus(monkeypatch, native_bf16=True)
+    tiny = osp.join(ROOT, 'configs', 'tiny')
+    mask_rcnn = Config.fromfile(osp.join(tiny, 'mask_rcnn_bpt_tiny.py'))
+    mask_rcnn.optim_wrapper.dtype = 'bfloat16'
+    with pytest.raises(ValueError, match=r"optim_wrapper\.dtype='bfloat16'"
+                       r".*RoIAlign"):
+        launch.enable_amp(mask_rcnn)
+    cfg = sgd_config(dtype=torch.bfloat16)  # a torch dtype is taken too
+    launch.enable_amp(cfg)
+    assert cfg.optim_wrapper.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"optim_wrapper\.dtype must be one "
+                       r"of \['bfloat16', 'float16'\].*'fp16'"):
+        launch.enable_amp(sgd_config(dtype='fp16'))
+    fake_gpus(monkeypatch, native_bf16=False)
+    with pytest.raises(ValueError, match=r"optim_wrapper\.dtype='bfloat16'"
+                       r": Fake V100 has no native bf16"):
+        launch.enable_amp(sgd_config(dtype='bfloat16'))

@@ -225,7 +225,9 @@ def test_layer_scale_layouts_load_exactly_or_are_refused(tmp_path, source,
     if source == 'mmpretrain':
         ckpt = mmpretrain_checkpoint(sd)
         assert 'backbone.layers.1.ffn.gamma2.weight' in ckpt['state_dict']
-    else:  # DeiT III's release: timm names, gamma_1 / gamma_2, a head
+    else:  # DeiT III's names (gamma_1 / gamma_2, a head) on a pos_embed
+        # with a class position; the real release has none, see
+        # test_deit3_layout_loads_exactly_with_no_embed_class
         ckpt = {'model': {re.sub(r'ls([12])\.gamma$', r'gamma_\1', k): v
                           for k, v in sd.items()}}
         ckpt['model']['head.weight'] = torch.zeros(10, DIM)
@@ -329,3 +331,105 @@ def test_pre_norm_is_stem_frozen_and_prompts_enter_after_it():
             model.cls_token, model.patch_embed(x).flatten(2).transpose(
                 1, 2)], 1) + model.pos_embed)
         torch.testing.assert_close(embedded, expected)
+
+
+# ------------------------------------------------- weights the file lacks
+def test_used_weights_missing_from_the_file_are_refused(tmp_path, one_thread):
+    """A checkpoint shallower than the model, or without the final norm a
+    ``final_norm=True`` model applies, would leave random (frozen) weights
+    in a backbone that reads as loaded: refused, naming keys and option."""
+    sd = random_state(0, patch_bias=True, pre_norm=False, layer_scale=False)
+    path = tmp_path / 'depth2.pth'
+    torch.save(sd, path)
+    deeper = dict(ARCH, num_layers=DEPTH + 1)
+    with pytest.raises(CheckpointError,
+                       match=r'blocks\.2\.attn\.qkv\.weight.*block\(s\) '
+                       r'\[2\].*num_layers=3'):
+        PromptedViT(arch=deeper, img_size=IMG, patch_size=PATCH,
+                    init_cfg=dict(type='Pretrained',
+                                  checkpoint=str(path))).init_weights()
+
+    no_norm = {k: v for k, v in sd.items() if not k.startswith('norm.')}
+    path = tmp_path / 'no_norm.pth'
+    torch.save(no_norm, path)
+    with pytest.raises(CheckpointError,
+                       match=r'norm\.weight.*`final_norm=False`'):
+        prompted_vit(path, final_norm=True)
+    # Without final_norm the norm is never used: the file loads exactly.
+    model = prompted_vit(path, final_norm=False)
+    x = torch.rand(2, 3, IMG, IMG)
+    assert_features_equal(model, reference_features(sd, x), x)
+
+
+def test_register_tokens_are_refused_by_name(tmp_path, one_thread):
+    """timm's ``reg_tokens`` add a ``reg_token`` and lengthen ``pos_embed``;
+    the refusal names the register tokens, not the position-embedding
+    shape they change (which was checked first and said 'not square')."""
+    sd = random_state(0, patch_bias=True, pre_norm=False, layer_scale=False)
+    sd['reg_token'] = torch.zeros(1, 4, DIM)
+    sd['pos_embed'] = torch.cat([sd['pos_embed'], torch.zeros(1, 4, DIM)], 1)
+    path = tmp_path / 'reg.pth'
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r'no place for: reg_token'):
+        prompted_vit(path)
+
+
+# ------------------------------------------------------------ DeiT III
+def deit3_timm(**kwargs):
+    """timm's DeiT III model (``no_embed_class=True``, layer scale), with
+    non-trivial weights: its ``pos_embed`` covers the 4x4 grid only."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(5)
+    model = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=DIM,
+                              depth=DEPTH, num_heads=HEADS, num_classes=10,
+                              no_embed_class=True, init_values=1e-6,
+                              **kwargs)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def test_deit3_layout_loads_exactly_with_no_embed_class(tmp_path,
+                                                        one_thread):
+    """DeiT III's release (``model``: timm names, ``gamma_1``/``gamma_2``,
+    a ``pos_embed`` without a class position) loads exactly with
+    ``no_embed_class=True``; without it, or a classic file with it, the
+    load is refused naming the option."""
+    ref = deit3_timm()
+    sd = {re.sub(r'ls([12])\.gamma$', r'gamma_\1', k): v
+          for k, v in ref.state_dict().items()}
+    assert sd['pos_embed'].shape == (1, 16, DIM) and 'blocks.0.gamma_1' in sd
+    path = tmp_path / 'deit3.pth'
+    torch.save({'model': sd}, path)
+
+    model = prompted_vit(path, no_embed_class=True, final_norm=True,
+                         layer_scale_init_value=1e-6, out_indices=-1)
+    x = torch.rand(2, 3, IMG, IMG)
+    with torch.no_grad():
+        tokens = ref.forward_features(x)[:, 1:]
+    expected = tokens.transpose(1, 2).reshape(2, DIM, 4, 4)
+    assert_features_equal(model, [expected], x)
+    # another input size: timm resamples (antialiased) as
+    # pos_embed_antialias=True does, over the grid positions only
+    dynamic = deit3_timm(dynamic_img_size=True)
+    model = prompted_vit(path, no_embed_class=True, final_norm=True,
+                         layer_scale_init_value=1e-6, out_indices=-1,
+                         pos_embed_antialias=True)
+    x = torch.rand(2, 3, 48, 40)
+    with torch.no_grad():
+        tokens = dynamic.forward_features(x)[:, 1:]
+    assert_features_equal(model, [tokens.transpose(1, 2).reshape(
+        2, DIM, 6, 5)], x)
+
+    with pytest.raises(CheckpointError,
+                       match=r'no position for the model.s class token.*'
+                       r'`no_embed_class` to True'):
+        prompted_vit(path, layer_scale_init_value=1e-6)
+    classic = random_state(6, patch_bias=True, pre_norm=False,
+                           layer_scale=False)
+    torch.save(classic, tmp_path / 'classic.pth')
+    with pytest.raises(CheckpointError,
+                       match=r'position for the class token.*'
+                       r'`no_embed_class` to False'):
+        prompted_vit(tmp_path / 'classic.pth', no_embed_class=True)

@@ -224,3 +224,56 @@ def test_cli_stops_on_an_nvcc_of_another_major(tmp_path):
         assert 'CPU-only build' in out.stderr
     else:
         assert f'{nvcc} is CUDA 1.0' in out.stderr
+
+
+@pytest.mark.parametrize('arch_list,gpus,uncovered', [
+    ('7.0', ('9.0', ), ('9.0', )),          # another major: no kernel
+    ('8.6', ('8.0', ), ('8.0', )),          # a cubin needs minor >= its own
+    ('9.0a', ('9.1', ), ('9.1', )),         # arch-specific: that arch only
+    ('8.0', ('8.6', '9.0'), ('9.0', )),     # 8.0 cubin runs on 8.6 only
+    ('8.0+PTX', ('8.6', '9.0'), ()),        # PTX is compiled for newer GPUs
+    ('9.0 8.0', ('8.0', '9.0'), ()),        # spaces separate as ';' does
+])
+def test_user_arch_list_must_cover_the_local_gpus(arch_list, gpus,
+                                                  uncovered):
+    assert plan_mod.uncovered_gpus(gpus, arch_list) == uncovered
+    plan = decide(gpu_capabilities=gpus, torch_cuda='13.0',
+                  nvcc_cuda='13.0', nvcc_path='nvcc', arch_list=arch_list,
+                  cached_keys=frozenset([BASE + '_cu130_sm70']))
+    if uncovered:
+        # stopped before an hour's build (or a cached wheel) whose ops
+        # would fail on this GPU, naming the variable and the arch
+        assert plan.action == 'stop'
+        assert 'TORCH_CUDA_ARCH_LIST' in plan.message
+        assert uncovered[-1] in plan.message
+    else:
+        assert plan.action == 'build'
+        assert plan.build_env['TORCH_CUDA_ARCH_LIST'] == \
+            ';'.join(arch_list.split())
+
+
+def test_named_arch_list_is_left_to_torch_and_blank_list_is_unset():
+    assert plan_mod.uncovered_gpus(('9.0', ), 'Ampere;Hopper') is None
+    plan = decide(gpu_capabilities=('9.0', ), torch_cuda='13.0',
+                  nvcc_cuda='13.0', nvcc_path='nvcc', arch_list='Hopper')
+    assert plan.action == 'build'
+    # only blanks: torch would fail on the empty entries mid-build, so the
+    # local GPUs' arch is used and keyed
+    plan = decide(gpu_capabilities=('9.0', ), torch_cuda='13.0',
+                  nvcc_cuda='13.0', nvcc_path='nvcc', arch_list=' ; ')
+    assert plan.action == 'build'
+    assert plan.build_env['TORCH_CUDA_ARCH_LIST'] == '9.0'
+    assert plan.key == BASE + '_cu130_sm90'
+
+
+@pytest.mark.parametrize('ops,gpus', [('auto', ()), ('cpu', ('9.0', )),
+                                      ('cpu', ()), ('auto', ('9.0', ))])
+def test_rocm_torch_stops_whatever_ops_are_asked(ops, gpus):
+    """mmcv's setup.py compiles HIP ops for any ROCm torch (with ROCm
+    installed), visible GPU or not, FORCE_CUDA=0 or not: a 'CPU' plan would
+    compile HIP ops and cache them under the CPU-only key."""
+    plan = decide(gpu_capabilities=gpus, torch_hip='6.2', requested_ops=ops,
+                  cached_keys=frozenset([BASE]))
+    assert plan.action == 'stop'
+    assert 'ROCm' in plan.message and 'HIP ops' in plan.message
+    assert 'existing OpenMMLab environment' in plan.message

@@ -1,4 +1,6 @@
 """Only real image tokens enter the statistics: padding patches are dropped."""
+import re
+
 import pytest
 import torch
 
@@ -175,3 +177,76 @@ def test_prompt_stats_hook_takes_img_shape_from_the_batch(one_thread):
     naive = prompt_statistics(model, batch.images, {})
     assert hook.last['prompt_logit_kurtosis/block0'] != pytest.approx(
         naive['prompt_logit_kurtosis/block0'], rel=1e-3)
+
+
+class _Listed(torch.utils.data.Dataset):
+    """A data set with an mmcv pipeline (the attribute mmengine's
+    ``BaseDataset`` has), holding nothing: the check reads no image."""
+
+    def __init__(self, transforms):
+        from mmengine.dataset import Compose
+        self.pipeline = Compose(transforms)
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):  # pragma: no cover (never read)
+        raise AssertionError('no image may be read before the check')
+
+
+class _Repeat(torch.utils.data.Dataset):
+    """A wrapper like mmengine's RepeatDataset (``.dataset``)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):  # pragma: no cover (never read)
+        raise AssertionError('no image may be read before the check')
+
+
+def test_pipeline_pad_is_refused_before_statistics():
+    """mmcv/mmdet's ``Pad`` in the training pipeline writes the padded size
+    into ``img_shape``: the padding could not be left out of the whitening,
+    prototypes or burstiness, so collecting from such a data set is refused
+    naming the transform and where padding belongs."""
+    import mmdet.datasets.transforms  # noqa: F401 (registers mmdet.Pad)
+    from mmcv.transforms import RandomChoice
+    from mmdet.datasets.transforms import Pad, RandomFlip
+    from bpt_mm.engine.whitening_hook import preprocessed_batches
+    from bpt_mm.real_tokens import pipeline_padding
+
+    flip = RandomFlip(prob=0.5)
+    plain = _Listed([flip])
+    assert pipeline_padding(plain) == []
+    assert pipeline_padding(None) == []
+    padded = _Listed([flip, Pad(size_divisor=32)])
+    nested = _Repeat(_Listed([RandomChoice([[flip], [Pad(size=(64, 64))]])]))
+    for dataset, shown in ((padded, 'size_divisor=32'),
+                           (nested, 'size=(64, 64)')):
+        assert len(pipeline_padding(dataset)) == 1
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1)
+        model = torch.nn.Module()  # never reached
+        with pytest.raises(ValueError, match=r'pipeline pads images.*'
+                           + re.escape(shown) + r'.*BatchFixedSizePad'):
+            next(preprocessed_batches(model, loader))
+
+
+def test_prompt_stats_hook_refuses_a_pipeline_pad(one_thread):
+    """The hook reads ``img_shape`` from training batches: with a pipeline
+    ``Pad`` those are padded sizes, so it refuses before training."""
+    import logging
+    from types import SimpleNamespace
+
+    import mmdet.datasets.transforms  # noqa: F401
+    from mmdet.datasets.transforms import Pad
+
+    from bpt_mm.engine import PromptStatsHook
+    loader = torch.utils.data.DataLoader(_Listed([Pad(size_divisor=32)]))
+    runner = SimpleNamespace(iter=0, model=whitened_vit(),
+                             logger=logging.getLogger('test_real_tokens'),
+                             train_dataloader=loader)
+    with pytest.raises(ValueError, match=r'PromptStatsHook.*pipeline pads'):
+        PromptStatsHook(interval=1).before_train(runner)

@@ -21,6 +21,9 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Paths the user gives (--out, PYTHON) are relative to where they ran the
+# script, not to the clone it changes into.
+CALLER_DIR="$PWD"
 cd "$ROOT"
 DRY_RUN=0
 OUT="work_dirs/gpu_check"
@@ -29,12 +32,14 @@ while [[ $# -gt 0 ]]; do
         --dry-run) DRY_RUN=1; shift ;;
         --out)
             [[ $# -ge 2 && -n "$2" ]] || { echo "gpu_check.sh: --out needs a folder" >&2; exit 2; }
-            OUT="$2"; shift 2 ;;
+            OUT="$2"; [[ "$OUT" == /* ]] || OUT="$CALLER_DIR/$OUT"; shift 2 ;;
         *) echo "usage: bash tools/gpu_check.sh [--dry-run] [--out DIR] (unknown argument '$1')" >&2; exit 2 ;;
     esac
 done
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+elif [[ "$PYTHON" == */* && "$PYTHON" != /* ]]; then
+    PYTHON="$CALLER_DIR/$PYTHON"  # a relative path; a bare name stays on PATH
 fi
 
 TINY_CONFIG=configs/tiny/mask_rcnn_bpt_tiny.py

@@ -116,11 +116,62 @@ def cache_key(base_key: str, ops: str, torch_cuda: Optional[str] = None,
     if ops == 'cpu':
         return base_key
     cuda = 'cu' + (torch_cuda or 'unknown').replace('.', '')
-    archs = re.split(r'[;\s]+', arch_list.strip())
+    archs = _arch_entries(arch_list)
     # '9.0+PTX' also embeds PTX: another wheel, so another key (sm90ptx).
     sm = '-'.join('sm' + a.replace('.', '').replace('+', '').lower()
                   for a in archs if a)
     return f'{base_key}_{cuda}_{sm}'
+
+
+def _arch_entries(arch_list: str) -> Tuple[str, ...]:
+    """The entries of a ``TORCH_CUDA_ARCH_LIST``: torch splits on ``;`` and
+    spaces alike."""
+    return tuple(a for a in re.split(r'[;\s]+', arch_list.strip()) if a)
+
+
+def uncovered_gpus(capabilities: Sequence[str],
+                   arch_list: str) -> Optional[Tuple[str, ...]]:
+    """The local GPUs whose kernels a wheel built for ``arch_list`` lacks.
+
+    CUDA's compatibility rules: a cubin for ``X.Y`` runs on a GPU of the
+    same major ``X`` and minor ``>= Y``; ``+PTX`` also embeds PTX that the
+    driver compiles for any GPU of capability ``>= X.Y``; an arch-specific
+    ``X.Ya`` cubin runs on ``X.Y`` only. A GPU none of them covers fails at
+    its first mmcv op ("no kernel image is available for execution on the
+    device"), after a build of an hour or more.
+
+    Args:
+        capabilities: The local GPUs' compute capabilities (``'9.0'``).
+        arch_list: ``TORCH_CUDA_ARCH_LIST``.
+
+    Returns:
+        The uncovered capabilities (empty when every GPU is covered), or
+        None when the list holds a named arch (``Ampere``) whose expansion
+        is torch's to decide, so coverage is not judged here.
+    """
+    parsed = []
+    for entry in _arch_entries(arch_list):
+        found = re.fullmatch(r'(\d+)\.(\d+)(a?)(\+PTX)?', entry,
+                             flags=re.IGNORECASE)
+        if found is None:
+            return None
+        parsed.append((int(found.group(1)), int(found.group(2)),
+                       bool(found.group(3)), bool(found.group(4))))
+
+    def covered(cap: str) -> bool:
+        major, minor = (int(p) for p in cap.split('.'))
+        for a_major, a_minor, specific, ptx in parsed:
+            if specific:
+                if (a_major, a_minor) == (major, minor):
+                    return True
+            elif a_major == major and a_minor <= minor:
+                return True
+            if ptx and (a_major, a_minor) <= (major, minor):
+                return True
+        return False
+
+    return tuple(cap for cap in dict.fromkeys(capabilities)
+                 if not covered(cap))
 
 
 def _major(version: str) -> str:
@@ -180,6 +231,20 @@ def decide(facts: BuildFacts, base_key: str) -> BuildPlan:
                          f'{list(OPS_CHOICES)}, got '
                          f'{facts.requested_ops!r}')
     has_gpu = bool(facts.gpu_capabilities)
+    if facts.torch_hip is not None:
+        # mmcv 2.1's setup.py compiles HIP ops for any ROCm torch once ROCm
+        # is installed (`is_rocm_pytorch or torch.cuda.is_available() or
+        # FORCE_CUDA`), whether a GPU is visible or not and whatever
+        # FORCE_CUDA says: no plan of this set-up gives CPU ops there, and
+        # a HIP wheel must not be cached under the CPU-only key.
+        return _stop(base_key,
+                     f'torch is a ROCm build (HIP {facts.torch_hip}): '
+                     f"mmcv's setup.py compiles HIP ops for any ROCm torch "
+                     f'(BPT_MM_MMCV_OPS={facts.requested_ops} and '
+                     f'FORCE_CUDA=0 cannot stop it), which this set-up does '
+                     f'not build or cache; use a CPU or CUDA build of torch '
+                     f'(the set-up installs one into a fresh venv), '
+                     + _existing_env_hint() + '. Nothing was compiled.')
     if facts.requested_ops == 'cpu' or (facts.requested_ops == 'auto'
                                          and not has_gpu):
         note = ''
@@ -191,19 +256,27 @@ def decide(facts: BuildFacts, base_key: str) -> BuildPlan:
         return _cpu_plan(base_key, facts, hide_gpus=has_gpu, note=note)
 
     # From here on: CUDA ops, because a GPU is visible or they were asked for.
-    if facts.torch_hip is not None:
-        return _stop(base_key,
-                     f'torch is a ROCm build (HIP {facts.torch_hip}): this '
-                     f'set-up only builds mmcv for CUDA or the CPU; set '
-                     f'BPT_MM_MMCV_OPS=cpu for CPU ops, '
-                     + _existing_env_hint())
     if facts.torch_cuda is None:
         return _stop(base_key,
                      'BPT_MM_MMCV_OPS=cuda, but the installed torch is a '
                      'CPU-only build (torch.version.cuda is None): install '
                      'a CUDA build of torch, or set BPT_MM_MMCV_OPS=auto')
-    if facts.arch_list:
-        arch_list = facts.arch_list
+    # A TORCH_CUDA_ARCH_LIST of only blanks and separators is no list
+    # (torch would fail on its empty entries mid-build): taken as unset.
+    user_archs = ';'.join(_arch_entries(facts.arch_list or ''))
+    if user_archs:
+        arch_list = user_archs
+        missing = uncovered_gpus(facts.gpu_capabilities, arch_list)
+        if missing:
+            return _stop(
+                cache_key(base_key, 'cuda', facts.torch_cuda, arch_list),
+                f'TORCH_CUDA_ARCH_LIST={arch_list!r} has no kernels for '
+                f'this machine\'s GPU arch {", ".join(missing)}: mmcv\'s '
+                f'ops would fail on it with "no kernel image is available". '
+                f'Add it (for example '
+                f'TORCH_CUDA_ARCH_LIST="{arch_list};{missing[-1]}") or unset '
+                f'TORCH_CUDA_ARCH_LIST to build for the local GPUs. Nothing '
+                f'was compiled.')
     elif has_gpu:
         arch_list = ';'.join(sorted(set(facts.gpu_capabilities),
                                     key=lambda c: tuple(map(int,
@@ -246,7 +319,7 @@ def decide(facts: BuildFacts, base_key: str) -> BuildPlan:
                      + _existing_env_hint()
                      + '; or BPT_MM_MMCV_OPS=cpu for CPU-only ops (no GPU '
                      'detection training). Nothing was compiled.')
-    archs = len([a for a in re.split(r'[;\s]+', arch_list) if a])
+    archs = len(_arch_entries(arch_list))
     minutes = _build_minutes(
         CPU_BUILD_CPU_MINUTES
         + CUDA_FILES * CUDA_CPU_MINUTES_PER_FILE_AND_ARCH * archs,

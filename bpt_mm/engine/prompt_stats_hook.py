@@ -37,7 +37,8 @@ from bpt_mm.models.vit import find_prompted_backbone
 from bpt_mm.registry import register_hook
 from bpt_mm.whitening import (QK_ORDERS, TOKEN_SOURCES, WhiteningStatistics,
                               query_key_product)
-from bpt_mm.real_tokens import ImageBatch, img_shapes_of
+from bpt_mm.real_tokens import (ImageBatch, check_no_pipeline_padding,
+                                img_shapes_of)
 from bpt_mm.whitening_collect import block_token_rows
 
 #: Checkpoint key of the initial trained whitening matrices.
@@ -172,6 +173,11 @@ class PromptStatsHook(Hook):
                                   'prompted PromptedViT backbone; nothing '
                                   'to log')
             return
+        # A pipeline `Pad` makes every img_shape the padded size: the
+        # statistics would count padding patches as image, unseen.
+        loader = getattr(runner, 'train_dataloader', None)
+        check_no_pipeline_padding(getattr(loader, 'dataset', None),
+                                  'PromptStatsHook (prompt-logit kurtosis)')
         self._backbone = backbone
         for block, prompt in backbone.prompt_modules().items():
             w = _trained_whitening(prompt)

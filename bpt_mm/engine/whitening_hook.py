@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bpt_mm.models.vit import find_prompted_backbone, unwrap_model
-from bpt_mm.real_tokens import ImageBatch, as_image_batch, img_shapes_of
+from bpt_mm.real_tokens import (ImageBatch, as_image_batch,
+                                check_no_pipeline_padding, img_shapes_of)
 from bpt_mm.registry import register_hook
 from bpt_mm.utils import find_hook_entry
 from bpt_mm.whitening import (BASIS_MODES, FewTokensWarning,
@@ -59,6 +60,11 @@ def preprocessed_batches(model: torch.nn.Module,
     A list of images (a preprocessor that does not stack) is stacked when the
     sizes agree and yielded one image at a time otherwise.
     """
+    # Checked before any image is read: a pipeline `Pad` hides the padding
+    # from `img_shape`, so no later step could leave it out.
+    check_no_pipeline_padding(getattr(dataloader, 'dataset', None),
+                              'token statistics (whitening, prototypes, '
+                              'burstiness)')
     model = unwrap_model(model)
     preprocessor = getattr(model, 'data_preprocessor', None)
     if preprocessor is None:

@@ -570,7 +570,17 @@ def _fit_pos_embed(ckpt_pos: Tensor, model_pos: Tensor, ckpt_has_cls: bool,
         raise CheckpointError(
             f'pos_embed {tuple(ckpt_pos.shape)} has no position for the '
             f"model's class token (model pos_embed "
-            f'{tuple(model_pos.shape)})')
+            f'{tuple(model_pos.shape)}): the file comes from a ViT that adds '
+            f'the class token without a position (DeiT III, timm\'s '
+            f'no_embed_class); set `no_embed_class` to True')
+    if ckpt_prefix > model_prefix and 'cls_token' in model_sd:
+        # The model has a class token but no position for it: dropping the
+        # file's would change the class token's input, so refuse.
+        raise CheckpointError(
+            f'pos_embed {tuple(ckpt_pos.shape)} has a position for the '
+            f'class token, but the model is built without one (model '
+            f'pos_embed {tuple(model_pos.shape)}); set `no_embed_class` to '
+            f'False')
     if ckpt_prefix > model_prefix:
         # The model has no class token: drop its position, as mmpretrain
         # does for with_cls_token=False.
@@ -774,12 +784,9 @@ def load_pretrained(model: torch.nn.Module,
         dropped = sorted(dropped + ['cls_token'])
 
     check_tensor_limits(converted, model_sd, path)
-    resized = None
-    if 'pos_embed' in converted and 'pos_embed' in model_sd:
-        converted['pos_embed'], resized = _fit_pos_embed(
-            converted['pos_embed'], model_sd['pos_embed'], ckpt_has_cls,
-            model, model_sd)
-
+    # Which weights the file has is checked before any value is fitted:
+    # a part the model lacks (register tokens, q/k norms) is named as such,
+    # not as the position-embedding shape it also changes.
     mismatch = architecture_mismatch(list(converted), list(model_sd))
     if mismatch:
         raise CheckpointError(
@@ -796,6 +803,12 @@ def load_pretrained(model: torch.nn.Module,
             f'architecture PromptedViT was not built as (or cannot be); '
             f'loading without them would give other features than the '
             f'checkpoint\'s network')
+
+    resized = None
+    if 'pos_embed' in converted and 'pos_embed' in model_sd:
+        converted['pos_embed'], resized = _fit_pos_embed(
+            converted['pos_embed'], model_sd['pos_embed'], ckpt_has_cls,
+            model, model_sd)
 
     # In the model's order, so the first lines name the stem (cls_token,
     # pos_embed, patch_embed), which usually tells the story.

@@ -220,6 +220,10 @@ class PromptedViT(BaseModule):
             (``align_corners=False``), as MAE's and ViTDet's code.
         class_token (bool): Whether the model has a class token. It stays
             first; prompts go between it and the patch tokens.
+        no_embed_class (bool): The position embedding covers the patch grid
+            only and the class token is added without one, as in DeiT III
+            (timm's ``no_embed_class=True``, FlexiViT). Defaults to False
+            (MAE, DeiT, mmpretrain, mmseg: the class token has a position).
         drop_path_rate (float): Stochastic depth rate, linear over depth.
         out_indices (int | sequence[int]): Blocks whose patch tokens are
             returned as ``B x C x H/p x W/p`` maps. Negative counts from the
@@ -294,6 +298,7 @@ class PromptedViT(BaseModule):
                  layer_scale_init_value: Optional[float] = None,
                  pos_embed_antialias: bool = False,
                  class_token: bool = True,
+                 no_embed_class: bool = False,
                  drop_path_rate: float = 0.,
                  out_indices: Union[int, Sequence[int]] = -1,
                  final_norm: bool = False,
@@ -327,6 +332,7 @@ class PromptedViT(BaseModule):
         for key, value in (('frozen', frozen), ('with_cp', with_cp),
                            ('final_norm', final_norm), ('qkv_bias', qkv_bias),
                            ('class_token', class_token),
+                           ('no_embed_class', no_embed_class),
                            ('patch_bias', patch_bias), ('pre_norm', pre_norm),
                            ('pos_embed_antialias', pos_embed_antialias)):
             _check_bool(value, key)
@@ -367,8 +373,12 @@ class PromptedViT(BaseModule):
         self.num_prefix_tokens = 1 if class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(
             1, 1, self.embed_dims)) if class_token else None
+        # Read by the checkpoint loader (as on timm's model): how many rows
+        # of pos_embed precede the grid.
+        self.no_embed_class = no_embed_class
+        self.num_pos_prefix = 0 if no_embed_class else self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(
-            1, self.num_prefix_tokens + self.patch_embed.num_patches,
+            1, self.num_pos_prefix + self.patch_embed.num_patches,
             self.embed_dims))
         # Linear stochastic-depth schedule (plain floats: works on the meta device).
         dpr = [drop_path_rate * i / max(self.num_layers - 1, 1)
@@ -570,10 +580,11 @@ class PromptedViT(BaseModule):
         from .checkpoint_source import local_checkpoint
         self._loading_pretrained = True
         try:
-            load_pretrained(self, local_checkpoint(checkpoint),
-                            logger=MMLogger.get_current_instance())
+            info = load_pretrained(self, local_checkpoint(checkpoint),
+                                   logger=MMLogger.get_current_instance())
         finally:
             self._loading_pretrained = False
+        self._check_nothing_used_is_missing(info['missing'], checkpoint)
         self.pretrained_loaded = True
         self._pretrained_source = checkpoint
         # Hashed once here (frozen weights never change) so that every
@@ -581,6 +592,55 @@ class PromptedViT(BaseModule):
         self._frozen_sha256 = None
         if self.frozen:
             self._frozen_sha256 = self.frozen_fingerprint()
+
+    def _check_nothing_used_is_missing(self, missing: Sequence[str],
+                                       path: str) -> None:
+        """Refuse a pretrained load that left weights of the forward at
+        their random initialisation.
+
+        ``load_pretrained`` only reports missing keys, as it serves any
+        timm-named module; for this backbone a missing block, patch
+        embedding or position embedding would be a random (and, when
+        ``frozen``, never trained) part of a model that reads as
+        "loaded". The final ``norm`` is the one exception: it is used
+        only with ``final_norm=True`` and the last block in
+        ``out_indices``, and MAE/mmseg checkpoints without it are loaded
+        with ``final_norm=False``.
+
+        Args:
+            missing (Sequence[str]): Model keys the file lacks (prompt keys
+                excluded), from :func:`load_pretrained`.
+            path (str): The checkpoint, for the message.
+
+        Raises:
+            CheckpointError: Some used weight is missing; the message names
+                the keys and the options to check.
+        """
+        from .checkpoint import CheckpointError
+        norm_used = self.final_norm and \
+            self.out_indices[-1] == self.num_layers - 1
+        used = [k for k in missing
+                if norm_used or not k.startswith('norm.')]
+        if not used:
+            return
+        shown = ', '.join(used[:12]) + (
+            f', ... (+{len(used) - 12})' if len(used) > 12 else '')
+        hints = []
+        blocks = sorted({int(k.split('.')[1]) for k in used
+                         if k.startswith('blocks.')})
+        if blocks:
+            hints.append(f'The file has no weights for block(s) {blocks}: '
+                         f'is `arch` (num_layers={self.num_layers}) the '
+                         f'checkpoint\'s depth?')
+        if any(k.startswith('norm.') for k in used):
+            hints.append('The file has no final norm: set '
+                         '`final_norm=False`.')
+        raise CheckpointError(
+            f'checkpoint {path!r} leaves {len(used)} weight(s) of the '
+            f'backbone at their random initialisation: {shown}. '
+            + ' '.join(hints)
+            + (' ' if hints else '') + 'Refusing to build a backbone '
+            'that only looks pretrained.')
 
     @property
     def pretrained_checkpoint(self) -> Optional[str]:
@@ -720,6 +780,12 @@ class PromptedViT(BaseModule):
         pos = self.pos_embed
         if (h, w) != self.pretrain_grid:
             pos = self._resampled_pos_embed(h, w)
+        if self.no_embed_class:
+            # DeiT III: positions for the patches only, class token after.
+            x = x + pos
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+            return self.norm_pre(x), (h, w)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return self.norm_pre(x + pos), (h, w)
@@ -741,7 +807,7 @@ class PromptedViT(BaseModule):
         if hit is not None and hit[0] == key:
             return hit[1]
         resampled = resample_pos_embed(
-            pos, (h, w), num_prefix_tokens=self.num_prefix_tokens,
+            pos, (h, w), num_prefix_tokens=self.num_pos_prefix,
             old_grid=self.pretrain_grid, antialias=self.pos_embed_antialias)
         if cacheable:
             if len(self._pos_embed_cache) >= 4:  # a few input sizes at most
