@@ -97,7 +97,7 @@ def test_downloads_are_read_weights_only(served, tmp_path):
                  checkpoint=f'{url}/evil.pth')).init_weights()
     # ... and as load_from (mmengine's CheckpointLoader, whose own http
     # loader would unpickle with weights_only=False)
-    with pytest.raises(CheckpointError, match='refusing to load'):
+    with pytest.raises(CheckpointError, match='refusing to execute code'):
         CheckpointLoader.load_checkpoint(f'{url}/evil.pth')
     assert not marker.exists()
     # a plain one loads through the same route
