@@ -699,3 +699,70 @@ def test_benchmark_refuses_a_zero_inference_size(capsys):
     assert info.value.code == 2
     assert '--infer-size must be a positive int, got 0' in \
         capsys.readouterr().err
+
+
+def _rotated_jpeg(path: str, stored_size=(20, 16)) -> None:
+    """A JPEG stored ``stored_size`` (width, height) with EXIF orientation 6
+    (turn 90 degrees: a phone's portrait photo)."""
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    Image.new('RGB', stored_size).save(path, exif=exif)
+
+
+def test_data_check_sizes_exif_turned_images_as_the_loader_does(tmp_path):
+    """The preflight compares annotations with the image as mmcv's
+    ``imfrombytes`` loads it ('color' applies the EXIF orientation), not
+    with the stored size: a COCO entry listing the stored size (boxes on
+    the wrong pixels) is refused, the displayed size accepted; an ADE mask
+    of the displayed size is accepted and one of the stored size refused."""
+    import json
+
+    import mmcv
+    image = str(tmp_path / 'coco' / 'img' / 'a.jpg')
+    _rotated_jpeg(image)
+    with open(image, 'rb') as f:
+        loaded = mmcv.imfrombytes(f.read(), flag='color').shape[:2]
+    assert loaded == (20, 16)  # (h, w): the loader turned the 20x16 file
+
+    def coco(width: int, height: int, **load) -> dict:
+        ann = dict(images=[dict(id=1, file_name='a.jpg', width=width,
+                                height=height)],
+                   annotations=[dict(id=1, image_id=1, category_id=1,
+                                     bbox=[2, 2, 8, 8], area=64,
+                                     iscrowd=0)],
+                   categories=[dict(id=1, name='square')])
+        with open(tmp_path / 'coco' / 'ann.json', 'w') as f:
+            json.dump(ann, f)
+        return dict(type='CocoDataset', data_root=str(tmp_path / 'coco'),
+                    ann_file='ann.json', data_prefix=dict(img='img/'),
+                    metainfo=dict(classes=('square', )),
+                    pipeline=[dict(type='LoadImageFromFile', **load)])
+
+    key = 'train_dataloader.dataset'
+    check_coco_set(key, coco(16, 20), True)  # displayed size: as loaded
+    with pytest.raises(DataSetError,
+                       match=r"a\.jpg' is stored 20x16 .*EXIF orientation"
+                             r".*color_ignore_orientation"):
+        check_coco_set(key, coco(20, 16), True)
+    # A pipeline that keeps the stored pixels wants the stored size.
+    check_coco_set(key, coco(20, 16,
+                             color_type='color_ignore_orientation'), True)
+    with pytest.raises(DataSetError, match=r"a\.jpg' is 20x16"):
+        check_coco_set(key, coco(16, 20,
+                                 color_type='color_ignore_orientation'), True)
+
+    from PIL import Image
+    seg = tmp_path / 'ade'
+    _rotated_jpeg(str(seg / 'images' / 'a.jpg'))
+    os.makedirs(seg / 'masks')
+    dataset = dict(type='ADE20KDataset', data_root=str(seg),
+                   data_prefix=dict(img_path='images', seg_map_path='masks'))
+    Image.new('L', (16, 20), 3).save(seg / 'masks' / 'a.png')  # as loaded
+    check_segmentation_set('train_dataloader.dataset', dataset)
+    Image.new('L', (20, 16), 3).save(seg / 'masks' / 'a.png')  # stored
+    with pytest.raises(DataSetError,
+                       match=r"mask .*a\.png' is 20x16 but its image .*"
+                             r"is 16x20 as loaded"):
+        check_segmentation_set('train_dataloader.dataset', dataset)
