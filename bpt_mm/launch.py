@@ -692,6 +692,50 @@ def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
             f'or start a new run from it with load_from')
 
 
+def check_load_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Refuse ``load_from`` (without ``--resume``) naming a file that holds
+    none of the model's weights.
+
+    mmengine loads ``load_from`` non-strictly: a whitening file or a
+    backbone-only pretrained file (timm/MAE key names, no ``backbone.``
+    prefix) matches no key, mmengine prints the key lists, and training
+    starts from the initialisation with exit code 0, as if ``load_from``
+    were not set. A partial match (e.g. heads of another class count) is
+    mmengine's usual fine-tuning start and is left to it.
+
+    Args:
+        model (torch.nn.Module): The runner's model (built, not loaded).
+        path (str): The file ``load_from`` names.
+
+    Raises:
+        ValueError: Naming the file, what it looks like and where it
+            belongs instead.
+    """
+    from bpt_mm.models.vit import unwrap_model
+    from bpt_mm.whitening_collect import FILE_FORMAT
+    checkpoint = _read_checkpoint(path)
+    if isinstance(checkpoint, dict) and \
+            checkpoint.get('format') == FILE_FORMAT:
+        raise ValueError(
+            f'load_from: {path!r} is a whitening file '
+            f'(tools/compute_whitening.py), not model weights; mmengine '
+            f'would load none of it and train from the initialisation. Give '
+            f'it to the whitening hook instead: custom_hooks entry '
+            f"dict(type='BPTWhiteningHook', whitening_file={path!r})")
+    state = _model_state_of(checkpoint)
+    names = list(unwrap_model(model).state_dict())
+    if not any(name in state for name in names):
+        raise ValueError(
+            f'load_from: {path!r} holds none of the {len(names)} weights of '
+            f'this model (its keys: {_brief_keys(sorted(map(str, state)))}'
+            f'); it looks like '
+            f'{_what_the_file_looks_like(checkpoint)}, and mmengine would '
+            f'load nothing and train from the initialisation. Pretrained '
+            f'backbone weights belong in model.backbone.init_cfg '
+            f"(dict(type='Pretrained', checkpoint=...)); load_from takes a "
+            f'checkpoint of this model')
+
+
 def check_checkpoint_covers_model(model: torch.nn.Module, path: str) -> None:
     """Refuse to evaluate a checkpoint that does not hold the model's
     trained weights.

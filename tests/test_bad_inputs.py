@@ -28,6 +28,7 @@ from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
 from bpt_mm.data_check import (DataSetError, check_coco_set,
                                check_segmentation_set)
 from bpt_mm.launch import (check_checkpoint_covers_model, check_data_paths,
+                           check_load_from_checkpoint,
                            check_whitening_output, check_resume_checkpoint,
                            check_whitening_source, latest_checkpoint,
                            resolve_device)
@@ -592,6 +593,19 @@ CASES = [
     Case('resume-from-whitening-file', resume_from_whitening_file,
          ValueError, [r"--resume: '.*w\.pth' is not a training checkpoint",
                       r'a whitening file']),
+    # load_from (no --resume) naming a file mmengine would load nothing of
+    Case('load-from-whitening-file',
+         lambda t: check_load_from_checkpoint(toy_model(),
+                                              whitening_file(t, 'w.pth')),
+         ValueError, [r"load_from: '.*w\.pth' is a whitening file",
+                      r"BPTWhiteningHook', whitening_file="]),
+    Case('load-from-backbone-only-weights',
+         lambda t: check_load_from_checkpoint(toy_model(), (torch.save(
+             {'model': vit().state_dict()}, osp.join(t, 'mae.pth')),
+             osp.join(t, 'mae.pth'))[1]),
+         ValueError, [r"load_from: '.*mae\.pth' holds none of the \d+ "
+                      r'weights', r'pretrained weights\?',
+                      r'model\.backbone\.init_cfg']),
     # item 5: --resume into other prompt shapes
     Case('resume-with-other-prompt-rank',
          lambda t: check_resume_checkpoint(
@@ -766,3 +780,11 @@ def test_data_check_sizes_exif_turned_images_as_the_loader_does(tmp_path):
                        match=r"mask .*a\.png' is 20x16 but its image .*"
                              r"is 16x20 as loaded"):
         check_segmentation_set('train_dataloader.dataset', dataset)
+
+
+def test_load_from_a_checkpoint_of_the_model_is_accepted(tmp_path):
+    """The load_from check refuses only files with none of the model's
+    weights: a checkpoint of the model, even without its heads (a usual
+    fine-tuning start), passes."""
+    check_load_from_checkpoint(toy_model(), training_checkpoint(
+        str(tmp_path), drop=('head.weight', 'head.bias')))

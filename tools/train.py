@@ -19,6 +19,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from bpt_mm.data_check import check_data_sets  # noqa: E402
 from bpt_mm.launch import (AMP_DTYPES, add_common_arguments,  # noqa: E402
                            build_runner, check_data_paths,
+                           check_load_from_checkpoint,
                            check_resume_checkpoint,
                            check_whitening_source, config_from_args,
                            enable_amp, latest_checkpoint,
@@ -85,6 +86,8 @@ def main(argv=None) -> None:
     runner = build_runner(cfg)
     if cfg.resume and cfg.load_from:
         check_resume_checkpoint(runner.model, cfg.load_from)
+    elif cfg.load_from:
+        check_load_from_checkpoint(runner.model, cfg.load_from)
     runner.train()
 
 
