@@ -675,6 +675,15 @@ def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
             f'{keys}): it looks like {_what_the_file_looks_like(checkpoint)}'
             '. Resume from a checkpoint tools/train.py saved, or start a new '
             f'run from these weights with --cfg-options load_from={path}')
+    for key in ('epoch', 'iter'):
+        # mmengine sets the loop's counters from these as they are: a
+        # string or a negative count fails (or loops) deep in training.
+        value = meta[key]
+        if type(value) is not int or value < 0:
+            raise ValueError(
+                f"--resume: {path!r}: ['meta'][{key!r}] must be a "
+                f'non-negative int, got {value!r}; the file is damaged or '
+                f'was not written by a Runner')
     state = _model_state_of(checkpoint)
     mismatched = _shape_mismatches(model, state)
     if mismatched:

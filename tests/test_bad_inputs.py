@@ -593,6 +593,25 @@ CASES = [
     Case('resume-from-whitening-file', resume_from_whitening_file,
          ValueError, [r"--resume: '.*w\.pth' is not a training checkpoint",
                       r'a whitening file']),
+    # a checkpoint's meta of other types than a Runner writes
+    Case('checkpoint-meta-not-a-dict',
+         lambda t: restore_frozen_backbone(
+             toy_model(), dict(meta=[1], state_dict={}), source='x.pth'),
+         CheckpointError, [r"checkpoint 'x\.pth': \['meta'\] must be a "
+                           r'dict, got a list']),
+    Case('checkpoint-record-not-a-dict',
+         lambda t: restore_frozen_backbone(
+             toy_model(), dict(meta=dict(bpt_mm='yes'), state_dict={}),
+             source='x.pth'),
+         CheckpointError, [r"'x\.pth': \['meta'\]\['bpt_mm'\] must be a "
+                           r'dict, got a str']),
+    Case('resume-meta-iter-not-an-int',
+         lambda t: check_resume_checkpoint(toy_model(), (torch.save(
+             dict(meta=dict(epoch=0, iter='60'),
+                  state_dict=toy_model().state_dict()),
+             osp.join(t, 'iter_60.pth')), osp.join(t, 'iter_60.pth'))[1]),
+         ValueError, [r"iter_60\.pth': \['meta'\]\['iter'\] must be a "
+                      r"non-negative int, got '60'"]),
     # load_from (no --resume) naming a file mmengine would load nothing of
     Case('load-from-whitening-file',
          lambda t: check_load_from_checkpoint(toy_model(),
