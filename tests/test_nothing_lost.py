@@ -89,6 +89,38 @@ def test_tiny_data_never_replaces_a_folder_it_did_not_make(tmp_path):
         assert f.read() == 'not a folder'
 
 
+def test_tiny_data_never_removes_files_added_to_its_folder(tmp_path):
+    """A generated set into which a user put a file of their own is not
+    replaced (``--force``, or a regeneration because a listed file went
+    missing): the folder would be removed with the user's file in it."""
+    out = str(tmp_path / 'data')
+    ensure_tiny_data(out, num_train=1, num_val=1)
+    mine = osp.join(out, 'coco', 'annotations', 'my_relabelled.json')
+    with open(mine, 'w') as f:
+        f.write('{"note": "hours of my work"}')
+    # A listed file removed too, so a plain call would regenerate the set.
+    os.remove(osp.join(out, 'ade20k', 'MANIFEST.json'))
+    os.makedirs(osp.join(out, 'ade20k', 'extra'))
+    with open(osp.join(out, 'ade20k', 'extra', 'a.txt'), 'w') as f:
+        f.write('mine')
+    before = read_tree(out)
+    for force in (False, True):
+        with pytest.raises(ValueError) as info:
+            ensure_tiny_data(out, num_train=1, num_val=1, force=force,
+                             seed=1)
+        message = str(info.value)
+        assert osp.join(out, 'coco') in message, message
+        assert 'annotations/my_relabelled.json' in message, message
+        assert read_tree(out) == before
+    os.remove(mine)
+    # coco is replaceable again; ade20k lost its manifest, so it is now
+    # refused as foreign data.
+    with pytest.raises(ValueError, match=r"ade20k' exists and has no "):
+        ensure_tiny_data(out, num_train=1, num_val=1, force=True)
+    with open(osp.join(out, 'ade20k', 'extra', 'a.txt')) as f:
+        assert f.read() == 'mine'
+
+
 # ---------------------------------------------------------------- item 2
 def _trained_without_whitening(tmp: str) -> str:
     """A checkpoint of prompts trained with allow_identity_whitening=True:
