@@ -263,6 +263,17 @@ def nan_pretrained(tmp: str) -> None:
     load_pretrained(vit(), path)
 
 
+def _pretrained_with(tmp: str, name: str, entries: dict) -> str:
+    """A timm-layout file of the test ViT with ``entries`` replacing some
+    of its values; returns its path."""
+    state = {k: v for k, v in vit().state_dict().items()
+             if not k.startswith('prompts.')}
+    state.update(entries)
+    path = osp.join(tmp, name)
+    torch.save(state, path)
+    return path
+
+
 def toy_model(prompt=None):
     torch.manual_seed(0)
     return BPTWhiteningToyModel(backbone=dict(prompt=prompt))
@@ -593,6 +604,19 @@ CASES = [
     Case('resume-from-whitening-file', resume_from_whitening_file,
          ValueError, [r"--resume: '.*w\.pth' is not a training checkpoint",
                       r'a whitening file']),
+    # a pretrained file whose weight names hold something else: refused,
+    # not skipped (the model's own value would stay with a warning)
+    Case('pretrained-weight-not-a-tensor',
+         lambda t: load_pretrained(vit(), _pretrained_with(
+             t, 'norm_int.pth', {'norm.weight': 5})),
+         CheckpointError, [r"pretrained checkpoint '.*norm_int\.pth'",
+                           r"entry 'norm\.weight' is a int, not a tensor"]),
+    Case('pretrained-pos-embed-spoofs-the-plain-form',
+         lambda t: load_pretrained(vit(), _pretrained_with(
+             t, 'tagged.pth', {'pos_embed': {
+                 '__bpt_mm_plain__': 'numpy', 'value': torch.zeros(3),
+                 'scalar': False}})),
+         CheckpointError, [r"tagged\.pth'", r"entry 'pos_embed' is a dict"]),
     # a checkpoint's meta of other types than a Runner writes
     Case('checkpoint-meta-not-a-dict',
          lambda t: restore_frozen_backbone(
