@@ -421,6 +421,18 @@ def whitening_file(tmp_path):
         qkv_fingerprint='x'), ['`blocks[0].qkv_fingerprint`']),
     ('block-not-dict', lambda p: p['blocks'].update({0: [1, 2]}),
      ['blocks[0]', 'dict']),
+    # Values no ZCA whitening (U diag(s^-1/2) U^T) has: they became the
+    # prompts' projection without an error.
+    ('zero-matrix', lambda p: p['blocks'][0].update(
+        whitening=torch.zeros(32, 32)), ['block 0', 'all zeros']),
+    ('stride0-singular-matrix', lambda p: p['blocks'][0].update(
+        whitening=torch.ones(1).expand(32, 32)),
+     ['block 0', 'not positive definite']),
+    ('negative-definite-matrix', lambda p: p['blocks'][0].update(
+        whitening=-torch.eye(32)), ['block 0', 'not positive definite']),
+    ('non-symmetric-matrix', lambda p: p['blocks'][0].update(
+        whitening=torch.eye(32) + torch.triu(torch.ones(32, 32), 1)),
+     ['block 0', 'not symmetric']),
 ])
 def test_whitening_file_with_wrong_types_is_refused(tmp_path, case, edit,
                                                     words):
