@@ -218,6 +218,17 @@ def check_coco_set(key: str, dataset: dict, training: bool,
         raise DataSetError(
             f'{ann_key}: no image of {ann_path!r} has an annotation of a '
             f'class of the data set ({classes}); nothing to learn')
+    for image in images:
+        # mmdet's CocoDataset reads both (parse_data_info, filter_data): a
+        # missing one is a KeyError, a string a TypeError deep in loading.
+        sizes = [image.get(k) if isinstance(image, dict) else None
+                 for k in ('width', 'height')]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and v == v and v >= 1 for v in sizes):
+            raise DataSetError(
+                f'{ann_key}: an entry of `images` in {ann_path!r} has no '
+                f'positive numeric `width` and `height` (got {sizes}): '
+                f'{str(image)[:200]}')
     filter_cfg = dataset.get('filter_cfg')
     if training and isinstance(filter_cfg, dict):
         # mmdet's CocoDataset.filter_data: images without objects of the
@@ -241,8 +252,7 @@ def check_coco_set(key: str, dataset: dict, training: bool,
         if not isinstance(name, str) or not name:
             raise DataSetError(f'{ann_key}: an entry of `images` in '
                                f'{ann_path!r} has no file_name: {image!r}')
-        size = (image.get('width'), image.get('height'))
-        expected = size if all(isinstance(s, int) for s in size) else None
+        expected = (image['width'], image['height'])  # checked above
         _check_image_file(f'{key}.data_prefix.img', osp.join(img_root, name),
                           expected, oriented)
     return len(images)

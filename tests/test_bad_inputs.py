@@ -691,6 +691,14 @@ CASES = [
                     image_size=(4, 4)),
          DataSetError, [r"all 1 images of .*ann\.json' are filtered out",
                         r'filter_cfg', r'at least 8 pixels']),
+    Case('coco-width-is-a-string',
+         check_coco(lambda c: c['images'][0].update(width='20')),
+         DataSetError, [r"ann\.json' has no positive numeric `width` and "
+                        r"`height` \(got \['20', 16\]\)"]),
+    Case('coco-image-without-height',
+         check_coco(lambda c: c['images'][0].pop('height')),
+         DataSetError, [r"ann\.json' has no positive numeric `width` and "
+                        r'`height` \(got \[20, None\]\)']),
     Case('coco-zero-byte-image', check_coco(file_bytes=b''), DataSetError,
          [r"data_prefix\.img: image file .*a\.png' is empty \(0 bytes\)"]),
     Case('coco-image-size-differs', check_coco(image_size=(1, 1)),
@@ -831,3 +839,10 @@ def test_load_from_a_checkpoint_of_the_model_is_accepted(tmp_path):
     fine-tuning start), passes."""
     check_load_from_checkpoint(toy_model(), training_checkpoint(
         str(tmp_path), drop=('head.weight', 'head.bias')))
+
+
+def test_coco_sizes_written_as_floats_are_accepted(tmp_path):
+    """JSON numbers such as 20.0 (some exporters) are sizes, as in mmdet."""
+    check_coco_set('train_dataloader.dataset', coco_set(
+        str(tmp_path), lambda c: c['images'][0].update(width=20.0,
+                                                       height=16.0)), True)
