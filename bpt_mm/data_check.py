@@ -124,7 +124,8 @@ def _check_image_file(key: str, path: str,
         how = ', as loaded, after its EXIF orientation' if turned else ''
         raise DataSetError(
             f'{key}: image file {path!r} is {width}x{height} (width x '
-            f'height{how}) but the annotations say {expected[0]}x{expected[1]}; '
+            f'height{how}) but the annotations say '
+            f'{expected[0]}x{expected[1]}; '
             'boxes and masks would not match the pixels (training gives '
             'NaN losses). Fix the file or its width/height in the JSON')
     return width, height
