@@ -315,8 +315,17 @@ def check_segmentation_set(key: str, dataset: dict,
                 f'{image!r} is {width}x{height} as loaded (after any EXIF '
                 f'orientation); labels would not match the '
                 'pixels')
+        from PIL import Image
+        with Image.open(mask) as img:  # the header only
+            bands = img.getbands()
+        if len(bands) > 1:
+            # mmseg's LoadAnnotations reads masks 'unchanged': a colour mask
+            # stays (H, W, C) and PackSegInputs only warns about its shape.
+            raise DataSetError(
+                f'{mask_key}: mask {mask!r} has {len(bands)} channels '
+                f'({"".join(bands)}); a label mask has one (class indices, '
+                'mode L, P or I;16). Is it a colour rendering of the labels?')
         if decoded < max_masks_decoded:
-            from PIL import Image
             with Image.open(mask) as img:
                 values = np.unique(np.asarray(img))
             decoded += 1

@@ -238,15 +238,16 @@ def truncated_json(tmp: str) -> None:
     check_coco_set('train_dataloader.dataset', dataset, True)
 
 
-def seg_set(tmp: str, mask_size=(20, 16), mask_value: int = 3) -> None:
+def seg_set(tmp: str, mask_size=(20, 16), mask_value: int = 3,
+            mask_mode: str = 'L') -> None:
     """A one-image ADE20K-layout set; checks it."""
     import numpy as np
     from PIL import Image
     for d in ('images', 'masks'):
         os.makedirs(osp.join(tmp, d), exist_ok=True)
     Image.new('RGB', (20, 16)).save(osp.join(tmp, 'images', 'a.jpg'))
-    Image.fromarray(np.full(mask_size[::-1], mask_value, np.uint8)).save(
-        osp.join(tmp, 'masks', 'a.png'))
+    Image.fromarray(np.full(mask_size[::-1], mask_value, np.uint8)).convert(
+        mask_mode).save(osp.join(tmp, 'masks', 'a.png'))
     check_segmentation_set(
         'train_dataloader.dataset',
         dict(type='ADE20KDataset', data_root=tmp + '/',
@@ -704,6 +705,9 @@ CASES = [
     Case('coco-image-size-differs', check_coco(image_size=(1, 1)),
          DataSetError, [r"image file .*a\.png' is 1x1", r'annotations say '
                         r'20x16']),
+    Case('ade-mask-in-colour', lambda t: seg_set(t, mask_mode='RGB'),
+         DataSetError, [r"seg_map_path: mask .*a\.png' has 3 channels "
+                        r'\(RGB\)']),
     Case('ade-mask-size-differs', lambda t: seg_set(t, mask_size=(10, 8)),
          DataSetError, [r"seg_map_path: mask .*a\.png' is 10x8",
                         r"image .*a\.jpg' is 20x16"]),
