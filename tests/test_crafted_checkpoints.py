@@ -638,3 +638,56 @@ def load_tool(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class _CodeRunner:
+    """Unpickling it calls ``os.mkdir(path)``: proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path, )
+
+
+def test_url_checkpoints_are_read_weights_only(tmp_path, monkeypatch):
+    """``load_from``/``tools/test.py`` with an ``https://`` or
+    ``open-mmlab://`` name: mmengine's loader would fully unpickle the
+    download (torch.hub.load_state_dict_from_url defaults to
+    weights_only=False). The download (faked: no network here) is cached
+    and read like a local file: code is refused, a plain checkpoint loads.
+    """
+    served = {}
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        with open(served[url], 'rb') as src, open(dst, 'wb') as out:
+            out.write(src.read())
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    proof = str(tmp_path / 'made_by_the_file')
+    evil = str(tmp_path / 'evil.pth')
+    torch.save({'state_dict': {'w': torch.ones(2)},
+                'x': _CodeRunner(proof)}, evil)
+    url = 'https://example.invalid/models/evil.pth'
+    served[url] = evil
+    with pytest.raises(CheckpointError) as err:
+        CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert 'evil.pth' in str(err.value) and url in str(err.value)
+    assert not osp.exists(proof)
+    # open-mmlab:// names resolve to a URL and go the same way.
+    from mmengine.runner.checkpoint import get_external_models
+    name, model_url = next(iter(get_external_models().items()))
+    served[model_url] = evil
+    with pytest.raises(CheckpointError):
+        CheckpointLoader.load_checkpoint(f'open-mmlab://{name}',
+                                         map_location='cpu')
+    assert not osp.exists(proof)
+
+    good = str(tmp_path / 'good.pth')
+    torch.save({'state_dict': {'w': torch.ones(2)}}, good)
+    url = 'https://example.invalid/models/good.pth'
+    served[url] = good
+    ckpt = CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert torch.equal(ckpt['state_dict']['w'], torch.ones(2))
+    assert osp.isfile(tmp_path / 'hub' / 'checkpoints' / 'good.pth')

@@ -32,10 +32,11 @@ import torch
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..safe_load import load_weights_only
+from ..safe_load import CheckpointError, load_weights_only
 from .plain_state import from_plain, to_plain
 
-__all__ = ['load_local_checkpoint', 'install_checkpoint_loader',
+__all__ = ['load_local_checkpoint', 'load_http_checkpoint',
+           'install_checkpoint_loader',
            'save_plain_checkpoint', 'install_plain_checkpoint_saver',
            'write_checkpoint_file', 'atomic_write_bytes',
            'AtomicLocalBackend', 'install_atomic_local_backend']
@@ -200,10 +201,60 @@ def install_atomic_local_backend() -> None:
     register_backend('local', AtomicLocalBackend, force=True, prefixes='')
 
 
-def install_checkpoint_loader() -> None:
-    """Make :func:`load_local_checkpoint` mmengine's loader for local paths.
+def load_http_checkpoint(filename: str,
+                         map_location: Optional[Union[str, Callable,
+                                                      torch.device]] = None,
+                         model_dir: Optional[str] = None,
+                         progress: bool = False) -> Any:
+    """Download ``filename`` (an ``http(s)://`` URL) once into torch hub's
+    checkpoint cache, then read the copy like a local checkpoint
+    (:func:`load_local_checkpoint`: weights-only, limits, plain form).
 
-    Idempotent. URL and other schemes keep mmengine's loaders.
+    mmengine's own ``load_from_http`` calls
+    ``torch.hub.load_state_dict_from_url``, whose ``weights_only`` defaults
+    to False: a ``load_from``, ``tools/test.py`` or ``open-mmlab://`` URL
+    would be fully unpickled, running whatever code the downloaded file
+    holds. The cache is the one that function uses
+    (``<torch.hub.get_dir()>/checkpoints/<file name>``), so files it
+    downloaded before are reused. Under torch.distributed, rank 0 downloads
+    and the others wait, as in mmengine.
+
+    Raises:
+        CheckpointError: As :func:`load_local_checkpoint`, naming the cached
+            file and the URL.
+    """
+    from urllib.parse import urlparse
+
+    from mmengine.dist import get_dist_info
+    rank, world_size = get_dist_info()
+    folder = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    name = osp.basename(urlparse(filename).path) or 'checkpoint.pth'
+    cached = osp.join(folder, name)
+    if rank == 0 and not osp.isfile(cached):
+        os.makedirs(folder, exist_ok=True)
+        torch.hub.download_url_to_file(filename, cached, progress=progress)
+    if world_size > 1:
+        torch.distributed.barrier()
+    try:
+        return load_local_checkpoint(cached, map_location=map_location)
+    except CheckpointError as exc:
+        raise CheckpointError(f'{exc} (downloaded from {filename})') \
+            from exc
+
+
+def install_checkpoint_loader() -> None:
+    """Make :func:`load_local_checkpoint` mmengine's loader for local paths
+    and :func:`load_http_checkpoint` for ``http://``/``https://``.
+
+    mmengine's ``open-mmlab://``, ``torchvision://``, ``mmcls://`` and
+    ``modelzoo://`` loaders turn the name into a URL and call the module's
+    ``load_from_http`` by name, so that name is replaced too. Other schemes
+    (``s3://``, ``pavi://``, ``petrel://``) keep mmengine's loaders, which
+    call a plain ``torch.load`` (weights-only by default from torch 2.6,
+    without bpt_mm's limits): not covered here. Idempotent.
     """
     CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint,
                                      force=True)
+    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
+                                     loader=load_http_checkpoint, force=True)
+    _CHECKPOINT_MODULE.load_from_http = load_http_checkpoint
