@@ -699,6 +699,27 @@ def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
             f'this config: {_brief_keys(missing)}; it was trained with '
             f'another config (prompt type, heads). Resume with that config '
             f'or start a new run from it with load_from')
+    # mmengine's Runner.resume reads checkpoint['message_hub'] (KeyError or
+    # an assertion without the file's name otherwise) and restores the
+    # optimizer only when the key is there: without it the run would go on
+    # with fresh optimizer moments, not the run that was saved.
+    hub = checkpoint.get('message_hub')
+    if not (isinstance(hub, dict) and all(
+            isinstance(hub.get(k), dict)
+            for k in ('log_scalars', 'runtime_info', 'resumed_keys'))):
+        raise ValueError(
+            f'--resume: {path!r} has no `message_hub` dict with '
+            f'log_scalars, runtime_info and resumed_keys (got '
+            f'{type(hub).__name__}); it was not saved by a Runner (e.g. '
+            f'tools/merge_checkpoint.py output). Start a new run from it '
+            f'with --cfg-options load_from={path}')
+    if not isinstance(checkpoint.get('optimizer'), dict):
+        raise ValueError(
+            f'--resume: {path!r} holds no optimizer state (saved with '
+            f'save_optimizer=False, or not by a Runner); resuming would '
+            f'continue with a fresh optimizer, another run than the one '
+            f'saved. Start a new run from it with --cfg-options '
+            f'load_from={path}')
 
 
 def check_load_from_checkpoint(model: torch.nn.Module, path: str) -> None:

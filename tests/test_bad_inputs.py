@@ -637,6 +637,20 @@ CASES = [
              osp.join(t, 'iter_60.pth')), osp.join(t, 'iter_60.pth'))[1]),
          ValueError, [r"iter_60\.pth': \['meta'\]\['iter'\] must be a "
                       r"non-negative int, got '60'"]),
+    Case('resume-from-a-merged-checkpoint',  # meta and state_dict only
+         lambda t: check_resume_checkpoint(toy_model(),
+                                           training_checkpoint(t)),
+         ValueError, [r"iter_4\.pth' has no `message_hub` dict",
+                      r'load_from=']),
+    Case('resume-without-optimizer-state',
+         lambda t: check_resume_checkpoint(toy_model(), (torch.save(
+             dict(meta=dict(epoch=0, iter=4),
+                  state_dict=toy_model().state_dict(),
+                  message_hub=dict(log_scalars={}, runtime_info={},
+                                   resumed_keys={})),
+             osp.join(t, 'iter_4.pth')), osp.join(t, 'iter_4.pth'))[1]),
+         ValueError, [r"iter_4\.pth' holds no optimizer state",
+                      r'save_optimizer=False', r'load_from=']),
     # load_from (no --resume) naming a file mmengine would load nothing of
     Case('load-from-whitening-file',
          lambda t: check_load_from_checkpoint(toy_model(),
