@@ -691,3 +691,25 @@ def test_url_checkpoints_are_read_weights_only(tmp_path, monkeypatch):
     ckpt = CheckpointLoader.load_checkpoint(url, map_location='cpu')
     assert torch.equal(ckpt['state_dict']['w'], torch.ones(2))
     assert osp.isfile(tmp_path / 'hub' / 'checkpoints' / 'good.pth')
+
+
+def test_zip_with_a_member_name_twice_is_refused(tmp_path, trusted):
+    """torch's zip reader and Python's zipfile choose different copies of a
+    repeated member name: a file could show the checks one pickle and torch
+    another. torch.save never repeats a name, so such a file is refused."""
+    import warnings
+    path = str(tmp_path / 'twice.pth')
+    torch.save({'w': torch.zeros(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    pkl = next(n for n in members if n.endswith('data.pkl'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # zipfile warns: duplicate name
+        with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as out:
+            for name, data in members.items():
+                out.writestr(name, data)
+            out.writestr(pkl, members[pkl])
+    with pytest.raises(CheckpointError) as err:
+        load_local_checkpoint(path)
+    assert 'twice.pth' in str(err.value) and pkl in str(err.value)
+    trusted()
