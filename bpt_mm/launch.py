@@ -595,6 +595,31 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
     return newest
 
 
+def resolve_auto_resume(cfg: Config) -> str:
+    """Set ``cfg.resume``/``cfg.load_from`` for ``--resume`` without a
+    path; returns a line saying what the run will start from.
+
+    With a checkpoint in the work dir (:func:`latest_checkpoint`), the run
+    resumes from it. Without one, the config's own ``load_from`` (e.g.
+    weights of a detector trained on COCO) is kept as the start, as a
+    plain weights load: mmdet's ``--resume`` sets ``load_from = None`` and
+    the first start of a preemptible job then silently trains without
+    those weights.
+    """
+    latest = latest_checkpoint(cfg.work_dir)
+    if latest is not None:
+        cfg.resume, cfg.load_from = True, latest
+        return f'--resume: resuming from {latest!r}'
+    configured = cfg.get('load_from')
+    cfg.resume = False
+    if configured:
+        return (f'--resume: no checkpoint in {cfg.work_dir!r} yet (no '
+                f'last_checkpoint file); training starts from iteration 0 '
+                f'with the config\'s load_from={configured!r}')
+    return (f'--resume: no checkpoint in {cfg.work_dir!r} yet (no '
+            f'last_checkpoint file); training starts from iteration 0')
+
+
 def _read_checkpoint(path: str) -> Any:
     """The object in ``path``, read as mmengine reads checkpoints (through
     bpt_mm's loader for local files), on the CPU."""
