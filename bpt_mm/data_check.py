@@ -21,9 +21,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-#: EXIF orientations that swap width and height (the image loaders apply
-#: them, so such a file may be listed with its displayed size).
+#: EXIF orientations that swap width and height when applied.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+#: ``color_type`` values of ``LoadImageFromFile`` under which mmcv's
+#: ``imfrombytes`` applies the EXIF orientation (cv2's IMREAD_COLOR and
+#: IMREAD_GRAYSCALE do; with Pillow, mmcv calls ``ImageOps.exif_transpose``
+#: for these two flags). ``'unchanged'`` and ``'*_ignore_orientation'``
+#: keep the stored pixels.
+_ORIENTING_COLOR_TYPES = ('color', 'grayscale')
 
 
 class DataSetError(ValueError):
@@ -52,9 +58,22 @@ def _dataset_entries(dataset: Any, key: str) -> Iterator[Tuple[str, dict]]:
     yield key, dataset
 
 
+def _applies_orientation(dataset: dict) -> bool:
+    """Whether the data set's ``LoadImageFromFile`` (mmcv/mmdet/mmseg; its
+    ``color_type`` defaults to ``'color'``) turns images by their EXIF
+    orientation, i.e. whether the pipeline sees the displayed size."""
+    pipeline = dataset.get('pipeline')
+    for step in pipeline if isinstance(pipeline, (list, tuple)) else ():
+        if isinstance(step, dict) and str(step.get('type', '')).endswith(
+                'LoadImageFromFile'):
+            return step.get('color_type', 'color') in _ORIENTING_COLOR_TYPES
+    return True  # no loader named: the default color_type, 'color'
+
+
 def _image_size(path: str) -> Tuple[int, int, bool]:
-    """``(width, height, transposable)`` from the file header, where
-    ``transposable`` says an EXIF orientation swaps the two on loading."""
+    """``(width, height, transposable)`` from the file header (the stored
+    size), where ``transposable`` says its EXIF orientation swaps the two
+    when applied."""
     from PIL import Image
     with Image.open(path) as img:
         width, height = img.size
@@ -66,10 +85,17 @@ def _image_size(path: str) -> Tuple[int, int, bool]:
 
 
 def _check_image_file(key: str, path: str,
-                      expected: Optional[Tuple[int, int]] = None) -> Tuple[
-                          int, int]:
-    """Refuse a missing, empty or unreadable image, or one whose size is not
-    ``expected`` (width, height); return its size."""
+                      expected: Optional[Tuple[int, int]] = None,
+                      oriented: bool = False) -> Tuple[int, int]:
+    """Refuse a missing, empty or unreadable image, or one whose size as
+    loaded is not ``expected`` (width, height); return the size as loaded.
+
+    ``oriented``: the loader applies the EXIF orientation (mmcv's
+    ``imfrombytes`` with ``'color'``), so a file stored 160x128 with
+    orientation 6 loads 128x160, and its annotations (boxes, polygons,
+    width/height) must be of that size; listing the stored size would put
+    every box on the wrong pixels without any error.
+    """
     if not osp.isfile(path):
         raise DataSetError(f'{key}: image file {path!r} does not exist')
     if osp.getsize(path) == 0:
@@ -79,11 +105,27 @@ def _check_image_file(key: str, path: str,
     except Exception as exc:  # noqa: BLE001 (named in the message)
         raise DataSetError(f'{key}: image file {path!r} cannot be read as '
                            f'an image: {exc}') from None
-    if expected is not None and (width, height) != tuple(expected) and not (
-            transposable and (height, width) == tuple(expected)):
+    turned = oriented and transposable
+    if turned:
+        width, height = height, width
+    if expected is not None and (width, height) != tuple(expected):
+        if turned and (height, width) == tuple(expected):
+            raise DataSetError(
+                f'{key}: image file {path!r} is stored {height}x{width} '
+                f'(width x height) with an EXIF orientation that turns it '
+                f'to {width}x{height} when loaded (LoadImageFromFile '
+                f"color_type 'color'), but the annotations say "
+                f'{expected[0]}x{expected[1]}, the stored size: boxes and '
+                'masks would not match the loaded pixels. If the '
+                'annotations are of the stored pixels, set '
+                "`color_type='color_ignore_orientation'` in "
+                'LoadImageFromFile; if of the displayed image, fix '
+                'width/height in the JSON')
+        how = ', as loaded, after its EXIF orientation' if turned else ''
         raise DataSetError(
             f'{key}: image file {path!r} is {width}x{height} (width x '
-            f'height) but the annotations say {expected[0]}x{expected[1]}; '
+            f'height{how}) but the annotations say '
+            f'{expected[0]}x{expected[1]}; '
             'boxes and masks would not match the pixels (training gives '
             'NaN losses). Fix the file or its width/height in the JSON')
     return width, height
@@ -177,6 +219,17 @@ def check_coco_set(key: str, dataset: dict, training: bool,
         raise DataSetError(
             f'{ann_key}: no image of {ann_path!r} has an annotation of a '
             f'class of the data set ({classes}); nothing to learn')
+    for image in images:
+        # mmdet's CocoDataset reads both (parse_data_info, filter_data): a
+        # missing one is a KeyError, a string a TypeError deep in loading.
+        sizes = [image.get(k) if isinstance(image, dict) else None
+                 for k in ('width', 'height')]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and v == v and v >= 1 for v in sizes):
+            raise DataSetError(
+                f'{ann_key}: an entry of `images` in {ann_path!r} has no '
+                f'positive numeric `width` and `height` (got {sizes}): '
+                f'{str(image)[:200]}')
     filter_cfg = dataset.get('filter_cfg')
     if training and isinstance(filter_cfg, dict):
         # mmdet's CocoDataset.filter_data: images without objects of the
@@ -194,15 +247,15 @@ def check_coco_set(key: str, dataset: dict, training: bool,
                 'on its shorter side; the data set would be empty')
     prefix = (dataset.get('data_prefix') or {}).get('img', '')
     img_root = _joined(root, prefix)
+    oriented = _applies_orientation(dataset)
     for image in images:
         name = image.get('file_name') if isinstance(image, dict) else None
         if not isinstance(name, str) or not name:
             raise DataSetError(f'{ann_key}: an entry of `images` in '
                                f'{ann_path!r} has no file_name: {image!r}')
-        size = (image.get('width'), image.get('height'))
-        expected = size if all(isinstance(s, int) for s in size) else None
+        expected = (image['width'], image['height'])  # checked above
         _check_image_file(f'{key}.data_prefix.img', osp.join(img_root, name),
-                          expected)
+                          expected, oriented)
     return len(images)
 
 
@@ -245,21 +298,34 @@ def check_segmentation_set(key: str, dataset: dict,
         raise DataSetError(f'{key}.data_prefix.img_path: {img_dir!r} holds '
                            f'no {img_suffix} images')
     largest, ignore = _mask_values_allowed(dataset, scope)
+    # The image as the pipeline loads it (EXIF-turned under 'color'); masks
+    # as mmseg's LoadAnnotations does, with 'unchanged' (never turned).
+    oriented = _applies_orientation(dataset)
     decoded = 0
     for name in names:
         image = osp.join(img_dir, name)
         width, height = _check_image_file(f'{key}.data_prefix.img_path',
-                                          image)
+                                          image, oriented=oriented)
         mask = osp.join(seg_dir, name[:-len(img_suffix)] + seg_suffix)
         mask_key = f'{key}.data_prefix.seg_map_path'
         mw, mh = _check_image_file(mask_key, mask)
         if (mw, mh) != (width, height):
             raise DataSetError(
                 f'{mask_key}: mask {mask!r} is {mw}x{mh} but its image '
-                f'{image!r} is {width}x{height}; labels would not match the '
+                f'{image!r} is {width}x{height} as loaded (after any EXIF '
+                f'orientation); labels would not match the '
                 'pixels')
+        from PIL import Image
+        with Image.open(mask) as img:  # the header only
+            bands = img.getbands()
+        if len(bands) > 1:
+            # mmseg's LoadAnnotations reads masks 'unchanged': a colour mask
+            # stays (H, W, C) and PackSegInputs only warns about its shape.
+            raise DataSetError(
+                f'{mask_key}: mask {mask!r} has {len(bands)} channels '
+                f'({"".join(bands)}); a label mask has one (class indices, '
+                'mode L, P or I;16). Is it a colour rendering of the labels?')
         if decoded < max_masks_decoded:
-            from PIL import Image
             with Image.open(mask) as img:
                 values = np.unique(np.asarray(img))
             decoded += 1

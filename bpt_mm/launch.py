@@ -651,6 +651,31 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
     return newest
 
 
+def resolve_auto_resume(cfg: Config) -> str:
+    """Set ``cfg.resume``/``cfg.load_from`` for ``--resume`` without a
+    path; returns a line saying what the run will start from.
+
+    With a checkpoint in the work dir (:func:`latest_checkpoint`), the run
+    resumes from it. Without one, the config's own ``load_from`` (e.g.
+    weights of a detector trained on COCO) is kept as the start, as a
+    plain weights load: mmdet's ``--resume`` sets ``load_from = None`` and
+    the first start of a preemptible job then silently trains without
+    those weights.
+    """
+    latest = latest_checkpoint(cfg.work_dir)
+    if latest is not None:
+        cfg.resume, cfg.load_from = True, latest
+        return f'--resume: resuming from {latest!r}'
+    configured = cfg.get('load_from')
+    cfg.resume = False
+    if configured:
+        return (f'--resume: no checkpoint in {cfg.work_dir!r} yet (no '
+                f'last_checkpoint file); training starts from iteration 0 '
+                f'with the config\'s load_from={configured!r}')
+    return (f'--resume: no checkpoint in {cfg.work_dir!r} yet (no '
+            f'last_checkpoint file); training starts from iteration 0')
+
+
 def _read_checkpoint(path: str) -> Any:
     """The object in ``path``, read as mmengine reads checkpoints (through
     bpt_mm's loader for local files), on the CPU."""
@@ -731,6 +756,15 @@ def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
             f'{keys}): it looks like {_what_the_file_looks_like(checkpoint)}'
             '. Resume from a checkpoint tools/train.py saved, or start a new '
             f'run from these weights with --cfg-options load_from={path}')
+    for key in ('epoch', 'iter'):
+        # mmengine sets the loop's counters from these as they are: a
+        # string or a negative count fails (or loops) deep in training.
+        value = meta[key]
+        if type(value) is not int or value < 0:
+            raise ValueError(
+                f"--resume: {path!r}: ['meta'][{key!r}] must be a "
+                f'non-negative int, got {value!r}; the file is damaged or '
+                f'was not written by a Runner')
     state = _model_state_of(checkpoint)
     mismatched = _shape_mismatches(model, state)
     if mismatched:
@@ -746,6 +780,71 @@ def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
             f'this config: {_brief_keys(missing)}; it was trained with '
             f'another config (prompt type, heads). Resume with that config '
             f'or start a new run from it with load_from')
+    # mmengine's Runner.resume reads checkpoint['message_hub'] (KeyError or
+    # an assertion without the file's name otherwise) and restores the
+    # optimizer only when the key is there: without it the run would go on
+    # with fresh optimizer moments, not the run that was saved.
+    hub = checkpoint.get('message_hub')
+    if not (isinstance(hub, dict) and all(
+            isinstance(hub.get(k), dict)
+            for k in ('log_scalars', 'runtime_info', 'resumed_keys'))):
+        raise ValueError(
+            f'--resume: {path!r} has no `message_hub` dict with '
+            f'log_scalars, runtime_info and resumed_keys (got '
+            f'{type(hub).__name__}); it was not saved by a Runner (e.g. '
+            f'tools/merge_checkpoint.py output). Start a new run from it '
+            f'with --cfg-options load_from={path}')
+    if not isinstance(checkpoint.get('optimizer'), dict):
+        raise ValueError(
+            f'--resume: {path!r} holds no optimizer state (saved with '
+            f'save_optimizer=False, or not by a Runner); resuming would '
+            f'continue with a fresh optimizer, another run than the one '
+            f'saved. Start a new run from it with --cfg-options '
+            f'load_from={path}')
+
+
+def check_load_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Refuse ``load_from`` (without ``--resume``) naming a file that holds
+    none of the model's weights.
+
+    mmengine loads ``load_from`` non-strictly: a whitening file or a
+    backbone-only pretrained file (timm/MAE key names, no ``backbone.``
+    prefix) matches no key, mmengine prints the key lists, and training
+    starts from the initialisation with exit code 0, as if ``load_from``
+    were not set. A partial match (e.g. heads of another class count) is
+    mmengine's usual fine-tuning start and is left to it.
+
+    Args:
+        model (torch.nn.Module): The runner's model (built, not loaded).
+        path (str): The file ``load_from`` names.
+
+    Raises:
+        ValueError: Naming the file, what it looks like and where it
+            belongs instead.
+    """
+    from bpt_mm.models.vit import unwrap_model
+    from bpt_mm.whitening_collect import FILE_FORMAT
+    checkpoint = _read_checkpoint(path)
+    if isinstance(checkpoint, dict) and \
+            checkpoint.get('format') == FILE_FORMAT:
+        raise ValueError(
+            f'load_from: {path!r} is a whitening file '
+            f'(tools/compute_whitening.py), not model weights; mmengine '
+            f'would load none of it and train from the initialisation. Give '
+            f'it to the whitening hook instead: custom_hooks entry '
+            f"dict(type='BPTWhiteningHook', whitening_file={path!r})")
+    state = _model_state_of(checkpoint)
+    names = list(unwrap_model(model).state_dict())
+    if not any(name in state for name in names):
+        raise ValueError(
+            f'load_from: {path!r} holds none of the {len(names)} weights of '
+            f'this model (its keys: {_brief_keys(sorted(map(str, state)))}'
+            f'); it looks like '
+            f'{_what_the_file_looks_like(checkpoint)}, and mmengine would '
+            f'load nothing and train from the initialisation. Pretrained '
+            f'backbone weights belong in model.backbone.init_cfg '
+            f"(dict(type='Pretrained', checkpoint=...)); load_from takes a "
+            f'checkpoint of this model')
 
 
 def check_checkpoint_covers_model(model: torch.nn.Module, path: str) -> None:

@@ -113,6 +113,16 @@ def check_torch_file(path: str, what: str = 'checkpoint') -> None:
         raise CheckpointError(
             f'cannot read {what} {path!r} ({size} bytes): it is truncated, '
             f'corrupt or not a torch checkpoint ({exc})') from exc
+    names = [info.filename for info in members]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        # torch.save never writes a name twice; torch's reader and Python's
+        # zipfile pick different copies of a repeated one, so what the
+        # checks here see need not be what torch loads.
+        raise CheckpointError(
+            f'refusing to load {what} {path!r}: its zip archive holds '
+            f'members of the same name more than once ({twice[:3]}); '
+            f'torch.save never writes that, so it is crafted or damaged')
     pickles = [info for info in members
                if info.filename.endswith('data.pkl')
                and info.file_size > MAX_PICKLE_BYTES]

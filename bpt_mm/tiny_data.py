@@ -628,6 +628,20 @@ def check_replaceable(target: str) -> None:
             f'generator, so it may be real data; it is left as it is. '
             f'Choose another output folder (--out); --force only replaces '
             f'a folder the generator made itself')
+    # The manifest says the generator made the folder, not that it made
+    # everything in it: files added since (a user's annotations, results
+    # written beside the images) would go with the folder.
+    listed = manifest.get('files')
+    listed = listed if isinstance(listed, dict) else {}
+    added = sorted(set(_list_files(target)) - set(listed))
+    if added:
+        shown = ', '.join(added[:5]) + (
+            f' and {len(added) - 5} more' if len(added) > 5 else '')
+        raise ValueError(
+            f'{target!r} was made by this generator but now also holds '
+            f'{len(added)} file(s) it did not make ({shown}); it is left as '
+            f'it is. Move them out of the folder, or choose another output '
+            f'folder (--out)')
 
 
 def _check_out_root(root: str) -> None:

@@ -128,11 +128,50 @@ def _tensor_bytes(state: Dict[str, Any]) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def is_trainable_only(checkpoint: Dict[str, Any]) -> bool:
-    """Whether ``checkpoint`` was written by :func:`strip_frozen_backbone`."""
+def checkpoint_record(checkpoint: Dict[str, Any],
+                      source: Optional[str] = None) -> Dict[str, Any]:
+    """``checkpoint['meta']['bpt_mm']`` (what :func:`strip_frozen_backbone`
+    recorded), or ``{}`` when the checkpoint has none.
+
+    The file is not trusted to hold the types bpt_mm writes: a ``meta``
+    that is not a dict, a record that is not a dict, or a fingerprint or
+    file name that is not a string would otherwise end in an
+    ``AttributeError`` or a wrong comparison deep in the loading.
+
+    Raises:
+        CheckpointError: Naming the file and the key.
+    """
+    where = f'checkpoint {source!r}' if source else 'the checkpoint'
     meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
-    return bool(isinstance(meta, dict)
-                and (meta.get(META_KEY) or {}).get('trainable_only'))
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: ['meta'] must be a dict, got a "
+                              f'{type(meta).__name__}')
+    record = meta.get(META_KEY)
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{where}: ['meta'][{META_KEY!r}] must be a "
+                              f'dict, got a {type(record).__name__}')
+    for key in ('backbone_fingerprint', 'backbone_checkpoint',
+                'backbone_prefix'):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise CheckpointError(
+                f"{where}: ['meta'][{META_KEY!r}][{key!r}] must be a str, "
+                f'got a {type(record[key]).__name__}')
+    return record
+
+
+def is_trainable_only(checkpoint: Dict[str, Any],
+                      source: Optional[str] = None) -> bool:
+    """Whether ``checkpoint`` (read from ``source``, named in messages) was
+    written by :func:`strip_frozen_backbone`.
+
+    Raises:
+        CheckpointError: A malformed ``meta`` (:func:`checkpoint_record`).
+    """
+    return bool(checkpoint_record(checkpoint, source).get('trainable_only'))
 
 
 def check_backbone_shapes(model: nn.Module, checkpoint: Dict[str, Any],
@@ -216,7 +255,7 @@ def restore_frozen_backbone(model: nn.Module, checkpoint: Dict[str, Any],
         return []
     check_backbone_shapes(model, checkpoint, source)
     prefix = backbone_prefix(model, backbone)
-    record = (checkpoint.get('meta') or {}).get(META_KEY) or {}
+    record = checkpoint_record(checkpoint, source)
     # The keys the model's backbone has and the checkpoint lacks, frozen or
     # not: a fine-tuned backbone missing from a checkpoint is as bad.
     own = list(backbone.state_dict())

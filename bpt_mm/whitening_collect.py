@@ -911,6 +911,34 @@ def _typed_field(path: str, key: str, value: Any,
                      f'{shown[:200]}')
 
 
+def _check_zca(path: str, block: int, matrix: Tensor) -> None:
+    """Refuse a whitening matrix that no ZCA whitening gives.
+
+    :func:`~bpt_mm.whitening.zca_whitening_matrix` writes
+    ``U diag((S + reg)^{-1/2}) U^T``: exactly symmetric and positive
+    definite. A zero, singular, indefinite or non-symmetric matrix (a
+    damaged or hand-made file) would otherwise become the prompts'
+    projection without any error (all prompts collapsed onto a subspace,
+    or flipped).
+    """
+    w = matrix.detach().to(torch.float64)
+    scale = float(w.abs().max())
+    if scale == 0.0:
+        raise _refuse(path, f'block {block}: the whitening matrix is all '
+                      'zeros; a ZCA whitening matrix is positive definite')
+    asym = float((w - w.T).abs().max()) / scale
+    if asym > 1e-5:
+        raise _refuse(path, f'block {block}: the whitening matrix is not '
+                      f'symmetric (largest |W - W^T| is {asym:.3g} of its '
+                      f'largest entry); tools/compute_whitening.py writes '
+                      f'the symmetric ZCA matrix')
+    smallest = float(torch.linalg.eigvalsh((w + w.T) / 2)[0])
+    if not smallest > 0.0:
+        raise _refuse(path, f'block {block}: the whitening matrix is not '
+                      f'positive definite (smallest eigenvalue '
+                      f'{smallest:.3g}); a ZCA whitening matrix is')
+
+
 def _real_matrix(path: str, block: int, name: str, value: Any,
                  dim: int) -> Tensor:
     """``blocks[block][name]`` if it is a dense, real floating (dim, dim)
@@ -1004,6 +1032,7 @@ def load_whitening(path: Union[str, os.PathLike],
         if not bool(torch.isfinite(matrix).all()):
             raise _refuse(path, f'block {block}: the whitening matrix has '
                           'non-finite values')
+        _check_zca(path, block, matrix)
         sigma = entry.get('sigma')
         if sigma is not None:
             sigma = _real_matrix(path, block, 'sigma', sigma, dim)

@@ -28,6 +28,7 @@ from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
 from bpt_mm.data_check import (DataSetError, check_coco_set,
                                check_segmentation_set)
 from bpt_mm.launch import (check_checkpoint_covers_model, check_data_paths,
+                           check_load_from_checkpoint,
                            check_whitening_output, check_resume_checkpoint,
                            check_whitening_source, latest_checkpoint,
                            resolve_device)
@@ -237,15 +238,16 @@ def truncated_json(tmp: str) -> None:
     check_coco_set('train_dataloader.dataset', dataset, True)
 
 
-def seg_set(tmp: str, mask_size=(20, 16), mask_value: int = 3) -> None:
+def seg_set(tmp: str, mask_size=(20, 16), mask_value: int = 3,
+            mask_mode: str = 'L') -> None:
     """A one-image ADE20K-layout set; checks it."""
     import numpy as np
     from PIL import Image
     for d in ('images', 'masks'):
         os.makedirs(osp.join(tmp, d), exist_ok=True)
     Image.new('RGB', (20, 16)).save(osp.join(tmp, 'images', 'a.jpg'))
-    Image.fromarray(np.full(mask_size[::-1], mask_value, np.uint8)).save(
-        osp.join(tmp, 'masks', 'a.png'))
+    Image.fromarray(np.full(mask_size[::-1], mask_value, np.uint8)).convert(
+        mask_mode).save(osp.join(tmp, 'masks', 'a.png'))
     check_segmentation_set(
         'train_dataloader.dataset',
         dict(type='ADE20KDataset', data_root=tmp + '/',
@@ -260,6 +262,17 @@ def nan_pretrained(tmp: str) -> None:
     path = osp.join(tmp, 'vit_nan.pth')
     torch.save(state, path)
     load_pretrained(vit(), path)
+
+
+def _pretrained_with(tmp: str, name: str, entries: dict) -> str:
+    """A timm-layout file of the test ViT with ``entries`` replacing some
+    of its values; returns its path."""
+    state = {k: v for k, v in vit().state_dict().items()
+             if not k.startswith('prompts.')}
+    state.update(entries)
+    path = osp.join(tmp, name)
+    torch.save(state, path)
+    return path
 
 
 def toy_model(prompt=None):
@@ -592,6 +605,65 @@ CASES = [
     Case('resume-from-whitening-file', resume_from_whitening_file,
          ValueError, [r"--resume: '.*w\.pth' is not a training checkpoint",
                       r'a whitening file']),
+    # a pretrained file whose weight names hold something else: refused,
+    # not skipped (the model's own value would stay with a warning)
+    Case('pretrained-weight-not-a-tensor',
+         lambda t: load_pretrained(vit(), _pretrained_with(
+             t, 'norm_int.pth', {'norm.weight': 5})),
+         CheckpointError, [r"pretrained checkpoint '.*norm_int\.pth'",
+                           r"entry 'norm\.weight' is a int, not a tensor"]),
+    Case('pretrained-pos-embed-spoofs-the-plain-form',
+         lambda t: load_pretrained(vit(), _pretrained_with(
+             t, 'tagged.pth', {'pos_embed': {
+                 '__bpt_mm_plain__': 'numpy', 'value': torch.zeros(3),
+                 'scalar': False}})),
+         CheckpointError, [r"tagged\.pth'", r"entry 'pos_embed' is a dict"]),
+    # a checkpoint's meta of other types than a Runner writes
+    Case('checkpoint-meta-not-a-dict',
+         lambda t: restore_frozen_backbone(
+             toy_model(), dict(meta=[1], state_dict={}), source='x.pth'),
+         CheckpointError, [r"checkpoint 'x\.pth': \['meta'\] must be a "
+                           r'dict, got a list']),
+    Case('checkpoint-record-not-a-dict',
+         lambda t: restore_frozen_backbone(
+             toy_model(), dict(meta=dict(bpt_mm='yes'), state_dict={}),
+             source='x.pth'),
+         CheckpointError, [r"'x\.pth': \['meta'\]\['bpt_mm'\] must be a "
+                           r'dict, got a str']),
+    Case('resume-meta-iter-not-an-int',
+         lambda t: check_resume_checkpoint(toy_model(), (torch.save(
+             dict(meta=dict(epoch=0, iter='60'),
+                  state_dict=toy_model().state_dict()),
+             osp.join(t, 'iter_60.pth')), osp.join(t, 'iter_60.pth'))[1]),
+         ValueError, [r"iter_60\.pth': \['meta'\]\['iter'\] must be a "
+                      r"non-negative int, got '60'"]),
+    Case('resume-from-a-merged-checkpoint',  # meta and state_dict only
+         lambda t: check_resume_checkpoint(toy_model(),
+                                           training_checkpoint(t)),
+         ValueError, [r"iter_4\.pth' has no `message_hub` dict",
+                      r'load_from=']),
+    Case('resume-without-optimizer-state',
+         lambda t: check_resume_checkpoint(toy_model(), (torch.save(
+             dict(meta=dict(epoch=0, iter=4),
+                  state_dict=toy_model().state_dict(),
+                  message_hub=dict(log_scalars={}, runtime_info={},
+                                   resumed_keys={})),
+             osp.join(t, 'iter_4.pth')), osp.join(t, 'iter_4.pth'))[1]),
+         ValueError, [r"iter_4\.pth' holds no optimizer state",
+                      r'save_optimizer=False', r'load_from=']),
+    # load_from (no --resume) naming a file mmengine would load nothing of
+    Case('load-from-whitening-file',
+         lambda t: check_load_from_checkpoint(toy_model(),
+                                              whitening_file(t, 'w.pth')),
+         ValueError, [r"load_from: '.*w\.pth' is a whitening file",
+                      r"BPTWhiteningHook', whitening_file="]),
+    Case('load-from-backbone-only-weights',
+         lambda t: check_load_from_checkpoint(toy_model(), (torch.save(
+             {'model': vit().state_dict()}, osp.join(t, 'mae.pth')),
+             osp.join(t, 'mae.pth'))[1]),
+         ValueError, [r"load_from: '.*mae\.pth' holds none of the \d+ "
+                      r'weights', r'pretrained weights\?',
+                      r'model\.backbone\.init_cfg']),
     # item 5: --resume into other prompt shapes
     Case('resume-with-other-prompt-rank',
          lambda t: check_resume_checkpoint(
@@ -634,11 +706,22 @@ CASES = [
                     image_size=(4, 4)),
          DataSetError, [r"all 1 images of .*ann\.json' are filtered out",
                         r'filter_cfg', r'at least 8 pixels']),
+    Case('coco-width-is-a-string',
+         check_coco(lambda c: c['images'][0].update(width='20')),
+         DataSetError, [r"ann\.json' has no positive numeric `width` and "
+                        r"`height` \(got \['20', 16\]\)"]),
+    Case('coco-image-without-height',
+         check_coco(lambda c: c['images'][0].pop('height')),
+         DataSetError, [r"ann\.json' has no positive numeric `width` and "
+                        r'`height` \(got \[20, None\]\)']),
     Case('coco-zero-byte-image', check_coco(file_bytes=b''), DataSetError,
          [r"data_prefix\.img: image file .*a\.png' is empty \(0 bytes\)"]),
     Case('coco-image-size-differs', check_coco(image_size=(1, 1)),
          DataSetError, [r"image file .*a\.png' is 1x1", r'annotations say '
                         r'20x16']),
+    Case('ade-mask-in-colour', lambda t: seg_set(t, mask_mode='RGB'),
+         DataSetError, [r"seg_map_path: mask .*a\.png' has 3 channels "
+                        r'\(RGB\)']),
     Case('ade-mask-size-differs', lambda t: seg_set(t, mask_size=(10, 8)),
          DataSetError, [r"seg_map_path: mask .*a\.png' is 10x8",
                         r"image .*a\.jpg' is 20x16"]),
@@ -699,3 +782,85 @@ def test_benchmark_refuses_a_zero_inference_size(capsys):
     assert info.value.code == 2
     assert '--infer-size must be a positive int, got 0' in \
         capsys.readouterr().err
+
+
+def _rotated_jpeg(path: str, stored_size=(20, 16)) -> None:
+    """A JPEG stored ``stored_size`` (width, height) with EXIF orientation 6
+    (turn 90 degrees: a phone's portrait photo)."""
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    Image.new('RGB', stored_size).save(path, exif=exif)
+
+
+def test_data_check_sizes_exif_turned_images_as_the_loader_does(tmp_path):
+    """The preflight compares annotations with the image as mmcv's
+    ``imfrombytes`` loads it ('color' applies the EXIF orientation), not
+    with the stored size: a COCO entry listing the stored size (boxes on
+    the wrong pixels) is refused, the displayed size accepted; an ADE mask
+    of the displayed size is accepted and one of the stored size refused."""
+    import json
+
+    import mmcv
+    image = str(tmp_path / 'coco' / 'img' / 'a.jpg')
+    _rotated_jpeg(image)
+    with open(image, 'rb') as f:
+        loaded = mmcv.imfrombytes(f.read(), flag='color').shape[:2]
+    assert loaded == (20, 16)  # (h, w): the loader turned the 20x16 file
+
+    def coco(width: int, height: int, **load) -> dict:
+        ann = dict(images=[dict(id=1, file_name='a.jpg', width=width,
+                                height=height)],
+                   annotations=[dict(id=1, image_id=1, category_id=1,
+                                     bbox=[2, 2, 8, 8], area=64,
+                                     iscrowd=0)],
+                   categories=[dict(id=1, name='square')])
+        with open(tmp_path / 'coco' / 'ann.json', 'w') as f:
+            json.dump(ann, f)
+        return dict(type='CocoDataset', data_root=str(tmp_path / 'coco'),
+                    ann_file='ann.json', data_prefix=dict(img='img/'),
+                    metainfo=dict(classes=('square', )),
+                    pipeline=[dict(type='LoadImageFromFile', **load)])
+
+    key = 'train_dataloader.dataset'
+    check_coco_set(key, coco(16, 20), True)  # displayed size: as loaded
+    with pytest.raises(DataSetError,
+                       match=r"a\.jpg' is stored 20x16 .*EXIF orientation"
+                             r".*color_ignore_orientation"):
+        check_coco_set(key, coco(20, 16), True)
+    # A pipeline that keeps the stored pixels wants the stored size.
+    check_coco_set(key, coco(20, 16,
+                             color_type='color_ignore_orientation'), True)
+    with pytest.raises(DataSetError, match=r"a\.jpg' is 20x16"):
+        check_coco_set(key, coco(16, 20,
+                                 color_type='color_ignore_orientation'), True)
+
+    from PIL import Image
+    seg = tmp_path / 'ade'
+    _rotated_jpeg(str(seg / 'images' / 'a.jpg'))
+    os.makedirs(seg / 'masks')
+    dataset = dict(type='ADE20KDataset', data_root=str(seg),
+                   data_prefix=dict(img_path='images', seg_map_path='masks'))
+    Image.new('L', (16, 20), 3).save(seg / 'masks' / 'a.png')  # as loaded
+    check_segmentation_set('train_dataloader.dataset', dataset)
+    Image.new('L', (20, 16), 3).save(seg / 'masks' / 'a.png')  # stored
+    with pytest.raises(DataSetError,
+                       match=r"mask .*a\.png' is 20x16 but its image .*"
+                             r"is 16x20 as loaded"):
+        check_segmentation_set('train_dataloader.dataset', dataset)
+
+
+def test_load_from_a_checkpoint_of_the_model_is_accepted(tmp_path):
+    """The load_from check refuses only files with none of the model's
+    weights: a checkpoint of the model, even without its heads (a usual
+    fine-tuning start), passes."""
+    check_load_from_checkpoint(toy_model(), training_checkpoint(
+        str(tmp_path), drop=('head.weight', 'head.bias')))
+
+
+def test_coco_sizes_written_as_floats_are_accepted(tmp_path):
+    """JSON numbers such as 20.0 (some exporters) are sizes, as in mmdet."""
+    check_coco_set('train_dataloader.dataset', coco_set(
+        str(tmp_path), lambda c: c['images'][0].update(width=20.0,
+                                                       height=16.0)), True)

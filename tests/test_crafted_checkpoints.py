@@ -421,6 +421,18 @@ def whitening_file(tmp_path):
         qkv_fingerprint='x'), ['`blocks[0].qkv_fingerprint`']),
     ('block-not-dict', lambda p: p['blocks'].update({0: [1, 2]}),
      ['blocks[0]', 'dict']),
+    # Values no ZCA whitening (U diag(s^-1/2) U^T) has: they became the
+    # prompts' projection without an error.
+    ('zero-matrix', lambda p: p['blocks'][0].update(
+        whitening=torch.zeros(32, 32)), ['block 0', 'all zeros']),
+    ('stride0-singular-matrix', lambda p: p['blocks'][0].update(
+        whitening=torch.ones(1).expand(32, 32)),
+     ['block 0', 'not positive definite']),
+    ('negative-definite-matrix', lambda p: p['blocks'][0].update(
+        whitening=-torch.eye(32)), ['block 0', 'not positive definite']),
+    ('non-symmetric-matrix', lambda p: p['blocks'][0].update(
+        whitening=torch.eye(32) + torch.triu(torch.ones(32, 32), 1)),
+     ['block 0', 'not symmetric']),
 ])
 def test_whitening_file_with_wrong_types_is_refused(tmp_path, case, edit,
                                                     words):
@@ -626,3 +638,78 @@ def load_tool(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class _CodeRunner:
+    """Unpickling it calls ``os.mkdir(path)``: proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path, )
+
+
+def test_url_checkpoints_are_read_weights_only(tmp_path, monkeypatch):
+    """``load_from``/``tools/test.py`` with an ``https://`` or
+    ``open-mmlab://`` name: mmengine's loader would fully unpickle the
+    download (torch.hub.load_state_dict_from_url defaults to
+    weights_only=False). The download (faked: no network here) is cached
+    and read like a local file: code is refused, a plain checkpoint loads.
+    """
+    served = {}
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        with open(served[url], 'rb') as src, open(dst, 'wb') as out:
+            out.write(src.read())
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    proof = str(tmp_path / 'made_by_the_file')
+    evil = str(tmp_path / 'evil.pth')
+    torch.save({'state_dict': {'w': torch.ones(2)},
+                'x': _CodeRunner(proof)}, evil)
+    url = 'https://example.invalid/models/evil.pth'
+    served[url] = evil
+    with pytest.raises(CheckpointError) as err:
+        CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert 'evil.pth' in str(err.value) and url in str(err.value)
+    assert not osp.exists(proof)
+    # open-mmlab:// names resolve to a URL and go the same way.
+    from mmengine.runner.checkpoint import get_external_models
+    name, model_url = next(iter(get_external_models().items()))
+    served[model_url] = evil
+    with pytest.raises(CheckpointError):
+        CheckpointLoader.load_checkpoint(f'open-mmlab://{name}',
+                                         map_location='cpu')
+    assert not osp.exists(proof)
+
+    good = str(tmp_path / 'good.pth')
+    torch.save({'state_dict': {'w': torch.ones(2)}}, good)
+    url = 'https://example.invalid/models/good.pth'
+    served[url] = good
+    ckpt = CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert torch.equal(ckpt['state_dict']['w'], torch.ones(2))
+    assert osp.isfile(tmp_path / 'hub' / 'checkpoints' / 'good.pth')
+
+
+def test_zip_with_a_member_name_twice_is_refused(tmp_path, trusted):
+    """torch's zip reader and Python's zipfile choose different copies of a
+    repeated member name: a file could show the checks one pickle and torch
+    another. torch.save never repeats a name, so such a file is refused."""
+    import warnings
+    path = str(tmp_path / 'twice.pth')
+    torch.save({'w': torch.zeros(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    pkl = next(n for n in members if n.endswith('data.pkl'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # zipfile warns: duplicate name
+        with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as out:
+            for name, data in members.items():
+                out.writestr(name, data)
+            out.writestr(pkl, members[pkl])
+    with pytest.raises(CheckpointError) as err:
+        load_local_checkpoint(path)
+    assert 'twice.pth' in str(err.value) and pkl in str(err.value)
+    trusted()

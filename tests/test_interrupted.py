@@ -16,7 +16,7 @@ import torch
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 
-from bpt_mm.launch import latest_checkpoint
+from bpt_mm.launch import latest_checkpoint, resolve_auto_resume
 import whitening_toy  # noqa: F401,I100  (registers the toy model, data)
 from test_tools import (ROOT, TESTS, TINY, no_val, run, tool,
                         write_config)
@@ -218,6 +218,27 @@ def test_resume_skips_an_empty_or_stale_marker(tmp_path):
             assert latest_checkpoint(str(tmp_path)) == \
                 str(tmp_path / 'iter_4.pth')
         assert any('last_checkpoint' in str(w.message) for w in caught)
+
+
+def test_auto_resume_without_a_checkpoint_keeps_the_configs_load_from(
+        tmp_path):
+    """``--resume`` (no path) on a job's first start: nothing to resume, so
+    the config's ``load_from`` is the start (mmdet's --resume dropped it
+    and the run trained without those weights); once a checkpoint exists,
+    the run resumes from it."""
+    from mmengine.config import Config
+    start = str(tmp_path / 'coco_detector.pth')
+    cfg = Config(dict(work_dir=str(tmp_path), load_from=start))
+    line = resolve_auto_resume(cfg)
+    assert cfg.load_from == start and cfg.resume is False
+    assert f'load_from={start!r}' in line
+    torch.save({'meta': {'iter': 2}}, tmp_path / 'iter_2.pth')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_2.pth'))
+    resolve_auto_resume(cfg)
+    assert cfg.load_from == str(tmp_path / 'iter_2.pth') and cfg.resume
+    empty = Config(dict(work_dir=str(tmp_path / 'new')))
+    assert 'starts from iteration 0' in resolve_auto_resume(empty)
+    assert empty.get('load_from') is None and empty.resume is False
 
 
 @pytest.mark.parametrize('mode', ['nan', 'exit'])

@@ -44,7 +44,7 @@ def read_tree(root: str) -> dict:
 
 def toy_runner(tmp: str, prompt: dict, max_iters: int = 1,
                hooks=(), num_images: int = 4, sampler='DefaultSampler',
-               **kwargs) -> Runner:
+               train_cfg=None, **kwargs) -> Runner:
     torch.manual_seed(0)
     return Runner(
         model=BPTWhiteningToyModel(backbone=dict(prompt=dict(prompt))),
@@ -54,7 +54,7 @@ def toy_runner(tmp: str, prompt: dict, max_iters: int = 1,
                          num_images=num_images),
             sampler=dict(type=sampler, shuffle=False),
             batch_size=2, num_workers=0),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        train_cfg=train_cfg or dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
         custom_hooks=list(hooks),
         log_level='WARNING', **kwargs)
@@ -87,6 +87,38 @@ def test_tiny_data_never_replaces_a_folder_it_did_not_make(tmp_path):
         ensure_tiny_data(other, num_train=1, num_val=1, force=True)
     with open(osp.join(other, 'ade20k')) as f:
         assert f.read() == 'not a folder'
+
+
+def test_tiny_data_never_removes_files_added_to_its_folder(tmp_path):
+    """A generated set into which a user put a file of their own is not
+    replaced (``--force``, or a regeneration because a listed file went
+    missing): the folder would be removed with the user's file in it."""
+    out = str(tmp_path / 'data')
+    ensure_tiny_data(out, num_train=1, num_val=1)
+    mine = osp.join(out, 'coco', 'annotations', 'my_relabelled.json')
+    with open(mine, 'w') as f:
+        f.write('{"note": "hours of my work"}')
+    # A listed file removed too, so a plain call would regenerate the set.
+    os.remove(osp.join(out, 'ade20k', 'MANIFEST.json'))
+    os.makedirs(osp.join(out, 'ade20k', 'extra'))
+    with open(osp.join(out, 'ade20k', 'extra', 'a.txt'), 'w') as f:
+        f.write('mine')
+    before = read_tree(out)
+    for force in (False, True):
+        with pytest.raises(ValueError) as info:
+            ensure_tiny_data(out, num_train=1, num_val=1, force=force,
+                             seed=1)
+        message = str(info.value)
+        assert osp.join(out, 'coco') in message, message
+        assert 'annotations/my_relabelled.json' in message, message
+        assert read_tree(out) == before
+    os.remove(mine)
+    # coco is replaceable again; ade20k lost its manifest, so it is now
+    # refused as foreign data.
+    with pytest.raises(ValueError, match=r"ade20k' exists and has no "):
+        ensure_tiny_data(out, num_train=1, num_val=1, force=True)
+    with open(osp.join(out, 'ade20k', 'extra', 'a.txt')) as f:
+        assert f.read() == 'mine'
 
 
 # ---------------------------------------------------------------- item 2
@@ -236,6 +268,37 @@ def test_non_finite_weights_stop_before_the_save(tmp_path):
     # Stopped before CheckpointHook removed iter_1.pth to make room.
     files = sorted(f for f in os.listdir(work) if f.endswith('.pth'))
     assert files == ['iter_1.pth'], files
+
+
+@pytest.mark.parametrize('by_epoch', [False, True])
+def test_without_weight_checks_a_save_still_never_rotates_away(tmp_path,
+                                                               by_epoch):
+    """``FiniteCheckHook(check_weights=False)`` skips the per-iteration
+    weight check, but weights turned non-finite with a finite loss (a
+    non-finite gradient) must still stop the run before CheckpointHook
+    removes the only kept checkpoint (``max_keep_ckpts=1``) to make room
+    for a save that is then refused; iteration- and epoch-based."""
+    work = str(tmp_path)
+    # 4 images, batch 2: 2 iterations an epoch; the NaN comes after the
+    # step of iteration 2 (iteration-based) or 4 (the end of epoch 2).
+    runner = toy_runner(
+        work, dict(type='VPTPrompt', num_tokens=4), max_iters=6,
+        train_cfg=dict(by_epoch=True, max_epochs=3) if by_epoch else None,
+        hooks=[dict(type='FiniteCheckHook', check_weights=False),
+               dict(type='PoisonWeightsHook', at=4 if by_epoch else 2,
+                    priority='NORMAL')],
+        default_hooks=dict(checkpoint=dict(
+            type='CheckpointHook', interval=1, by_epoch=by_epoch,
+            max_keep_ckpts=1)))
+    with pytest.raises(FloatingPointError) as info:
+        runner.train()
+    message = str(info.value)
+    expected = 'the end of epoch 2 (iteration 4)' if by_epoch else \
+        'iteration 2'
+    assert f'stopped at {expected}' in message, message
+    assert "'head.bias'" in message, message
+    files = sorted(f for f in os.listdir(work) if f.endswith('.pth'))
+    assert files == (['epoch_1.pth'] if by_epoch else ['iter_1.pth']), files
 
 
 def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path):

@@ -49,12 +49,12 @@ def main(argv=None) -> int:
     init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)
     ckpt = load_local_checkpoint(args.checkpoint, map_location='cpu')
-    if not is_trainable_only(ckpt):
+    if not is_trainable_only(ckpt, args.checkpoint):
         raise SystemExit(f'{args.checkpoint} is not a trainable-only '
                          f'checkpoint (no meta.{META_KEY}.trainable_only); '
                          f'nothing to merge')
     small = os.path.getsize(args.checkpoint)
-    filled = restore_frozen_backbone(model, ckpt)
+    filled = restore_frozen_backbone(model, ckpt, source=args.checkpoint)
     # Everything the model has must now be there, and nothing else.
     model.load_state_dict(ckpt['state_dict'], strict=True)
     meta = dict(ckpt.get('meta') or {})

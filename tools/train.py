@@ -19,9 +19,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from bpt_mm.data_check import check_data_sets  # noqa: E402
 from bpt_mm.launch import (AMP_DTYPES, add_common_arguments,  # noqa: E402
                            build_runner, check_data_paths,
+                           check_load_from_checkpoint,
                            check_resume_checkpoint,
                            check_whitening_source, config_from_args,
-                           enable_amp, latest_checkpoint,
+                           enable_amp, resolve_auto_resume,
                            set_finite_check)
 
 
@@ -66,13 +67,8 @@ def main(argv=None) -> None:
     if args.resume == 'auto':
         # Resolved here rather than by mmengine, which would try to load an
         # empty `last_checkpoint` marker (left by a kill while rewriting it)
-        # as the path ''.
-        cfg.resume, cfg.load_from = True, latest_checkpoint(cfg.work_dir)
-        if cfg.load_from is None:
-            # mmengine starts from scratch then; say so before it does.
-            print(f'--resume: no checkpoint in {cfg.work_dir!r} yet '
-                  f'(no last_checkpoint file); training starts from '
-                  f'iteration 0', file=sys.stderr)
+        # as the path ''; without a checkpoint the config's load_from stays.
+        print(resolve_auto_resume(cfg), file=sys.stderr)
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume: no checkpoint file '
@@ -86,6 +82,8 @@ def main(argv=None) -> None:
     runner = build_runner(cfg)
     if cfg.resume and cfg.load_from:
         check_resume_checkpoint(runner.model, cfg.load_from)
+    elif cfg.load_from:
+        check_load_from_checkpoint(runner.model, cfg.load_from)
     runner.train()
 
 

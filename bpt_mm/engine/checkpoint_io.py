@@ -206,7 +206,12 @@ def install_atomic_local_backend() -> None:
 def install_checkpoint_loader() -> None:
     """Make :func:`load_local_checkpoint` mmengine's loader for local paths.
 
-    Idempotent. URL and other schemes keep mmengine's loaders.
+    URLs and model-zoo names are resolved to local files and read by this
+    same loader (:func:`bpt_mm.models.checkpoint_source.
+    install_remote_loaders`, installed beside it); other schemes
+    (``s3://``, ``pavi://``, ``petrel://``) keep mmengine's loaders, which
+    call a plain ``torch.load`` (weights-only by default from torch 2.6,
+    without bpt_mm's limits). Idempotent.
     """
     CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint,
                                      force=True)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from mmengine.dist import all_reduce
-from mmengine.hooks import Hook
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.runner import IterBasedTrainLoop
 
 from bpt_mm.finite import non_finite_tensors
@@ -117,19 +117,61 @@ class FiniteCheckHook(Hook):
                 f'({getattr(runner, "_load_from", None)!r}) or the '
                 'initialisation is broken')
 
+    @staticmethod
+    def _iteration_save_due(runner) -> bool:
+        """Whether a ``CheckpointHook`` saves after this iteration, by the
+        hook's own rule (``interval``, ``save_begin``, ``save_last``).
+
+        mmengine's CheckpointHook removes the oldest checkpoint
+        (``max_keep_ckpts``) *before* it saves the new one; a save refused
+        in ``before_save_checkpoint`` would then have rotated the last
+        finite checkpoint away. So even with ``check_weights=False`` the
+        weights are checked here, just before such a save.
+        """
+        for hook in getattr(runner, 'hooks', ()):
+            if not isinstance(hook, CheckpointHook) or hook.by_epoch:
+                continue
+            if hook.every_n_train_iters(
+                    runner, hook.interval,
+                    getattr(hook, 'save_begin', 0)) or (
+                        hook.save_last and hook.is_last_train_iter(runner)):
+                return True
+        return False
+
+    def after_train_epoch(self, runner) -> None:
+        # Just before an epoch-based CheckpointHook's save (and rotation):
+        # with check_weights=False nothing has looked at the weights yet.
+        if not self.check_weights:
+            self._stop_if_non_finite(runner, {}, True, epoch_end=True)
+
     def after_train_iter(self, runner, batch_idx: int,
                          data_batch: Any = None,
                          outputs: Optional[Dict[str, Any]] = None) -> None:
-        losses = non_finite_loss_terms(outputs)
+        self._stop_if_non_finite(
+            runner, non_finite_loss_terms(outputs),
+            self.check_weights or self._iteration_save_due(runner))
+
+    def _stop_if_non_finite(self, runner, losses: Dict[str, float],
+                            check_weights: bool,
+                            epoch_end: bool = False) -> None:
+        """Raise ``FloatingPointError`` when ``losses`` holds terms or (if
+        ``check_weights``) the trainable weights hold NaN/Inf on any rank.
+        ``epoch_end``: called after the epoch's last iteration, when the
+        loop has already counted it.
+        """
         weights = non_finite_tensors(self._trainable(runner)) \
-            if self.check_weights else []
+            if check_weights else []
         flags = torch.tensor([int(bool(losses)), int(bool(weights))],
                              dtype=torch.int64)
         all_reduce(flags, op='max')  # no-op in a single process
         if not flags.any():
             return
-        where = f'iteration {runner.iter + 1}'  # as the logger counts
-        if not isinstance(runner.train_loop, IterBasedTrainLoop):
+        # As the logger counts: inside an iteration runner.iter is the
+        # number of finished ones; at an epoch's end it includes it.
+        where = f'iteration {runner.iter + (0 if epoch_end else 1)}'
+        if epoch_end:
+            where = f'the end of epoch {runner.epoch + 1} ({where})'
+        elif not isinstance(runner.train_loop, IterBasedTrainLoop):
             where += f' (epoch {runner.epoch + 1})'
         if losses:
             terms = ', '.join(f'{k}={v}' for k, v in losses.items())
@@ -155,4 +197,6 @@ class FiniteCheckHook(Hook):
             raise FloatingPointError(
                 f'FiniteCheckHook: refusing to save a checkpoint at '
                 f'iteration {runner.iter} whose weights hold NaN/Inf: {bad}; '
-                'the previous checkpoints are kept as they are')
+                'nothing is written (a CheckpointHook with max_keep_ckpts '
+                'may have removed its oldest checkpoint before this save; '
+                'the per-iteration check is meant to stop the run first)')

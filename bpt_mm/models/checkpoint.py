@@ -132,6 +132,14 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     return ckpt
 
 
+#: Last name parts that only weights have (timm/MAE/mmpretrain layouts):
+#: such an entry that is not a tensor is refused, not skipped.
+_WEIGHT_NAMES = frozenset((
+    'weight', 'bias', 'pos_embed', 'cls_token', 'dist_token', 'reg_token',
+    'mask_token', 'gamma', 'gamma_1', 'gamma_2', 'running_mean',
+    'running_var', 'relative_position_bias_table'))
+
+
 def _tensor_items(obj: Any) -> Dict[str, Tensor]:
     """The tensor-valued entries of ``obj`` if it is a dict, else ``{}``."""
     if not isinstance(obj, dict):
@@ -181,6 +189,22 @@ def unwrap_state_dict(ckpt: Dict[str, Any]) -> Tuple[Dict[str, Tensor], str]:
         else:
             break
     state_dict = _tensor_items(current)
+    # Scalars beside the weights (a stored epoch) are not weights; a weight's
+    # name holding something else (a dict, a number, a string) is a damaged
+    # or crafted file, and dropping it would load the model's own value
+    # there with only a "missing key" line.
+    not_tensors = sorted(
+        k for k, v in (current.items() if isinstance(current, dict) else ())
+        if isinstance(k, str) and not isinstance(v, Tensor)
+        and k.rsplit('.', 1)[-1] in _WEIGHT_NAMES)
+    if not_tensors:
+        key = not_tensors[0]
+        where = '/'.join(path + [key])
+        raise CheckpointError(
+            f'checkpoint entry {where!r} is a {type(current[key]).__name__}, '
+            f'not a tensor ({len(not_tensors)} such weight name(s): '
+            f'{_brief(not_tensors)}); the file is damaged or was not saved '
+            f'from a model\'s state_dict')
     if not state_dict:
         top = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else []
         raise CheckpointError(
@@ -755,7 +779,11 @@ def load_pretrained(model: torch.nn.Module,
         ('mae', [])
     """
     ckpt = load_checkpoint_file(path)
-    state_dict, container = unwrap_state_dict(ckpt)
+    try:
+        state_dict, container = unwrap_state_dict(ckpt)
+    except CheckpointError as exc:  # it cannot know the file: name it
+        raise CheckpointError(f'pretrained checkpoint {path!r}: {exc}') \
+            from None
     # A bpt_mm file's record of the backbone it was made from (module extra
     # state, see bpt_mm.models.frozen_state) is not a weight.
     records = sorted(k for k in state_dict

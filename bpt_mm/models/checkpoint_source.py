@@ -114,8 +114,16 @@ def local_checkpoint(name: str) -> str:
 
 def _remote_loader(read_local: Callable) -> Callable:
     def load(filename: str, map_location: Optional[object] = None):
-        return read_local(local_checkpoint(filename),
-                          map_location=map_location)
+        from ..safe_load import CheckpointError
+        local = local_checkpoint(filename)
+        try:
+            return read_local(local, map_location=map_location)
+        except CheckpointError as exc:
+            # The message names the cached copy; say where it came from.
+            if local == filename:
+                raise
+            raise CheckpointError(f'{exc} (downloaded from {filename})') \
+                from exc
     return load
 
 
