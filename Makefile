@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README):
 #   make demo   set up if needed, then train + evaluate a tiny BPT Mask R-CNN
-#   make test   set up if needed, then run the whole test suite
+#   make test   set up if needed, then the style checks and the whole test suite
 #   make test-min-timm  the backbone/attention tests against the lowest timm
 #               that bpt_mm declares (installed into a temporary directory)
 # and, for a machine that already has an OpenMMLab environment:
@@ -13,12 +13,16 @@ PYTEST_ARGS ?=
 
 BASE_PYTHON ?= $(PY)
 
-.PHONY: setup test test-min-timm demo clean-data check-openmmlab-env
+.PHONY: setup lint test test-min-timm demo clean-data check-openmmlab-env
 
 setup:
 	@VENV=$(abspath $(VENV)) bash tools/setup_env.sh
 
-test: setup
+# Style (ruff.toml): pycodestyle and pyflakes over the whole tree.
+lint: setup
+	@$(PY) -m ruff check --no-cache .
+
+test: setup lint
 	@$(PY) -m pytest tests --durations=15 $(PYTEST_ARGS)
 
 # The lowest timm of requirements/runtime.txt (the one home of that bound;

@@ -15,7 +15,8 @@ def read_version() -> str:
 
 
 def read_requirements(name: str) -> list:
-    """Requirement lines of requirements/<name>, comments and blanks dropped."""
+    """Requirement lines of requirements/<name>, without comments and
+    blanks."""
     with open(osp.join(HERE, 'requirements', name)) as f:
         lines = (line.split('#')[0].strip() for line in f)
         return [line for line in lines if line]

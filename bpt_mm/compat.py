@@ -63,8 +63,9 @@ def check_versions(versions: Dict[str, Optional[str]],
             problems.append(f'{package}=={version} is installed but bpt_mm '
                             f'needs {package}>={low},<{high}')
     if versions.get('mmcv') is not None and not mmcv_has_ops:
-        problems.append('mmcv is installed without its compiled ops (mmcv-lite '
-                        'or a build with MMCV_WITH_OPS=0); mmdet and mmseg '
+        problems.append('mmcv is installed without its compiled ops '
+                        '(mmcv-lite or a build with MMCV_WITH_OPS=0); mmdet '
+                        'and mmseg '
                         'need mmcv.ops')
     if problems:
         raise ImportError('bpt_mm cannot run on this environment:\n  - ' +

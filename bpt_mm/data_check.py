@@ -17,7 +17,7 @@ import importlib
 import json
 import os
 import os.path as osp
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 

@@ -226,10 +226,10 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
     GPU numbered by its ``LOCAL_RANK``: one process per GPU, so a
     ``LOCAL_RANK`` past the last GPU is refused here with the GPU count.
 
-    Without CUDA: mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP
-    wrapper passes ``device_ids=[LOCAL_RANK]``; both fail on a CPU-only
-    machine. There the process group is started here with the gloo backend
-    (mmengine then sees it and leaves it alone) and DDP gets
+    Without CUDA: mmengine's ``init_dist`` calls ``torch.cuda.set_device``
+    and its DDP wrapper passes ``device_ids=[LOCAL_RANK]``; both fail on a
+    CPU-only machine. There the process group is started here with the
+    gloo backend (mmengine then sees it and leaves it alone) and DDP gets
     ``device_ids=None``, so ``tools/dist_train.sh CONFIG 2`` runs on a CPU.
 
     Raises:

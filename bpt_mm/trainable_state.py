@@ -54,7 +54,8 @@ def _require_prompted_backbone(model: nn.Module, what: str) -> PromptedViT:
     backbone = find_prompted_backbone(model)
     if backbone is None:
         raise ValueError(f'{what} needs a model whose `backbone` is a '
-                         f'PromptedViT, got {type(unwrap_model(model)).__name__}')
+                         f'PromptedViT, got '
+                         f'{type(unwrap_model(model)).__name__}')
     return backbone
 
 

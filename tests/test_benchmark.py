@@ -22,7 +22,8 @@ def test_benchmark_reports_ratios_to_full_finetuning(tmp_path):
     run = subprocess.run(
         [sys.executable, TOOL, '--arch', 'tiny', '--size', '32', '--steps',
          '1', '--warmup', '0', '--threads', '1', '--out', str(out),
-         '--whitening-images', '2', '--variants', *names], capture_output=True, text=True, timeout=300)
+         '--whitening-images', '2', '--variants', *names],
+        capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report['rows']

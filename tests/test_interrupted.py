@@ -105,8 +105,9 @@ def test_sigkill_after_first_checkpoint_resumes_exactly(tiny_workspace,
     for key, value in final_a.items():
         assert torch.equal(value, final_b[key]), key
     # training moved the prompts: the comparison is not of two inits
-    assert not torch.equal(before[2]['state_dict']['backbone.prompts.0.tokens'],
-                           final_a['backbone.prompts.0.tokens'])
+    assert not torch.equal(
+        before[2]['state_dict']['backbone.prompts.0.tokens'],
+        final_a['backbone.prompts.0.tokens'])
 
 
 # A toy run (no mmdet) whose save of iter_2.pth is killed half-way: the

@@ -1,4 +1,5 @@
-"""PromptedViT inside mmdet and mmseg models, built through their registries."""
+"""PromptedViT inside mmdet and mmseg models, built through their
+registries."""
 import os.path as osp
 import subprocess
 import sys

@@ -181,7 +181,7 @@ def test_frozen_linear_probe_runs_without_autograd():
     assert not out.requires_grad  # nothing in the backbone trains
 
 
-# ------------------------------------------------------------- prompt placement
+# ------------------------------------------------------------ prompt placement
 def _reference_forward(model, x, prompts_per_block, shallow):
     """Straightforward version: prompts are tokens of the sequence."""
     tokens, _ = model._embed(x)

@@ -67,8 +67,8 @@ def load_local_checkpoint(filename: str,
     Examples:
         >>> import os.path as osp, tempfile, torch
         >>> path = osp.join(tempfile.mkdtemp(), 'iter_1.pth')
-        >>> torch.save({'meta': {'iter': 1}, 'state_dict': {'w': torch.ones(2)}},
-        ...            path)
+        >>> torch.save({'meta': {'iter': 1},
+        ...             'state_dict': {'w': torch.ones(2)}}, path)
         >>> sorted(load_local_checkpoint(path))
         ['meta', 'state_dict']
     """

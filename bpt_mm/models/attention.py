@@ -198,8 +198,8 @@ def window_partition(x: Tensor, window_size: int
     Hp, Wp = H + pad_h, W + pad_w
     x = x.view(B, Hp // window_size, window_size, Wp // window_size,
                window_size, C)
-    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size,
-                                                  C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(
+        -1, window_size * window_size, C)
     return windows, (Hp, Wp)
 
 

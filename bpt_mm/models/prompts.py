@@ -308,8 +308,9 @@ class WhitenedPrompt(BasePrompt):
         """Write a (d x d) whitening matrix and mark the prompt as whitened."""
         if whitening.shape != self.whitening.shape:
             raise ValueError(
-                f'whitening matrix must have shape {tuple(self.whitening.shape)}'
-                f', got {tuple(whitening.shape)}')
+                f'whitening matrix must have shape '
+                f'{tuple(self.whitening.shape)}, got '
+                f'{tuple(whitening.shape)}')
         self.whitening.copy_(whitening)
         self.whitening_ready.fill_(True)
         self.projection_loaded_unwhitened = False

@@ -82,8 +82,8 @@ def _parse_arch(arch: Union[str, dict]) -> dict:
         unknown = set(arch) - allowed
         if missing or unknown:
             raise ValueError(f'`arch` dict needs keys {sorted(required)} '
-                             f'(optional: mlp_ratio); missing {sorted(missing)}'
-                             f', unknown {sorted(unknown)}')
+                             f'(optional: mlp_ratio); missing '
+                             f'{sorted(missing)}, unknown {sorted(unknown)}')
         for key in required:
             check_positive_int(arch[key], f'arch.{key}')
         ratio = arch.get('mlp_ratio', 4.0)
@@ -168,12 +168,13 @@ def _check_forwarded_pretrained(pretrained, init_cfg) -> None:
 
 
 def _normalise_indices(indices, num_layers: int, key: str) -> Tuple[int, ...]:
-    """Turn ints or sequences of ints (negative allowed) into sorted indices."""
+    """Turn ints or sequences of ints (negative allowed) into sorted
+    indices."""
     if isinstance(indices, int) and not isinstance(indices, bool):
         indices = (indices, )
     if not isinstance(indices, (list, tuple)) or not indices:
-        raise ValueError(f'`{key}` must be an int or a non-empty list/tuple of '
-                         f'ints in [-{num_layers}, {num_layers - 1}], got '
+        raise ValueError(f'`{key}` must be an int or a non-empty list/tuple '
+                         f'of ints in [-{num_layers}, {num_layers - 1}], got '
                          f'{indices!r}')
     out = []
     for i in indices:
@@ -380,7 +381,8 @@ class PromptedViT(BaseModule):
         self.pos_embed = nn.Parameter(torch.zeros(
             1, self.num_pos_prefix + self.patch_embed.num_patches,
             self.embed_dims))
-        # Linear stochastic-depth schedule (plain floats: works on the meta device).
+        # Linear stochastic-depth schedule (plain floats: works on the meta
+        # device).
         dpr = [drop_path_rate * i / max(self.num_layers - 1, 1)
                for i in range(self.num_layers)]
         self.blocks = nn.ModuleList([
@@ -447,8 +449,8 @@ class PromptedViT(BaseModule):
             type_name = cfg['type'] = type_name[len('bpt_mm.'):]
         known_types = sorted(PROMPTS.module_dict)
         if type_name not in known_types:
-            raise ValueError(f'`prompt.type` must be one of {known_types}, got '
-                             f'{type_name!r}')
+            raise ValueError(f'`prompt.type` must be one of {known_types}, '
+                             f'got {type_name!r}')
         type_keys, required = prompt_type_options(type_name)
         allowed = set(PROMPT_KEYS) | type_keys
         for key in cfg:
@@ -465,13 +467,13 @@ class PromptedViT(BaseModule):
         check_positive_int(cfg['num_tokens'], 'prompt.num_tokens')
         depth = cfg.setdefault('depth', 'shallow')
         if depth not in ('shallow', 'deep'):
-            raise ValueError(f"`prompt.depth` must be 'shallow' or 'deep', got "
-                             f'{depth!r}')
+            raise ValueError(f"`prompt.depth` must be 'shallow' or 'deep', "
+                             f'got {depth!r}')
         dropout = cfg.setdefault('dropout', 0.)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0 <= dropout < 1:
-            raise ValueError(f'`prompt.dropout` must be a float in [0, 1), got '
-                             f'{dropout!r}')
+            raise ValueError(f'`prompt.dropout` must be a float in [0, 1), '
+                             f'got {dropout!r}')
         allow_identity = cfg.setdefault('allow_identity_whitening', False)
         if not isinstance(allow_identity, bool):
             raise TypeError(f'`prompt.allow_identity_whitening` must be a '
@@ -505,7 +507,8 @@ class PromptedViT(BaseModule):
                     f'`prompt.trainable_projection_layers` needs a prompt '
                     f'with a trainable projection (BilinearPrompt or '
                     f'WhitenedPrompt with tunable=True), got {type_name} '
-                    f"{'(tunable=False)' if type_name == 'WhitenedPrompt' else ''}")
+                    + ('(tunable=False)' if type_name == 'WhitenedPrompt'
+                       else ''))
             tpl = () if tpl == () or tpl == [] else _normalise_indices(
                 tpl, self.num_layers, 'prompt.trainable_projection_layers')
             outside = sorted(set(tpl) - set(cfg['layers']))
