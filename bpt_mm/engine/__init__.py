@@ -8,17 +8,12 @@ from .hooks import TrainableParametersHook
 from .optim import LayerDecayOptimWrapperConstructor
 from .prompt_stats_hook import PromptStatsHook
 from .whitening_hook import BPTWhiteningHook
-from ..models.checkpoint_source import install_remote_loaders
+from ..mmengine_patches import install_mmengine_patches
 
-# mmengine reads local checkpoints (--resume, load_from, test) through this,
-# with torch's weights-only loader alone ...
-install_checkpoint_loader()
-# ... which reads them because the Runner writes them as plain data.
-install_plain_checkpoint_saver()
-# URLs and model-zoo names: downloaded, then read by that same local loader.
-install_remote_loaders(load_local_checkpoint)
-# ... and writes local files (checkpoints) atomically: temporary file, rename.
-install_atomic_local_backend()
+# How mmengine reads and writes checkpoints (weights-only loading, the plain
+# save form, remote names read like local files, atomic writes): the one
+# place that changes mmengine, and its opt-out, is bpt_mm.mmengine_patches.
+install_mmengine_patches()
 
 __all__ = ['TrainableParametersHook', 'BPTWhiteningHook', 'RandomStateHook',
            'TrainableCheckpointHook', 'FiniteCheckHook',

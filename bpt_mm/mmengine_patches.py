@@ -1,0 +1,96 @@
+"""What importing bpt_mm changes in mmengine, in one place.
+
+mmengine 0.10 offers no extension point for how checkpoints are read and
+written, so bpt_mm replaces four of its globals when ``bpt_mm.engine`` is
+imported (``import bpt_mm`` and ``custom_imports=['bpt_mm']`` do that):
+
+* ``CheckpointLoader``'s loader for local paths: every ``--resume``,
+  ``load_from`` and ``tools/test.py`` checkpoint is read by torch's
+  weights-only loader alone, with size limits
+  (:func:`bpt_mm.engine.checkpoint_io.load_local_checkpoint`);
+* its loaders for URLs and model-zoo names (``https://``, ``open-mmlab://``,
+  ``torchvision://``, ``mmcls://``...): downloaded into torch hub's cache,
+  then read by that same local loader instead of mmengine's full unpickling
+  (:func:`bpt_mm.models.checkpoint_source.install_remote_loaders`);
+* ``save_checkpoint`` as the Runner calls it: the message hub's history
+  buffers and numpy values are written as plain tensors and numbers, so the
+  weights-only loader can read them back
+  (:func:`bpt_mm.engine.checkpoint_io.save_plain_checkpoint`);
+* the file backend of local paths: files are written to a temporary name
+  and renamed, so a killed job never leaves half a checkpoint
+  (:class:`bpt_mm.engine.checkpoint_io.AtomicLocalBackend`).
+
+Setting the environment variable ``BPT_MM_PATCH_MMENGINE=0`` before the
+import leaves mmengine exactly as it is. bpt_mm's models and hooks still
+register and work; what is lost: mmengine's stock loader then refuses the
+checkpoints a Runner writes on torch >= 2.6 (their message hub), remote
+checkpoints are fully unpickled by mmengine, and saves are not atomic.
+"""
+import os
+from typing import Dict
+
+from mmengine.fileio.backends.registry_utils import backends
+from mmengine.runner.checkpoint import CheckpointLoader
+
+__all__ = ['OPT_OUT_VARIABLE', 'patching_enabled',
+           'install_mmengine_patches', 'installed_patches']
+
+#: The environment variable that, set to ``0``, keeps mmengine unpatched.
+OPT_OUT_VARIABLE = 'BPT_MM_PATCH_MMENGINE'
+
+
+def patching_enabled() -> bool:
+    """False when ``BPT_MM_PATCH_MMENGINE`` is ``0`` (or ``false``/``no``).
+
+    Raises:
+        ValueError: Another value than 0/1, true/false, yes/no.
+    """
+    value = os.environ.get(OPT_OUT_VARIABLE, '1').strip().lower()
+    if value in ('1', 'true', 'yes', ''):
+        return True
+    if value in ('0', 'false', 'no'):
+        return False
+    raise ValueError(f'{OPT_OUT_VARIABLE} must be 1 (patch mmengine, the '
+                     f'default) or 0 (leave it as it is), got {value!r}')
+
+
+def install_mmengine_patches() -> bool:
+    """Install the four replacements of the module docstring, unless
+    :func:`patching_enabled` says no. Idempotent.
+
+    Returns:
+        bool: Whether they are installed.
+    """
+    if not patching_enabled():
+        return False
+    from .engine.checkpoint_io import (install_atomic_local_backend,
+                                       install_checkpoint_loader,
+                                       install_plain_checkpoint_saver,
+                                       load_local_checkpoint)
+    from .models.checkpoint_source import install_remote_loaders
+    install_checkpoint_loader()
+    install_remote_loaders(load_local_checkpoint)
+    install_plain_checkpoint_saver()
+    install_atomic_local_backend()
+    return True
+
+
+def installed_patches() -> Dict[str, bool]:
+    """Which of the replacements are in place now (for reports and tests).
+    """
+    import mmengine.runner.runner as runner_module
+
+    from .engine.checkpoint_io import (AtomicLocalBackend,
+                                       load_local_checkpoint,
+                                       save_plain_checkpoint)
+    schemes = CheckpointLoader._schemes
+    local = schemes.get('')
+    remote = schemes.get('https://')
+    return {
+        'local_loader': local is load_local_checkpoint,
+        'remote_loaders': remote is not None and
+        getattr(remote, '__module__', '') ==
+        'bpt_mm.models.checkpoint_source',
+        'plain_saver': runner_module.save_checkpoint is save_plain_checkpoint,
+        'atomic_local_backend': backends.get('local') is AtomicLocalBackend,
+    }
