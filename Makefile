@@ -43,7 +43,7 @@ demo: setup
 clean-data:
 	rm -rf data/tiny work_dirs/demo
 
-# The "existing OpenMMLab environment" route of set-up (README, "GPU"), run
+# The "existing OpenMMLab environment" route of set-up (docs/gpu.md), run
 # into a temporary venv that is removed afterwards; about 2 minutes.
 check-openmmlab-env:
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \

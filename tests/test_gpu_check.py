@@ -57,7 +57,8 @@ def test_dry_run_lists_each_step_and_runs_nothing(tmp_path):
     benchmark = _tool('benchmark')
     bench = benchmark.parse_args(commands['benchmark'][2:])
     assert (bench.arch, bench.size) == ('base', 512)
-    # the variants of README's Performance table: every built-in one
+    # the variants of the Performance table (docs/performance.md): every
+    # built-in one
     assert bench.variants == list(benchmark.VARIANTS)
     assert bench.out == str(tmp_path / 'out' / 'benchmark.json')
 

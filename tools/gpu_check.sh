@@ -6,7 +6,7 @@
 #   2. a 50-iteration tiny Mask R-CNN with --amp (bf16 where the GPU has it),
 #      evaluated with CocoMetric;
 #   3. tools/benchmark.py --arch base --size 512 with the variants of the
-#      README's Performance table (CUDA time and peak memory).
+#      Performance table of docs/performance.md (CUDA time and peak memory).
 # Then writes OUT/summary.md: the GPU, each step's command, status, time
 # and result (pytest's summary, the last training losses and AP, the
 # benchmark table). Full logs are beside it.
@@ -43,7 +43,7 @@ elif [[ "$PYTHON" == */* && "$PYTHON" != /* ]]; then
 fi
 
 TINY_CONFIG=configs/tiny/mask_rcnn_bpt_tiny.py
-# The variants of README's Performance table, in its order.
+# The variants of the Performance table (docs/performance.md), in its order.
 BENCH_VARIANTS=(full_finetune frozen vpt_shallow vpt_deep bpt_fwhiten_shallow
     bpt_twhiten_shallow bpt_bilinear_shallow bpt_fwhiten_deep_top4
     bpt_twhiten_deep_top4 bpt_bilinear_deep_top4 bpt_bilinear_deep)

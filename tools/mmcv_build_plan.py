@@ -209,7 +209,7 @@ def _existing_env_hint() -> str:
     return ('or install bpt_mm into an existing OpenMMLab environment whose '
             'mmcv 2.x already has CUDA ops: PYTHON=/path/to/that/python make '
             'setup (the venv is made on top of it), or `pip install -e . '
-            '--no-deps` inside it (README, "GPU")')
+            '--no-deps` inside it (docs/gpu.md)')
 
 
 def decide(facts: BuildFacts, base_key: str) -> BuildPlan:
