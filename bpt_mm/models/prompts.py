@@ -169,15 +169,13 @@ class BasePrompt(nn.Module):
         embed_dims (int): Token width ``d`` of the ViT.
         trainable_projection (bool): Whether the projection (``W`` or ``B``)
             of this block trains. Ignored by classes without a projection,
-            which say so through :attr:`has_projection`.
+            which say so through :attr:`has_trainable_projection`.
         options (PromptOptions, optional): The type's validated options
             (an instance of :attr:`Options`); None takes its defaults.
     """
 
     #: The options class of this prompt type (its own config keys).
     Options: ClassVar[Type[PromptOptions]] = PromptOptions
-    #: Whether the class has a projection whose trainability can be set.
-    has_projection: bool = False
     #: Name of the projection tensor (``W`` or ``B``) whitening writes.
     projection_name: Optional[str] = None
     #: Columns ``p`` of a basis ``B = W C`` that whitening builds for this
@@ -421,7 +419,6 @@ class WhitenedPrompt(BasePrompt):
     """
 
     Options = WhitenedOptions
-    has_projection = True
     projection_name = 'whitening'
 
     def __init__(self, num_tokens: int, embed_dims: int,
@@ -488,7 +485,6 @@ class BilinearPrompt(BasePrompt):
     """
 
     Options = BilinearOptions
-    has_projection = True
     projection_name = 'basis'
 
     def __init__(self, num_tokens: int, embed_dims: int, rank: int,
