@@ -90,19 +90,10 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device('cpu')
 
 
-def _needs_whitening(prompt: torch.nn.Module) -> bool:
-    return bool(getattr(prompt, 'needs_whitening', False))
-
-
-def _is_bilinear(prompt: torch.nn.Module) -> bool:
-    return hasattr(prompt, 'set_basis') and not hasattr(prompt,
-                                                        'set_whitening')
-
-
 def whitening_blocks(backbone: 'PromptedViT') -> List[int]:
     """Blocks whose prompt needs data-driven whitening, ascending."""
     return sorted(i for i, p in backbone.prompt_modules().items()
-                  if _needs_whitening(p))
+                  if p.needs_whitening)
 
 
 def missing_whitening_blocks(backbone: 'PromptedViT') -> List[int]:
@@ -339,7 +330,7 @@ def _solve_block(acc, statistics: WhiteningStatistics,
         'sigma': sigma,
         'condition_number': condition_number(sigma, statistics.eps),
     }
-    if _is_bilinear(prompt):
+    if prompt.basis_rank is not None:
         out['basis'] = _bilinear_basis(whitening, sigma, prompt, block,
                                        bilinear_mode, seed)
     return out
@@ -351,7 +342,7 @@ def _bilinear_basis(whitening: Tensor, sigma: Optional[Tensor],
     # From the float32 W that is stored, on the CPU, with a generator seeded
     # per block: a file gives back the same B bit for bit.
     generator = torch.Generator().manual_seed(seed + block)
-    return whitened_bilinear_basis(whitening.cpu(), prompt.rank, mode,
+    return whitened_bilinear_basis(whitening.cpu(), prompt.basis_rank, mode,
                                    sigma=sigma, generator=generator)
 
 
@@ -383,20 +374,6 @@ def _broadcast_block(solved: Optional[Dict[str, Any]], dim: int,
         out['basis'] = flat[2 * d2 + 1:].reshape(dim, rank_p).to(
             torch.float32)
     return out
-
-
-def _write_prompt(prompt: torch.nn.Module, result: Dict[str, Any]) -> None:
-    if hasattr(prompt, 'set_whitening'):
-        target = prompt.whitening
-        prompt.set_whitening(result['whitening'].to(device=target.device,
-                                                    dtype=target.dtype))
-    elif hasattr(prompt, 'set_basis'):
-        target = prompt.basis
-        prompt.set_basis(result['basis'].to(device=target.device,
-                                            dtype=target.dtype))
-    else:
-        raise TypeError(f'{type(prompt).__name__} has neither set_whitening '
-                        'nor set_basis; cannot write whitening into it')
 
 
 # ---------------------------------------------------------------------------
@@ -540,15 +517,14 @@ def collect_whitening(backbone: 'PromptedViT',
                 synchronise_errors(error, f'whitening block {block}',
                                    use_dist)
                 if use_dist:
-                    solved = _broadcast_block(
-                        solved, dim,
-                        prompt.rank if _is_bilinear(prompt) else None)
+                    solved = _broadcast_block(solved, dim,
+                                              prompt.basis_rank)
                 result = dict(solved, num_tokens=acc.num_tokens,
                               num_dropped_tokens=n_dropped,
                               num_images=n_img)
                 _warn_if_rank_deficient(result, block, dim, statistics.eps)
                 # Written now: the next block's tokens must see it.
-                _write_prompt(prompt, result)
+                prompt.apply_whitening(result)
                 result['seconds'] = time.perf_counter() - start
                 results[block] = result
     finally:
@@ -562,7 +538,7 @@ def collect_whitening(backbone: 'PromptedViT',
 def prototype_blocks(backbone: 'PromptedViT') -> List[int]:
     """Blocks whose prompt is initialised from prototypes (SPT), ascending."""
     return sorted(i for i, p in backbone.prompt_modules().items()
-                  if getattr(p, 'needs_prototypes', False))
+                  if p.needs_prototypes)
 
 
 def missing_prototype_blocks(backbone: 'PromptedViT') -> List[int]:
@@ -816,11 +792,11 @@ def apply_whitening(backbone: 'PromptedViT',
                          f'no prompt that needs whitening ({needing} do)')
     for block in sorted(results):
         prompt, result = prompts[block], dict(results[block])
-        if _is_bilinear(prompt) and 'basis' not in result:
+        if prompt.basis_rank is not None and 'basis' not in result:
             result['basis'] = _bilinear_basis(result['whitening'],
                                               result.get('sigma'), prompt,
                                               block, bilinear_mode, seed)
-        _write_prompt(prompt, result)
+        prompt.apply_whitening(result)
     return sorted(results)
 
 

@@ -3,10 +3,13 @@ whitening source and output, the non-finite check, test-time drawing.
 """
 import os
 import os.path as osp
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config
+
+if TYPE_CHECKING:
+    from bpt_mm.models.prompts import PromptOptions
 
 
 def check_whitening_output(path: str, flag: str = '--out') -> None:
@@ -190,14 +193,19 @@ def check_data_paths(cfg: Config, dataloaders: Sequence[str]) -> None:
                 f'`python tools/make_tiny_data.py`)')
 
 
-def _prompt_needs_whitening(prompt: Any) -> bool:
-    if not isinstance(prompt, dict):
-        return False
-    kind = str(prompt.get('type', '')).split('.')[-1]
-    if prompt.get('allow_identity_whitening') is True:
-        return False
-    return kind in ('WhitenedPrompt', 'SPTPrompt') or (
-        kind == 'BilinearPrompt' and prompt.get('whitening_init') is True)
+def _prompt_needs_data_pass(prompt: Any) -> Optional['PromptOptions']:
+    """The prompt's options if it needs a data pass before training (and
+    ``allow_identity_whitening`` does not waive it), else None.
+
+    A bad ``prompt.type`` or type option is refused here with the error the
+    backbone would give, naming ``prompt.<key>``.
+    """
+    from bpt_mm.models.prompt_config import prompt_type_options
+    if not isinstance(prompt, dict) or \
+            prompt.get('allow_identity_whitening') is True:
+        return None
+    options = prompt_type_options(prompt)
+    return options if options.needs_data_pass else None
 
 
 def check_whitening_source(cfg: Config) -> None:
@@ -224,18 +232,20 @@ def check_whitening_source(cfg: Config) -> None:
             backbone.get('type', '')).endswith('PromptedViT'):
         return
     prompt = backbone.get('prompt')
-    if not _prompt_needs_whitening(prompt):
+    options = _prompt_needs_data_pass(prompt)
+    if options is None:
         return
     # `resume=True` without `load_from` loads nothing (a first run, or
     # mmengine's own marker lookup): only a checkpoint path counts.
     if find_hook_entry(cfg, HOOK_TYPES) is not None or cfg.get('load_from'):
         return
     kind = str(prompt.get('type')).split('.')[-1]
-    what = 'prototypes of training tokens' if kind == 'SPTPrompt' \
+    what = 'prototypes of training tokens' if options.needs_prototypes \
         else 'whitening matrices'
+    init_key = ' with whitening_init=True' if getattr(
+        options, 'whitening_init', False) else ''
     raise ValueError(
-        f'`model.backbone.prompt.type` is {kind!r}'
-        f"{' with whitening_init=True' if kind == 'BilinearPrompt' else ''}"
+        f'`model.backbone.prompt.type` is {kind!r}{init_key}'
         f', which needs {what}, but the config has no '
         f"BPTWhiteningHook in `custom_hooks` and no checkpoint to load. "
         f"Add custom_hooks=[dict(type='BPTWhiteningHook', num_images=100)] "

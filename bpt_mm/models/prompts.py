@@ -23,10 +23,10 @@ training (see :mod:`bpt_mm.whitening` and ``BPTWhiteningHook``). The
 persistent buffer ``whitening_ready`` records that this happened, so a
 resumed run or a loaded checkpoint does not compute them again.
 """
-import inspect
 import math
 import warnings
-from typing import Any, Optional, Set, Tuple
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,107 @@ def check_init_std(value, key: str = 'prompt.init_std') -> float:
     return float(value)
 
 
+# ---------------------------------------------------------------------------
+# Options: the type-specific keys of ``prompt=dict(...)``, checked once
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptOptions:
+    """Validated type-specific options of a prompt type (none for VPT).
+
+    Each prompt class names its options class in :attr:`BasePrompt.Options`;
+    the options own their defaults and checks (errors name ``prompt.<key>``)
+    and answer what the rest of the package asks of a prompt type before any
+    module exists (the launch preflight, :class:`PromptConfig`).
+    """
+
+    #: Whether the prompt needs data-driven whitening before training.
+    needs_whitening: ClassVar[bool] = False
+    #: Whether the prompt is initialised from prototypes of data tokens.
+    needs_prototypes: ClassVar[bool] = False
+
+    @property
+    def has_trainable_projection(self) -> bool:
+        """Whether a projection (``W`` or ``B``) can train at all."""
+        return False
+
+    @property
+    def needs_data_pass(self) -> bool:
+        """Whether anything must be computed from data before training."""
+        return self.needs_whitening or self.needs_prototypes
+
+    def check_sizes(self, num_tokens: int, embed_dims: int) -> None:
+        """Check the options that depend on ``m`` and ``d``.
+
+        Args:
+            num_tokens (int): ``m``.
+            embed_dims (int): ``d``.
+        """
+
+
+@dataclass(frozen=True)
+class SPTOptions(PromptOptions):
+    """Options of :class:`SPTPrompt`: ``init`` and ``source``."""
+
+    init: str = 'sample'
+    source: Optional[str] = None
+    needs_prototypes: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_prototype_init(self.init, 'prompt.init')
+        check_prototype_source(self.source, 'prompt.source')
+
+
+@dataclass(frozen=True)
+class WhitenedOptions(PromptOptions):
+    """Options of :class:`WhitenedPrompt`: ``tunable`` and ``init_std``."""
+
+    tunable: bool = False
+    init_std: float = 0.02
+    needs_whitening: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tunable, bool):
+            raise TypeError(f'WhitenedPrompt `tunable` (prompt.tunable) must '
+                            f'be True (tWhiten) or False (fWhiten), got '
+                            f'{self.tunable!r}')
+        check_init_std(self.init_std)
+
+    @property
+    def has_trainable_projection(self) -> bool:
+        # fWhiten: W never trains.
+        return self.tunable
+
+
+@dataclass(frozen=True)
+class BilinearOptions(PromptOptions):
+    """Options of :class:`BilinearPrompt`: ``rank`` (required),
+    ``whitening_init`` and ``init_std``."""
+
+    rank: int
+    whitening_init: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.whitening_init, bool):
+            raise TypeError(f'BilinearPrompt `whitening_init` '
+                            f'(prompt.whitening_init) must be a bool, got '
+                            f'{self.whitening_init!r}')
+        check_positive_int(self.rank, 'prompt.rank')
+        check_init_std(self.init_std)
+
+    @property
+    def needs_whitening(self) -> bool:  # type: ignore[override]
+        # Only a whitening-initialised basis needs the data-driven step.
+        return self.whitening_init
+
+    @property
+    def has_trainable_projection(self) -> bool:
+        return True
+
+    def check_sizes(self, num_tokens: int, embed_dims: int) -> None:
+        check_rank(self.rank, num_tokens, embed_dims, self.whitening_init)
+
+
 class BasePrompt(nn.Module):
     """Interface of a prompt parameterisation for one block.
 
@@ -68,25 +169,59 @@ class BasePrompt(nn.Module):
         embed_dims (int): Token width ``d`` of the ViT.
         trainable_projection (bool): Whether the projection (``W`` or ``B``)
             of this block trains. Ignored by classes without a projection,
-            which say so through :attr:`has_projection`.
+            which say so through :attr:`has_trainable_projection`.
+        options (PromptOptions, optional): The type's validated options
+            (an instance of :attr:`Options`); None takes its defaults.
     """
 
-    #: Whether the class has a projection whose trainability can be set.
-    has_projection: bool = False
-    #: Whether ``forward`` is only meaningful after data-driven whitening.
-    needs_whitening: bool = False
+    #: The options class of this prompt type (its own config keys).
+    Options: ClassVar[Type[PromptOptions]] = PromptOptions
     #: Name of the projection tensor (``W`` or ``B``) whitening writes.
     projection_name: Optional[str] = None
+    #: Columns ``p`` of a basis ``B = W C`` that whitening builds for this
+    #: prompt; None where whitening writes ``W`` itself.
+    basis_rank: Optional[int] = None
 
     def __init__(self, num_tokens: int, embed_dims: int,
-                 trainable_projection: bool = True) -> None:
+                 trainable_projection: bool = True,
+                 options: Optional[PromptOptions] = None) -> None:
         super().__init__()
         self.num_tokens = check_positive_int(num_tokens, 'prompt.num_tokens')
         self.embed_dims = check_positive_int(embed_dims, 'embed_dims')
+        self.options = self.Options() if options is None else options
         self.trainable_projection = bool(trainable_projection)
         if self.needs_whitening:
             self.register_buffer('whitening_ready',
                                  torch.zeros((), dtype=torch.bool))
+
+    @property
+    def needs_whitening(self) -> bool:
+        """Whether ``forward`` is only meaningful after data-driven
+        whitening."""
+        return self.options.needs_whitening
+
+    @property
+    def needs_prototypes(self) -> bool:
+        """Whether the prompt is initialised from prototypes of data
+        tokens (SPT)."""
+        return self.options.needs_prototypes
+
+    @property
+    def has_trainable_projection(self) -> bool:
+        """Whether this block's projection (``W`` or ``B``) trains."""
+        return self.options.has_trainable_projection and \
+            self.trainable_projection
+
+    def apply_whitening(self, result: Mapping[str, torch.Tensor]) -> None:
+        """Write one block's whitening result (``'whitening'``, and
+        ``'basis'`` for a basis prompt) into this prompt, in its dtype and
+        device.
+
+        Args:
+            result (Mapping[str, Tensor]): The block's whitening result.
+        """
+        raise TypeError(f'{type(self).__name__} has neither set_whitening '
+                        'nor set_basis; cannot write whitening into it')
 
     def _projection(self, name: str, value: torch.Tensor) -> None:
         """Register ``value`` as a parameter if it trains, else a buffer."""
@@ -203,16 +338,16 @@ class SPTPrompt(VPTPrompt):
         (76800, False)
     """
 
-    #: Whether the prompt is initialised from prototypes of data tokens.
-    needs_prototypes = True
+    Options = SPTOptions
 
     def __init__(self, num_tokens: int, embed_dims: int,
                  patch_size: int = 16, init: str = 'sample',
                  source: Optional[str] = None, **kwargs) -> None:
+        options = SPTOptions(init=init, source=source)
         super().__init__(num_tokens, embed_dims, patch_size=patch_size,
-                         **kwargs)
-        self.init = check_prototype_init(init, 'prompt.init')
-        self.source = check_prototype_source(source, 'prompt.source')
+                         options=options, **kwargs)
+        self.init = options.init
+        self.source = options.source
         self.register_buffer('prototypes_ready',
                              torch.zeros((), dtype=torch.bool))
 
@@ -283,22 +418,18 @@ class WhitenedPrompt(BasePrompt):
         666624
     """
 
-    has_projection = True
-    needs_whitening = True
+    Options = WhitenedOptions
     projection_name = 'whitening'
 
     def __init__(self, num_tokens: int, embed_dims: int,
                  tunable: bool = False, trainable_projection: bool = True,
                  init_std: float = 0.02, **kwargs) -> None:
-        if not isinstance(tunable, bool):
-            raise TypeError(f'WhitenedPrompt `tunable` must be True (tWhiten) '
-                            f'or False (fWhiten), got {tunable!r}')
+        options = WhitenedOptions(tunable=tunable, init_std=init_std)
         kwargs.pop('patch_size', None)
         super().__init__(num_tokens, embed_dims,
                          trainable_projection=tunable and trainable_projection,
-                         **kwargs)
+                         options=options, **kwargs)
         self.tunable = tunable
-        check_init_std(init_std)
         self.tokens = nn.Parameter(
             torch.empty(num_tokens, embed_dims).normal_(0, init_std))
         self._projection('whitening', torch.eye(embed_dims))
@@ -314,6 +445,10 @@ class WhitenedPrompt(BasePrompt):
         self.whitening.copy_(whitening)
         self.whitening_ready.fill_(True)
         self.projection_loaded_unwhitened = False
+
+    def apply_whitening(self, result: Mapping[str, torch.Tensor]) -> None:
+        self.set_whitening(result['whitening'].to(
+            device=self.whitening.device, dtype=self.whitening.dtype))
 
     def forward(self) -> torch.Tensor:
         return self.tokens @ self.whitening.t()
@@ -349,25 +484,22 @@ class BilinearPrompt(BasePrompt):
         65100
     """
 
-    has_projection = True
+    Options = BilinearOptions
     projection_name = 'basis'
 
     def __init__(self, num_tokens: int, embed_dims: int, rank: int,
                  trainable_projection: bool = True,
                  whitening_init: bool = False, init_std: float = 0.02,
                  **kwargs) -> None:
-        if not isinstance(whitening_init, bool):
-            raise TypeError(f'BilinearPrompt `whitening_init` must be a bool, '
-                            f'got {whitening_init!r}')
-        # Class attribute per instance: only a whitening-initialised basis
-        # needs the data-driven step.
-        self.needs_whitening = whitening_init
+        options = BilinearOptions(rank=rank, whitening_init=whitening_init,
+                                  init_std=init_std)
         kwargs.pop('patch_size', None)
         super().__init__(num_tokens, embed_dims,
-                         trainable_projection=trainable_projection, **kwargs)
-        self.rank = check_rank(rank, num_tokens, embed_dims, whitening_init)
+                         trainable_projection=trainable_projection,
+                         options=options, **kwargs)
+        options.check_sizes(self.num_tokens, self.embed_dims)
+        self.rank = self.basis_rank = rank
         self.whitening_init = whitening_init
-        check_init_std(init_std)
         self.coefficients = nn.Parameter(
             torch.empty(num_tokens, rank).normal_(0, init_std))
         basis = torch.empty(embed_dims, rank)
@@ -385,6 +517,10 @@ class BilinearPrompt(BasePrompt):
         self.projection_loaded_unwhitened = False
         if self.needs_whitening:
             self.whitening_ready.fill_(True)
+
+    def apply_whitening(self, result: Mapping[str, torch.Tensor]) -> None:
+        self.set_basis(result['basis'].to(device=self.basis.device,
+                                          dtype=self.basis.dtype))
 
     def forward(self) -> torch.Tensor:
         return self.coefficients @ self.basis.t()
@@ -424,33 +560,76 @@ def check_rank(rank: Any, num_tokens: int, embed_dims: int,
     return rank
 
 
-def build_prompt(cfg: dict, num_tokens: int, embed_dims: int,
-                 patch_size: int,
-                 trainable_projection: bool = True) -> BasePrompt:
-    """Build one block's prompt module from the type-specific config keys."""
-    cfg = dict(cfg)
-    type_name = cfg.pop('type')
-    cls = PROMPTS.get(type_name)
-    if cls is None:
-        raise ValueError(f'prompt `type` must be one of '
-                         f'{sorted(PROMPTS.module_dict)}, got {type_name!r}')
-    return cls(num_tokens=num_tokens, embed_dims=embed_dims,
-               patch_size=patch_size,
-               trainable_projection=trainable_projection, **cfg)
+def prompt_class(type_name: Any) -> Type[BasePrompt]:
+    """The registered prompt class named ``type_name`` (``prompt.type``).
+
+    The one check of ``prompt.type``; the scoped spelling
+    ``'bpt_mm.WhitenedPrompt'`` is accepted.
+
+    Args:
+        type_name: The configured ``prompt.type``.
+
+    Returns:
+        type: The prompt class.
+    """
+    name = type_name
+    if isinstance(name, str) and name.startswith('bpt_mm.'):
+        name = name[len('bpt_mm.'):]
+    known_types = sorted(PROMPTS.module_dict)
+    if not isinstance(name, str) or name not in known_types:
+        raise ValueError(f'`prompt.type` must be one of {known_types}, '
+                         f'got {type_name!r}')
+    return PROMPTS.get(name)
 
 
-def prompt_type_options(type_name: str) -> Tuple[Set[str], Set[str]]:
-    """Keyword arguments a prompt type takes beyond the shared ones.
+def prompt_options(cls: Type[BasePrompt],
+                   cfg: Mapping[str, Any]) -> PromptOptions:
+    """Build ``cls``'s validated options from its keys in ``cfg``.
+
+    Args:
+        cls (type): The prompt class.
+        cfg (Mapping): Its type-specific keys (unknown keys are refused by
+            the caller, which knows the shared ones).
+
+    Returns:
+        PromptOptions: An instance of ``cls.Options``.
+    """
+    required = option_keys(cls)[1]
+    for key in sorted(required - set(cfg)):
+        raise ValueError(f'`prompt.{key}` is required for {cls.__name__}')
+    return cls.Options(**cfg)
+
+
+def option_keys(cls: Type[BasePrompt]) -> Tuple[set, set]:
+    """Config keys of a prompt type beyond the shared ones.
 
     Returns:
         tuple[set, set]: all of them, and those without a default (required).
     """
-    cls = PROMPTS.get(type_name)
-    params = inspect.signature(cls.__init__).parameters
-    shared = ('self', 'num_tokens', 'embed_dims', 'patch_size',
-              'trainable_projection')
-    options = {name: p for name, p in params.items()
-               if name not in shared and p.kind is not p.VAR_KEYWORD}
-    required = {name for name, p in options.items()
-                if p.default is inspect.Parameter.empty}
-    return set(options), required
+    option_fields = fields(cls.Options)
+    required = {f.name for f in option_fields
+                if f.default is MISSING and f.default_factory is MISSING}
+    return {f.name for f in option_fields}, required
+
+
+def build_prompt(cls: Type[BasePrompt], options: PromptOptions,
+                 num_tokens: int, embed_dims: int, patch_size: int,
+                 trainable_projection: bool = True) -> BasePrompt:
+    """Build one block's prompt module from its validated options.
+
+    Args:
+        cls (type): The prompt class.
+        options (PromptOptions): Its validated options.
+        num_tokens (int): ``m``.
+        embed_dims (int): ``d``.
+        patch_size (int): Patch size of the ViT.
+        trainable_projection (bool): Whether this block's projection trains.
+
+    Returns:
+        BasePrompt: The module.
+    """
+    kwargs: Dict[str, Any] = {f.name: getattr(options, f.name)
+                              for f in fields(options)}
+    return cls(num_tokens=num_tokens, embed_dims=embed_dims,
+               patch_size=patch_size,
+               trainable_projection=trainable_projection, **kwargs)

@@ -14,7 +14,6 @@ after the position embedding is added, so they have none.
   dropped. A deep prompt therefore only ever gives keys and values, which is
   how it is computed (see :mod:`bpt_mm.models.attention`).
 """
-import difflib
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -28,14 +27,15 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from bpt_mm.registry import PROMPTS, register_model
+from bpt_mm.registry import register_model
 from .attention import block_prompt_keys_values, prompted_block_forward
 from .checkpoint import resample_pos_embed
 from .frozen_state import (EXTRA_STATE_KEY, complete_frozen_state,
                            frozen_extra_state, frozen_fingerprint,
                            parse_extra_state)
-from .prompts import (BasePrompt, build_prompt, check_positive_int,
-                      prompt_type_options)
+from .prompt_config import PromptConfig
+from .prompt_config import normalise_indices as _normalise_indices
+from .prompts import BasePrompt, build_prompt, check_positive_int
 
 ARCH_SETTINGS = {
     'tiny': dict(embed_dims=192, num_layers=12, num_heads=3, mlp_ratio=4.0),
@@ -49,23 +49,9 @@ ARCH_SETTINGS = {
 #: timm, MAE and DeiT all use LayerNorm with eps 1e-6 (not torch's 1e-5).
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
-#: Keys of ``prompt=dict(...)`` shared by every prompt type.
-PROMPT_KEYS = ('type', 'num_tokens', 'depth', 'layers',
-               'trainable_projection_layers', 'dropout',
-               'allow_identity_whitening')
-
-#: How many of the top prompted blocks train their projection by default,
-#: as in the authors' deep BPT.
-DEFAULT_TRAINABLE_PROJECTION_BLOCKS = 4
-
 
 class WhiteningNotReadyError(RuntimeError):
     """Training was started with whitening matrices that were never filled."""
-
-
-def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f' (did you mean {close[0]!r}?)' if close else ''
 
 
 def _parse_arch(arch: Union[str, dict]) -> dict:
@@ -165,28 +151,6 @@ def _check_forwarded_pretrained(pretrained, init_cfg) -> None:
         raise ValueError(f'`pretrained` is {pretrained!r}, a CNN from a '
                          f'model zoo (an mmseg base sets it for its ResNet), '
                          f'not weights of this ViT: {fix}')
-
-
-def _normalise_indices(indices, num_layers: int, key: str) -> Tuple[int, ...]:
-    """Turn ints or sequences of ints (negative allowed) into sorted
-    indices."""
-    if isinstance(indices, int) and not isinstance(indices, bool):
-        indices = (indices, )
-    if not isinstance(indices, (list, tuple)) or not indices:
-        raise ValueError(f'`{key}` must be an int or a non-empty list/tuple '
-                         f'of ints in [-{num_layers}, {num_layers - 1}], got '
-                         f'{indices!r}')
-    out = []
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) \
-                or not -num_layers <= i < num_layers:
-            raise ValueError(f'`{key}` entries must be ints in '
-                             f'[-{num_layers}, {num_layers - 1}] (the model '
-                             f'has {num_layers} blocks), got {i!r}')
-        out.append(i % num_layers)
-    if len(set(out)) != len(out):
-        raise ValueError(f'`{key}` has duplicated blocks: {indices!r}')
-    return tuple(sorted(out))
 
 
 @register_model()
@@ -397,7 +361,12 @@ class PromptedViT(BaseModule):
         self.norm = LayerNorm(self.embed_dims)
         self._init_backbone_weights()
 
-        self.prompt_cfg = self._check_prompt_cfg(prompt)
+        #: The validated prompt config (None without prompts), and its flat
+        #: dict form.
+        self.prompt_config = None if prompt is None else \
+            PromptConfig.from_dict(prompt, self.num_layers)
+        self.prompt_cfg = None if prompt is None else \
+            self.prompt_config.as_dict()
         self.prompts = nn.ModuleDict()
         self.prompt_dropout = nn.Identity()
         if self.prompt_cfg is not None:
@@ -435,102 +404,17 @@ class PromptedViT(BaseModule):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def _check_prompt_cfg(self, prompt: Optional[dict]) -> Optional[dict]:
-        """Validate ``prompt`` and fill its defaults; errors name the key."""
-        if prompt is None:
-            return None
-        if not isinstance(prompt, dict):
-            raise TypeError(f'`prompt` must be None or a dict, got '
-                            f'{type(prompt).__name__}')
-        cfg = dict(prompt)
-        type_name = cfg.get('type')
-        if isinstance(type_name, str) and type_name.startswith('bpt_mm.'):
-            # the scoped spelling, as in type='bpt_mm.PromptedViT'
-            type_name = cfg['type'] = type_name[len('bpt_mm.'):]
-        known_types = sorted(PROMPTS.module_dict)
-        if type_name not in known_types:
-            raise ValueError(f'`prompt.type` must be one of {known_types}, '
-                             f'got {type_name!r}')
-        type_keys, required = prompt_type_options(type_name)
-        allowed = set(PROMPT_KEYS) | type_keys
-        for key in cfg:
-            if key not in allowed:
-                raise ValueError(
-                    f'unknown key `prompt.{key}` for {type_name}'
-                    f'{_did_you_mean(key, sorted(allowed))}; allowed keys: '
-                    f'{sorted(allowed)}')
-        for key in sorted(required - set(cfg)):
-            raise ValueError(f'`prompt.{key}` is required for {type_name}')
-        if 'num_tokens' not in cfg:
-            raise ValueError('`prompt.num_tokens` is required (the number of '
-                             'prompt tokens m)')
-        check_positive_int(cfg['num_tokens'], 'prompt.num_tokens')
-        depth = cfg.setdefault('depth', 'shallow')
-        if depth not in ('shallow', 'deep'):
-            raise ValueError(f"`prompt.depth` must be 'shallow' or 'deep', "
-                             f'got {depth!r}')
-        dropout = cfg.setdefault('dropout', 0.)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-                or not 0 <= dropout < 1:
-            raise ValueError(f'`prompt.dropout` must be a float in [0, 1), '
-                             f'got {dropout!r}')
-        allow_identity = cfg.setdefault('allow_identity_whitening', False)
-        if not isinstance(allow_identity, bool):
-            raise TypeError(f'`prompt.allow_identity_whitening` must be a '
-                            f'bool, got {allow_identity!r}')
-
-        if depth == 'shallow':
-            for key in ('layers', 'trainable_projection_layers'):
-                if cfg.get(key) is not None:
-                    raise ValueError(
-                        f"`prompt.{key}` is only for depth='deep'; shallow "
-                        f'prompts enter once before block 0')
-            cfg['layers'] = (0, )
-            cfg['trainable_projection_layers'] = (0, )
-            return cfg
-
-        layers = cfg.get('layers')
-        cfg['layers'] = (tuple(range(self.num_layers)) if layers is None else
-                         _normalise_indices(layers, self.num_layers,
-                                            'prompt.layers'))
-        has_projection = PROMPTS.get(type_name).has_projection
-        if type_name == 'WhitenedPrompt' and not cfg.get('tunable', False):
-            has_projection = False  # fWhiten: W never trains
-        tpl = cfg.get('trainable_projection_layers')
-        if tpl is None:
-            cfg['trainable_projection_layers'] = (
-                cfg['layers'][-DEFAULT_TRAINABLE_PROJECTION_BLOCKS:]
-                if has_projection else ())
-        else:
-            if not has_projection:
-                raise ValueError(
-                    f'`prompt.trainable_projection_layers` needs a prompt '
-                    f'with a trainable projection (BilinearPrompt or '
-                    f'WhitenedPrompt with tunable=True), got {type_name} '
-                    + ('(tunable=False)' if type_name == 'WhitenedPrompt'
-                       else ''))
-            tpl = () if tpl == () or tpl == [] else _normalise_indices(
-                tpl, self.num_layers, 'prompt.trainable_projection_layers')
-            outside = sorted(set(tpl) - set(cfg['layers']))
-            if outside:
-                raise ValueError(
-                    f'`prompt.trainable_projection_layers` {outside} are not '
-                    f"prompted blocks; `prompt.layers` is {cfg['layers']}")
-            cfg['trainable_projection_layers'] = tuple(tpl)
-        return cfg
-
     def _build_prompts(self) -> None:
-        cfg = self.prompt_cfg
-        type_cfg = {k: v for k, v in cfg.items() if k not in PROMPT_KEYS}
-        type_cfg['type'] = cfg['type']
-        for layer in cfg['layers']:
+        config = self.prompt_config
+        for layer in config.layers:
             self.prompts[str(layer)] = build_prompt(
-                type_cfg, num_tokens=cfg['num_tokens'],
-                embed_dims=self.embed_dims, patch_size=self.patch_size,
+                config.prompt_class, config.options,
+                num_tokens=config.num_tokens, embed_dims=self.embed_dims,
+                patch_size=self.patch_size,
                 trainable_projection=layer in
-                cfg['trainable_projection_layers'])
-        if cfg['dropout'] > 0:
-            self.prompt_dropout = nn.Dropout(cfg['dropout'])
+                config.trainable_projection_layers)
+        if config.dropout > 0:
+            self.prompt_dropout = nn.Dropout(config.dropout)
 
     def _freeze_backbone(self) -> None:
         for name, param in self.named_parameters():
@@ -755,8 +639,7 @@ class PromptedViT(BaseModule):
             return
         if self.prompt_cfg['allow_identity_whitening']:
             return
-        spt = getattr(self.prompts[str(missing[0])], 'needs_prototypes',
-                      False)
+        spt = self.prompts[str(missing[0])].needs_prototypes
         what, start = ('prototypes of training tokens (SPT)',
                        'random initial prompts') if spt else \
             ('whitening statistics', 'identity')
