@@ -21,7 +21,6 @@ from typing import Callable, List, NamedTuple, Type
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 
 from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
@@ -40,10 +39,9 @@ from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
                               zca_whitening_matrix)
 from bpt_mm.whitening_collect import (collect_whitening, load_whitening,
                                       save_whitening)
-from whitening_toy import BPTWhiteningToyModel, small_backbone, toy_images
+from helpers import ROOT, TOOLS, small_vit
+from whitening_toy import BPTWhiteningToyModel, toy_images, toy_runner
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TOOLS = osp.join(ROOT, 'tools')
 TINY_MASK_RCNN = osp.join(ROOT, 'configs', 'tiny', 'mask_rcnn_bpt_tiny.py')
 # 32 channels, 4 blocks: enough for deep prompts in some blocks only.
 ARCH = dict(embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=2.0)
@@ -51,9 +49,10 @@ FWHITEN = dict(type='WhitenedPrompt', num_tokens=4)
 
 
 def vit(**kwargs) -> PromptedViT:
+    """The small ViT with 4 blocks and 16x16 patches (2x2 on 32x32)."""
     kwargs.setdefault('arch', ARCH)
-    kwargs.setdefault('img_size', 32)
-    return PromptedViT(patch_size=kwargs.pop('patch_size', 16), **kwargs)
+    kwargs.setdefault('patch_size', 16)
+    return small_vit(**kwargs)
 
 
 def with_prompt(**prompt) -> Callable[[str], object]:
@@ -93,7 +92,7 @@ def whitening_file(tmp: str, name: str, **kwargs) -> str:
     torch.manual_seed(0)
     prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
     prompt.update(kwargs.pop('prompt', {}))
-    backbone = small_backbone(prompt=prompt, **kwargs)
+    backbone = small_vit(prompt=prompt, **kwargs)
     stats = WhiteningStatistics(eps=1e-3)
     results = collect_whitening(backbone, toy_images(8).split(4), stats, 8)
     path = osp.join(tmp, name)
@@ -103,8 +102,8 @@ def whitening_file(tmp: str, name: str, **kwargs) -> str:
 
 def deep_toy() -> PromptedViT:
     torch.manual_seed(0)
-    return small_backbone(prompt=dict(type='WhitenedPrompt', num_tokens=4,
-                                      depth='deep'))
+    return small_vit(prompt=dict(type='WhitenedPrompt', num_tokens=4,
+                                 depth='deep'))
 
 
 def own_checkpoint(arch: dict) -> dict:
@@ -116,19 +115,10 @@ def own_checkpoint(arch: dict) -> dict:
 
 def few_tokens_run(tmp: str) -> None:
     """Training whose BPTWhiteningHook sees 1 image: 16 tokens, d = 32."""
-    torch.manual_seed(0)
-    Runner(
-        model=BPTWhiteningToyModel(backbone=dict(prompt=dict(FWHITEN))),
-        work_dir=tmp, experiment_name=f'few_{uuid.uuid4().hex[:8]}',
-        train_dataloader=dict(
-            dataset=dict(type='BPTWhiteningToyDataset', num_images=4),
-            sampler=dict(type='DefaultSampler', shuffle=False),
-            batch_size=1, num_workers=0),
-        train_cfg=dict(by_epoch=False, max_iters=1),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        custom_hooks=[dict(type='BPTWhiteningHook', num_images=1)],
-        default_hooks=dict(checkpoint=None, logger=None),
-        log_level='WARNING').train()
+    toy_runner(tmp, FWHITEN, [dict(type='BPTWhiteningHook', num_images=1)],
+               num_images=4, batch_size=1, max_iters=1, lr=0.1, seed=None,
+               default_hooks=dict(checkpoint=None, logger=None),
+               checkpoint_interval=None, log_interval=None).train()
 
 
 def tiny_config(edit=None) -> Config:
