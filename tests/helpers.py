@@ -5,11 +5,14 @@ small-ViT factory and the checks of the attention shortcuts. The toy
 mmengine model, data set and Runner live in ``tests/whitening_toy.py``.
 """
 import glob
+import importlib.util
 import os
 import os.path as osp
 import re
 import subprocess
 import sys
+import uuid
+from types import ModuleType
 from typing import Dict, List, Tuple
 
 import torch
@@ -174,3 +177,18 @@ def block_and_inputs(window: int, num_prefix: int) -> Tuple:
     patches = torch.randn(2, grid[0] * grid[1], 32)
     deep = torch.randn(1, 3, 32, requires_grad=True)
     return block, grid, prefix, patches, deep
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a fresh module, to call its ``main(argv)``
+    in-process (a new module each call: no state carries over).
+
+    Args:
+        name: the tool's file name without ``.py``.
+    """
+    spec = importlib.util.spec_from_file_location(
+        f'bpt_mm_tool_{name}_{uuid.uuid4().hex[:6]}',
+        osp.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

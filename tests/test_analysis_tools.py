@@ -1,7 +1,6 @@
 """Burstiness analysis (bpt_mm.burstiness_analysis, its report and
 tools/analyze_burstiness.py) and the parameter table (tools/param_table.py).
 """
-import importlib.util
 import json
 import math
 import os.path as osp
@@ -15,19 +14,11 @@ from bpt_mm.burstiness_analysis import (QUANTITIES, analyse_backbone,
                                         resolve_blocks)
 from bpt_mm.burstiness_report import DPI, FIGURE_SIZE, plot_block
 from bpt_mm.whitening import WhiteningStatistics, query_key_product
-from helpers import ROOT, run, small_vit, tool
+from helpers import ROOT, load_tool, run, small_vit, tool
 from whitening_toy import toy_images
 
 TINY_DET = osp.join(ROOT, 'configs', 'tiny', 'mask_rcnn_bpt_tiny.py')
 PNG_SIZE = (int(FIGURE_SIZE[0] * DPI), int(FIGURE_SIZE[1] * DPI))
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        name, osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------- analysis

@@ -15,7 +15,6 @@ import os.path as osp
 import re
 import subprocess
 import sys
-import uuid
 from typing import Callable, List, NamedTuple, Type
 
 import pytest
@@ -39,7 +38,7 @@ from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
                               zca_whitening_matrix)
 from bpt_mm.whitening_collect import (collect_whitening, load_whitening,
                                       save_whitening)
-from helpers import ROOT, TOOLS, small_vit
+from helpers import ROOT, TOOLS, load_tool, small_vit
 from whitening_toy import BPTWhiteningToyModel, toy_images, toy_runner
 
 TINY_MASK_RCNN = osp.join(ROOT, 'configs', 'tiny', 'mask_rcnn_bpt_tiny.py')
@@ -131,16 +130,6 @@ def tiny_config(edit=None) -> Config:
 def without_whitening_hook(cfg: Config) -> None:
     cfg.custom_hooks = [h for h in cfg.custom_hooks
                         if h['type'] != 'BPTWhiteningHook']
-
-
-def load_tool(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        f'bpt_mm_tool_{name}_{uuid.uuid4().hex[:6]}',
-        osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_with_missing_data(tmp: str) -> None:

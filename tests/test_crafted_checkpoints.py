@@ -38,10 +38,9 @@ from bpt_mm.models.checkpoint import (MAX_TENSOR_FACTOR, CheckpointError,
 from bpt_mm.safe_load import MAX_ZIP_EXPANSION
 from bpt_mm.whitening import WhiteningStatistics
 from bpt_mm.whitening_collect import load_whitening, save_whitening
-from helpers import small_vit
+from helpers import ROOT, small_vit
 from whitening_toy import toy_runner
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
 
 

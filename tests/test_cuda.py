@@ -22,14 +22,13 @@ from bpt_mm.whitening import (WhiteningStatistics, project_tokens,
                               query_key_product, whitening_from_tokens,
                               zca_whitening_matrix)
 from bpt_mm.whitening_collect import collect_whitening
-from helpers import (assert_same_outputs_and_grads, block_and_inputs,
+from helpers import (ROOT, assert_same_outputs_and_grads, block_and_inputs,
                      count_calls, small_vit)
 from whitening_toy import deep_backbone, toy_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason='needs CUDA')
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CUDA = torch.device('cuda')
 #: One prompt config of each kind, shallow and deep.
 PROMPTS = {

@@ -22,10 +22,9 @@ from bpt_mm.prototypes import (TokenReservoir, canonical_rows,
                                compute_prototypes)
 from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
                                       prototype_blocks)
-from helpers import SHORT, last_metrics, run, small_vit, tool
+from helpers import ROOT, SHORT, last_metrics, run, small_vit, tool
 from whitening_toy import toy_images, toy_runner
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SHALLOW = dict(type='SPTPrompt', num_tokens=4)
 DEEP_KMEANS = dict(type='SPTPrompt', num_tokens=4, depth='deep',
                    init='kmeans')

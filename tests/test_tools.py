@@ -13,8 +13,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from helpers import (SHORT, TINY, TOOLS, last_metrics, no_val, run, tool,
-                     write_config)
+from helpers import (SHORT, TINY, TOOLS, last_metrics, load_tool, no_val,
+                     run, tool, write_config)
 
 METRICS = dict(mmdet=('coco/bbox_mAP', 'coco/segm_mAP'),
                mmseg=('mIoU', 'aAcc'))
@@ -195,16 +195,6 @@ log_processor = dict(by_epoch=False)
 
 
 # ---------------------------------------------------------------- refusals
-def load_tool(name):
-    """tools/<name>.py as a module, to call its main(argv) in-process."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        f'bpt_mm_tool_{name}', osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tools_refuse_bad_invocations(tmp_path, monkeypatch):
     # the --amp refusal is the CPU machine's, on a GPU machine too
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
