@@ -116,6 +116,12 @@ def toy_runner(work_dir, prompt: Optional[dict] = None, hooks=(), *,
         model = BPTWhiteningToyModel(
             backbone=dict(prompt=None if prompt is None else dict(prompt)))
     default_hooks = dict(default_hooks or {})
+    if dataset is None:
+        dataset = dict(type='BPTWhiteningToyDataset', num_images=num_images)
+    if train_cfg is None:
+        train_cfg = dict(by_epoch=False, max_iters=max_iters)
+    if optim_wrapper is None:
+        optim_wrapper = dict(optimizer=dict(type='SGD', lr=lr))
     if checkpoint_interval is not None:
         default_hooks['checkpoint'] = dict(
             type='CheckpointHook', by_epoch=False,
@@ -128,14 +134,10 @@ def toy_runner(work_dir, prompt: Optional[dict] = None, hooks=(), *,
     runner_kwargs.setdefault('log_level', 'WARNING')
     return Runner(
         model=model, work_dir=str(work_dir),
-        train_dataloader=dict(
-            dataset=dataset or dict(type='BPTWhiteningToyDataset',
-                                    num_images=num_images),
-            sampler=dict(type=sampler, shuffle=shuffle),
-            batch_size=batch_size, num_workers=0),
-        train_cfg=train_cfg or dict(by_epoch=False, max_iters=max_iters),
-        optim_wrapper=optim_wrapper or dict(
-            optimizer=dict(type='SGD', lr=lr)),
+        train_dataloader=dict(dataset=dataset,
+                              sampler=dict(type=sampler, shuffle=shuffle),
+                              batch_size=batch_size, num_workers=0),
+        train_cfg=train_cfg, optim_wrapper=optim_wrapper,
         custom_hooks=list(hooks), default_hooks=default_hooks,
         randomness=dict(seed=seed), **runner_kwargs)
 
