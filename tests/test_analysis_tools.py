@@ -1,7 +1,6 @@
 """Burstiness analysis (bpt_mm.burstiness_analysis, its report and
 tools/analyze_burstiness.py) and the parameter table (tools/param_table.py).
 """
-import importlib.util
 import json
 import math
 import os.path as osp
@@ -15,27 +14,19 @@ from bpt_mm.burstiness_analysis import (QUANTITIES, analyse_backbone,
                                         resolve_blocks)
 from bpt_mm.burstiness_report import DPI, FIGURE_SIZE, plot_block
 from bpt_mm.whitening import WhiteningStatistics, query_key_product
-from test_tools import ROOT, run, tool
-from whitening_toy import small_backbone, toy_images
+from helpers import ROOT, load_tool, run, small_vit, tool
+from whitening_toy import toy_images
 
 TINY_DET = osp.join(ROOT, 'configs', 'tiny', 'mask_rcnn_bpt_tiny.py')
 PNG_SIZE = (int(FIGURE_SIZE[0] * DPI), int(FIGURE_SIZE[1] * DPI))
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        name, osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------- analysis
 @pytest.fixture(scope='module')
 def toy_analysis():
     torch.manual_seed(0)
-    backbone = small_backbone(prompt=dict(type='BilinearPrompt',
-                                          num_tokens=4, rank=4))
+    backbone = small_vit(prompt=dict(type='BilinearPrompt',
+                                     num_tokens=4, rank=4))
     images = toy_images(12)
     results = analyse_backbone(backbone, images.split(4), [0, 2],
                                num_images=10, max_values=10**7)
@@ -86,7 +77,7 @@ def test_quantities_are_the_defined_ones(toy_analysis):
 
 def test_sampling_caps_the_values_and_keeps_sigma_over_all_tokens():
     torch.manual_seed(0)
-    backbone = small_backbone()
+    backbone = small_vit()
     results = analyse_backbone(backbone, toy_images(8).split(4), [1],
                                num_images=8, max_values=32 * 40, seed=3)
     r = results[1]
@@ -97,7 +88,7 @@ def test_sampling_caps_the_values_and_keeps_sigma_over_all_tokens():
 
 
 def test_bad_layers_and_arguments_are_named():
-    backbone = small_backbone()  # 3 blocks
+    backbone = small_vit()  # 3 blocks
     assert resolve_blocks(backbone, None) == [0]
     assert resolve_blocks(backbone, [-1, 0, 2]) == [0, 2]
     with pytest.raises(ValueError, match=r'--layers: 3 .*allowed: 0 to 2'):
@@ -113,7 +104,7 @@ def test_bad_layers_and_arguments_are_named():
     with pytest.warns(UserWarning, match='tokens'), \
             pytest.raises(ValueError, match=r'block 0: .*--eps'):
         analyse_backbone(backbone, toy_images(1).split(1), [0], num_images=1)
-    prompted = small_backbone(prompt=dict(
+    prompted = small_vit(prompt=dict(
         type='VPTPrompt', num_tokens=2, depth='deep', layers=[1, 2]))
     assert resolve_blocks(prompted, []) == [1, 2]
 

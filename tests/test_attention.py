@@ -8,34 +8,12 @@ from bpt_mm.models import attention, vit
 from bpt_mm.models.attention import (attention_frozen_self_keys,
                                      attention_with_logsumexp,
                                      prompted_block_forward)
-from test_vit import small_vit
+from helpers import (assert_same_outputs_and_grads, block_and_inputs,
+                     count_calls, small_vit)
 
 
 # Tiny tensors gain nothing from threads, and the machine is shared.
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def _count_calls(monkeypatch, name, module=attention):
-    """Record each call of ``module.name`` (still calling it)."""
-    calls = []
-    original = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        calls.append(name)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counted)
-    return calls
-
-
-def assert_same_outputs_and_grads(got, expected, inputs):
-    """``got`` equals ``expected`` to 1e-5, and so do the gradients of a
-    random projection of each with respect to ``inputs``."""
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    weight = torch.randn_like(expected)
-    for a, b in zip(torch.autograd.grad((got * weight).sum(), inputs),
-                    torch.autograd.grad((expected * weight).sum(), inputs)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize('use_fused', [True, False])
@@ -70,26 +48,15 @@ def test_frozen_self_keys_match_sdpa_outputs_and_extra_grads(use_fused,
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def _block_and_inputs(window, num_prefix):
-    torch.manual_seed(0)
-    model = small_vit(window_size=window).eval()
-    block = model.blocks[0]
-    grid = (4, 6)
-    prefix = torch.randn(2, num_prefix, 32, requires_grad=True)
-    patches = torch.randn(2, grid[0] * grid[1], 32)
-    deep = torch.randn(1, 3, 32, requires_grad=True)
-    return block, grid, prefix, patches, deep
-
-
 @pytest.mark.parametrize('window', [0, 4])
 @pytest.mark.parametrize('with_deep', [False, True])
 def test_block_with_frozen_patches_equals_plain_block(window, with_deep,
                                                       monkeypatch):
-    block, grid, prefix, patches, deep = _block_and_inputs(window, 5)
+    block, grid, prefix, patches, deep = block_and_inputs(window, 5)
     kv_tokens = deep if with_deep else None
     x = torch.cat([prefix, patches], 1)
     plain = prompted_block_forward(block, x, kv_tokens, window, 5, grid)
-    calls = _count_calls(monkeypatch, 'attention_frozen_self_keys')
+    calls = count_calls(monkeypatch, 'attention_frozen_self_keys')
     fast = prompted_block_forward(block, x, kv_tokens, window, 5, grid,
                                   frozen_patches=True)
     assert calls, 'the frozen-patch shortcut was not taken'
@@ -98,7 +65,7 @@ def test_block_with_frozen_patches_equals_plain_block(window, with_deep,
 
 
 def test_prefix_kv_only_block_keeps_prefix_and_equals_plain_patches():
-    block, grid, prefix, patches, deep = _block_and_inputs(0, 5)
+    block, grid, prefix, patches, deep = block_and_inputs(0, 5)
     patches.requires_grad_()
     x = torch.cat([prefix, patches], 1)
     plain = prompted_block_forward(block, x, deep, 0, 5, grid)
@@ -119,7 +86,7 @@ def test_shallow_forward_matches_sequence_version_and_takes_shortcuts(
     model = small_vit(class_token=class_token, prompt=dict(
         type='BilinearPrompt', num_tokens=5, rank=4)).train()
     x = torch.rand(2, 3, 32, 40)
-    calls = _count_calls(monkeypatch, 'attention_frozen_self_keys')
+    calls = count_calls(monkeypatch, 'attention_frozen_self_keys')
     (got, ) = model(x)
     assert calls == ['attention_frozen_self_keys']  # block 0 only
     p = model.prompt_tokens(0).unsqueeze(0).expand(2, -1, -1)
@@ -146,7 +113,7 @@ def test_shortcut_not_taken_when_the_patches_train():
 
 def test_frozen_position_embeddings_resampled_once_until_changed(
         monkeypatch):
-    calls = _count_calls(monkeypatch, 'resample_pos_embed', vit)
+    calls = count_calls(monkeypatch, 'resample_pos_embed', vit)
     model = small_vit(prompt=dict(type='VPTPrompt', num_tokens=2)).train()
     x = torch.rand(1, 3, 48, 40)  # not the 32 x 32 pretraining grid
     first = model(x)[0]
@@ -176,7 +143,7 @@ def test_windowed_shallow_forward_matches_plain_blocks(with_cp, monkeypatch):
                           type='BilinearPrompt', num_tokens=4,
                           rank=3)).train()
     x = torch.rand(2, 3, 40, 32)  # 5 x 4 patches, windows of 3: padded
-    calls = _count_calls(monkeypatch, 'attention_frozen_self_keys')
+    calls = count_calls(monkeypatch, 'attention_frozen_self_keys')
     (got, ) = model(x)
     assert calls == ['attention_frozen_self_keys']
     tokens, hw = model._embed(x)

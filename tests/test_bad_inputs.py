@@ -15,13 +15,11 @@ import os.path as osp
 import re
 import subprocess
 import sys
-import uuid
 from typing import Callable, List, NamedTuple, Type
 
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 
 from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
@@ -40,10 +38,9 @@ from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
                               zca_whitening_matrix)
 from bpt_mm.whitening_collect import (collect_whitening, load_whitening,
                                       save_whitening)
-from whitening_toy import BPTWhiteningToyModel, small_backbone, toy_images
+from helpers import ROOT, TOOLS, load_tool, small_vit
+from whitening_toy import BPTWhiteningToyModel, toy_images, toy_runner
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TOOLS = osp.join(ROOT, 'tools')
 TINY_MASK_RCNN = osp.join(ROOT, 'configs', 'tiny', 'mask_rcnn_bpt_tiny.py')
 # 32 channels, 4 blocks: enough for deep prompts in some blocks only.
 ARCH = dict(embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=2.0)
@@ -51,9 +48,10 @@ FWHITEN = dict(type='WhitenedPrompt', num_tokens=4)
 
 
 def vit(**kwargs) -> PromptedViT:
+    """The small ViT with 4 blocks and 16x16 patches (2x2 on 32x32)."""
     kwargs.setdefault('arch', ARCH)
-    kwargs.setdefault('img_size', 32)
-    return PromptedViT(patch_size=kwargs.pop('patch_size', 16), **kwargs)
+    kwargs.setdefault('patch_size', 16)
+    return small_vit(**kwargs)
 
 
 def with_prompt(**prompt) -> Callable[[str], object]:
@@ -93,7 +91,7 @@ def whitening_file(tmp: str, name: str, **kwargs) -> str:
     torch.manual_seed(0)
     prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
     prompt.update(kwargs.pop('prompt', {}))
-    backbone = small_backbone(prompt=prompt, **kwargs)
+    backbone = small_vit(prompt=prompt, **kwargs)
     stats = WhiteningStatistics(eps=1e-3)
     results = collect_whitening(backbone, toy_images(8).split(4), stats, 8)
     path = osp.join(tmp, name)
@@ -103,8 +101,8 @@ def whitening_file(tmp: str, name: str, **kwargs) -> str:
 
 def deep_toy() -> PromptedViT:
     torch.manual_seed(0)
-    return small_backbone(prompt=dict(type='WhitenedPrompt', num_tokens=4,
-                                      depth='deep'))
+    return small_vit(prompt=dict(type='WhitenedPrompt', num_tokens=4,
+                                 depth='deep'))
 
 
 def own_checkpoint(arch: dict) -> dict:
@@ -116,19 +114,10 @@ def own_checkpoint(arch: dict) -> dict:
 
 def few_tokens_run(tmp: str) -> None:
     """Training whose BPTWhiteningHook sees 1 image: 16 tokens, d = 32."""
-    torch.manual_seed(0)
-    Runner(
-        model=BPTWhiteningToyModel(backbone=dict(prompt=dict(FWHITEN))),
-        work_dir=tmp, experiment_name=f'few_{uuid.uuid4().hex[:8]}',
-        train_dataloader=dict(
-            dataset=dict(type='BPTWhiteningToyDataset', num_images=4),
-            sampler=dict(type='DefaultSampler', shuffle=False),
-            batch_size=1, num_workers=0),
-        train_cfg=dict(by_epoch=False, max_iters=1),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        custom_hooks=[dict(type='BPTWhiteningHook', num_images=1)],
-        default_hooks=dict(checkpoint=None, logger=None),
-        log_level='WARNING').train()
+    toy_runner(tmp, FWHITEN, [dict(type='BPTWhiteningHook', num_images=1)],
+               num_images=4, batch_size=1, max_iters=1, lr=0.1, seed=None,
+               default_hooks=dict(checkpoint=None, logger=None),
+               checkpoint_interval=None, log_interval=None).train()
 
 
 def tiny_config(edit=None) -> Config:
@@ -141,16 +130,6 @@ def tiny_config(edit=None) -> Config:
 def without_whitening_hook(cfg: Config) -> None:
     cfg.custom_hooks = [h for h in cfg.custom_hooks
                         if h['type'] != 'BPTWhiteningHook']
-
-
-def load_tool(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        f'bpt_mm_tool_{name}_{uuid.uuid4().hex[:6]}',
-        osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_with_missing_data(tmp: str) -> None:

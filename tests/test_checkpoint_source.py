@@ -21,13 +21,14 @@ from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.models.checkpoint_source import local_checkpoint
 from bpt_mm.models.frozen_state import parse_extra_state
+from helpers import small_vit
 
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
 
 
-def vit(init_cfg=None, pretrained=None):
-    return PromptedViT(arch=ARCH, img_size=32, patch_size=8,
-                       init_cfg=init_cfg, pretrained=pretrained)
+def vit(init_cfg=None, pretrained=None) -> PromptedViT:
+    """The small ViT with 2 blocks, loading ``init_cfg``/``pretrained``."""
+    return small_vit(arch=ARCH, init_cfg=init_cfg, pretrained=pretrained)
 
 
 class _Server(http.server.SimpleHTTPRequestHandler):

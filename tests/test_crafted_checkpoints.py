@@ -27,21 +27,20 @@ import torch
 import torch.nn as nn
 from mmengine.logging import HistoryBuffer
 from mmengine.model import BaseModel
-from mmengine.runner import Runner
 from mmengine.runner.checkpoint import CheckpointLoader
 
 import bpt_mm  # noqa: F401  installs the loader and the plain saver
 from bpt_mm.engine.checkpoint_io import (load_local_checkpoint,
                                          save_plain_checkpoint)
 from bpt_mm.engine.plain_state import TAG, from_plain, to_plain
-from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import (MAX_TENSOR_FACTOR, CheckpointError,
                                       load_checkpoint_file, load_pretrained)
 from bpt_mm.safe_load import MAX_ZIP_EXPANSION
 from bpt_mm.whitening import WhiteningStatistics
 from bpt_mm.whitening_collect import load_whitening, save_whitening
+from helpers import ROOT, small_vit
+from whitening_toy import toy_runner
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
 
 
@@ -201,7 +200,7 @@ def trusted(tmp_path):
     before any crafted file is read, and a check that both read back as
     written (and that torch's and mmengine's globals are untouched)."""
     torch.manual_seed(0)
-    weights = PromptedViT(arch=ARCH, img_size=32, patch_size=8).state_dict()
+    weights = small_vit(arch=ARCH).state_dict()
     pretrained = str(tmp_path / 'trusted_vit.pth')
     torch.save({'model': weights}, pretrained)
     buffer = HistoryBuffer()
@@ -231,9 +230,8 @@ def trusted(tmp_path):
 
 
 def whitened_vit():
-    return PromptedViT(arch=ARCH, img_size=32, patch_size=8,
-                       prompt=dict(type='WhitenedPrompt', num_tokens=3,
-                                   allow_identity_whitening=True))
+    return small_vit(dict(type='WhitenedPrompt', num_tokens=3,
+                          allow_identity_whitening=True), arch=ARCH)
 
 
 LOADERS = {
@@ -361,7 +359,7 @@ def test_sparse_tensors_are_refused_by_key(tmp_path, trusted):
 
 def test_stride0_pos_embed_of_a_huge_grid_is_refused_before_resampling(
         tmp_path, trusted):
-    vit = PromptedViT(arch=ARCH, img_size=32, patch_size=8)
+    vit = small_vit(arch=ARCH)
     state = {k: v.clone() for k, v in vit.state_dict().items()}
     side = 1000  # 10**6 positions in 4 bytes of storage
     state['pos_embed'] = torch.zeros(1).expand(1, 1 + side * side, 32)
@@ -378,10 +376,10 @@ def test_stride0_pos_embed_of_a_huge_grid_is_refused_before_resampling(
 
 
 def test_a_larger_but_reasonable_pos_embed_still_loads(tmp_path):
-    source = PromptedViT(arch=ARCH, img_size=64, patch_size=8)  # 8x8 grid
+    source = small_vit(arch=ARCH, img_size=64)  # 8x8 grid
     path = str(tmp_path / 'vit64.pth')
     torch.save(source.state_dict(), path)
-    target = PromptedViT(arch=ARCH, img_size=32, patch_size=8)  # 4x4
+    target = small_vit(arch=ARCH)  # 4x4
     info = load_pretrained(target, path)
     assert info['pos_embed_resized'] == ((8, 8), (4, 4))
 
@@ -539,7 +537,7 @@ class ToyModel(BaseModel):
         return out
 
 
-def toy_runner(work_dir, max_iters, resume=False):
+def runner_with_numpy_info(work_dir, max_iters, resume=False):
     from mmengine.hooks import Hook
 
     class NumpyInfo(Hook):
@@ -547,25 +545,17 @@ def toy_runner(work_dir, max_iters, resume=False):
                              outputs=None):
             runner.message_hub.update_info('toy/best', np.float64(0.5))
 
-    return Runner(
-        model=ToyModel(), work_dir=str(work_dir),
-        experiment_name=f'toy_{max_iters}_{resume}',
-        train_dataloader=dict(
-            dataset=[dict(inputs=torch.full((2, ), float(i)))
-                     for i in range(8)],
-            sampler=dict(type='DefaultSampler', shuffle=True), batch_size=2,
-            num_workers=0),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        custom_hooks=[dict(type='RandomStateHook'), NumpyInfo()],
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
-                                           by_epoch=False, interval=2),
-                           logger=dict(type='LoggerHook', interval=1)),
-        resume=resume, randomness=dict(seed=0), log_level='WARNING')
+    return toy_runner(
+        work_dir, hooks=[dict(type='RandomStateHook'), NumpyInfo()],
+        model=ToyModel(), dataset=[dict(inputs=torch.full((2, ), float(i)))
+                                   for i in range(8)],
+        shuffle=True, batch_size=2, max_iters=max_iters, lr=0.1,
+        checkpoint_interval=2, log_interval=1,
+        experiment_name=f'toy_{max_iters}_{resume}', resume=resume)
 
 
 def test_runner_checkpoints_load_weights_only_and_resume(tmp_path):
-    toy_runner(tmp_path, max_iters=2).train()
+    runner_with_numpy_info(tmp_path, max_iters=2).train()
     path = tmp_path / 'iter_2.pth'
     plain = torch.load(path, weights_only=True)  # torch alone reads it
     assert plain['message_hub']['log_scalars']['train/loss'][TAG] == \
@@ -576,7 +566,7 @@ def test_runner_checkpoints_load_weights_only_and_resume(tmp_path):
     assert isinstance(loss, HistoryBuffer) and len(loss.data[0]) == 2
     assert ckpt['random_state']['numpy'][0] == 'MT19937'
 
-    runner = toy_runner(tmp_path, max_iters=4, resume=True)
+    runner = runner_with_numpy_info(tmp_path, max_iters=4, resume=True)
     runner.train()
     assert runner.iter == 4
     hub = runner.message_hub

@@ -22,15 +22,13 @@ from bpt_mm.whitening import (WhiteningStatistics, project_tokens,
                               query_key_product, whitening_from_tokens,
                               zca_whitening_matrix)
 from bpt_mm.whitening_collect import collect_whitening
-from test_attention import (_block_and_inputs, _count_calls,
-                            assert_same_outputs_and_grads)
-from test_vit import small_vit
+from helpers import (ROOT, assert_same_outputs_and_grads, block_and_inputs,
+                     count_calls, small_vit)
 from whitening_toy import deep_backbone, toy_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason='needs CUDA')
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CUDA = torch.device('cuda')
 #: One prompt config of each kind, shallow and deep.
 PROMPTS = {
@@ -103,13 +101,13 @@ def test_frozen_self_keys_on_cuda_match_sdpa_outputs_and_grads(monkeypatch):
 @pytest.mark.parametrize('with_deep', [False, True])
 def test_block_with_frozen_patches_on_cuda_equals_plain_block(
         window, with_deep, monkeypatch):
-    block, grid, prefix, patches, deep = _block_and_inputs(window, 5)
+    block, grid, prefix, patches, deep = block_and_inputs(window, 5)
     block = block.to(CUDA)
     prefix, patches, deep = leaf(prefix), leaf(patches), leaf(deep)
     kv_tokens = deep if with_deep else None
     x = torch.cat([prefix, patches], 1)
     plain = prompted_block_forward(block, x, kv_tokens, window, 5, grid)
-    calls = _count_calls(monkeypatch, 'attention_frozen_self_keys')
+    calls = count_calls(monkeypatch, 'attention_frozen_self_keys')
     fast = prompted_block_forward(block, x, kv_tokens, window, 5, grid,
                                   frozen_patches=True)
     assert calls, 'the frozen-patch shortcut was not taken'
@@ -125,7 +123,7 @@ def test_shallow_forward_on_cuda_takes_shortcuts_and_matches_cpu(
     on_cuda = copy.deepcopy(model).to(CUDA)
     x = torch.rand(2, 3, 32, 40)
     (expected, ) = model(x)
-    calls = _count_calls(monkeypatch, 'attention_frozen_self_keys')
+    calls = count_calls(monkeypatch, 'attention_frozen_self_keys')
     (got, ) = on_cuda(x.to(CUDA))
     assert calls == ['attention_frozen_self_keys']
     weight = torch.randn_like(expected)

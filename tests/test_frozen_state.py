@@ -22,10 +22,10 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.models.frozen_state import EXTRA_STATE_KEY, parse_extra_state
 from bpt_mm.trainable_state import strip_frozen_backbone
+from helpers import small_vit
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(ROOT, 'configs', 'tiny')
@@ -36,16 +36,15 @@ def save_vit(path, arch, img_size, patch_size, seed):
     """A 'pretrained' ViT file in MAE's container, without bpt_mm's
     record (as a real pretrained file)."""
     torch.manual_seed(seed)
-    vit = PromptedViT(arch=arch, img_size=img_size, patch_size=patch_size)
+    vit = small_vit(arch=arch, img_size=img_size, patch_size=patch_size)
     torch.save({'model': {k: v for k, v in vit.state_dict().items()
                           if k != EXTRA_STATE_KEY}}, path)
     return str(path)
 
 
 def prompted(pretrained=None):
-    return PromptedViT(
-        arch=ARCH, img_size=32, patch_size=8,
-        prompt=dict(type='VPTPrompt', num_tokens=2),
+    return small_vit(
+        dict(type='VPTPrompt', num_tokens=2), arch=ARCH,
         init_cfg=None if pretrained is None else dict(
             type='Pretrained', checkpoint=pretrained))
 

@@ -8,18 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 
 import pytest
 import torch
-from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 
 from bpt_mm.launch import latest_checkpoint, resolve_auto_resume
-import whitening_toy  # noqa: F401,I100  (registers the toy model, data)
-from test_tools import (ROOT, TESTS, TINY, no_val, run, tool,
-                        write_config)
+from helpers import ROOT, TESTS, TINY, no_val, run, tool, write_config
+from whitening_toy import toy_runner
 
 WHITENING_KEY = 'backbone.prompts.0.whitening'
 
@@ -110,13 +107,16 @@ def test_sigkill_after_first_checkpoint_resumes_exactly(tiny_workspace,
         final_a['backbone.prompts.0.tokens'])
 
 
-# A toy run (no mmdet) whose save of iter_2.pth is killed half-way: the
-# writer's `open` writes half of what it is given, then SIGKILLs the process.
+# A toy run (no mmdet): 2 iterations on 8 images, VPT prompts, a checkpoint
+# each iteration.
+KILLED_RUN = dict(prompt=dict(type='VPTPrompt', num_tokens=4), num_images=8,
+                  max_iters=2, lr=0.1, seed=None, checkpoint_interval=1,
+                  log_interval=None)
+# That run, whose save of iter_2.pth is killed half-way: the writer's `open`
+# writes half of what it is given, then SIGKILLs the process.
 KILL_DURING_SAVE = '''
-import builtins, os, signal, sys, uuid
-import torch
-import whitening_toy  # registers the toy model and data set
-from mmengine.runner import Runner
+import builtins, os, signal, sys
+from whitening_toy import toy_runner
 
 real_open = builtins.open
 
@@ -148,27 +148,14 @@ def dying_open(file, mode='r', *args, **kwargs):
 
 
 builtins.open = dying_open
-torch.manual_seed(0)
-Runner(
-    model=dict(type='BPTWhiteningToyModel', backbone=dict(
-        prompt=dict(type='VPTPrompt', num_tokens=4))),
-    work_dir=sys.argv[1], experiment_name=uuid.uuid4().hex[:8],
-    train_dataloader=dict(
-        dataset=dict(type='BPTWhiteningToyDataset', num_images=8),
-        sampler=dict(type='DefaultSampler', shuffle=False),
-        batch_size=4, num_workers=0),
-    train_cfg=dict(by_epoch=False, max_iters=2),
-    optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-    default_hooks=dict(checkpoint=dict(type='CheckpointHook', by_epoch=False,
-                                       interval=1)),
-    log_level='WARNING').train()
+toy_runner(sys.argv[1], **KILLED_RUN).train()
 '''
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     work = tmp_path / 'work'
     script = tmp_path / 'kill_during_save.py'
-    script.write_text(KILL_DURING_SAVE)
+    script.write_text(f'KILLED_RUN = {KILLED_RUN!r}\n{KILL_DURING_SAVE}')
     env = dict(os.environ, OMP_NUM_THREADS='1',
                PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
     out = subprocess.run([sys.executable, str(script), str(work)],
@@ -185,20 +172,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     assert _load_checkpoint(str(work / 'iter_1.pth'))['meta']['iter'] == 1
 
     # and resuming continues from it
-    torch.manual_seed(0)
-    runner = Runner(
-        model=dict(type='BPTWhiteningToyModel', backbone=dict(
-            prompt=dict(type='VPTPrompt', num_tokens=4))),
-        work_dir=str(work), experiment_name=uuid.uuid4().hex[:8],
-        train_dataloader=dict(
-            dataset=dict(type='BPTWhiteningToyDataset', num_images=8),
-            sampler=dict(type='DefaultSampler', shuffle=False),
-            batch_size=4, num_workers=0),
-        train_cfg=dict(by_epoch=False, max_iters=2),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
-                                           by_epoch=False, interval=1)),
-        resume=True, log_level='WARNING')
+    runner = toy_runner(work, **KILLED_RUN, resume=True)
     runner.train()
     assert runner.iter == 2
     assert _load_checkpoint(str(work / 'iter_2.pth'))['meta']['iter'] == 2

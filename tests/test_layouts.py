@@ -15,6 +15,7 @@ from timm.layers import resample_abs_pos_embed
 
 from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import CheckpointError, resample_pos_embed
+from helpers import small_vit
 
 DIM, DEPTH, HEADS, PATCH, IMG = 32, 2, 2, 8, 32
 ARCH = dict(embed_dims=DIM, num_layers=DEPTH, num_heads=HEADS, mlp_ratio=4.0)
@@ -22,9 +23,9 @@ ARCH = dict(embed_dims=DIM, num_layers=DEPTH, num_heads=HEADS, mlp_ratio=4.0)
 
 def prompted_vit(path, **kwargs) -> PromptedViT:
     kwargs.setdefault('out_indices', tuple(range(DEPTH)))
-    model = PromptedViT(arch=ARCH, img_size=IMG, patch_size=PATCH,
-                        init_cfg=dict(type='Pretrained',
-                                      checkpoint=str(path)), **kwargs)
+    model = small_vit(arch=ARCH, img_size=IMG, patch_size=PATCH,
+                      init_cfg=dict(type='Pretrained', checkpoint=str(path)),
+                      **kwargs)
     model.init_weights()
     return model.eval()
 
@@ -285,7 +286,7 @@ def test_default_resampling_is_mae_and_vitdet_plain_bicubic():
     assert relative > 1e-3
 
     # PromptedViT resamples the same way at run time, and at load.
-    model = PromptedViT(arch=ARCH, img_size=14 * PATCH, patch_size=PATCH)
+    model = small_vit(arch=ARCH, img_size=14 * PATCH, patch_size=PATCH)
     with torch.no_grad():
         model.pos_embed.copy_(pos[..., :1].expand(-1, -1, DIM))
         expected = resample_pos_embed(model.pos_embed, (9, 11))
@@ -300,11 +301,11 @@ def test_load_resamples_plain_bicubic_unless_antialias_asked(tmp_path):
     sd = random_state(5, patch_bias=True, pre_norm=False, layer_scale=False)
     torch.save(sd, tmp_path / 'timm.pth')
     for antialias in (False, True):
-        model = PromptedViT(arch=ARCH, img_size=48, patch_size=PATCH,
-                            pos_embed_antialias=antialias,
-                            init_cfg=dict(type='Pretrained',
-                                          checkpoint=str(tmp_path /
-                                                         'timm.pth')))
+        model = small_vit(arch=ARCH, img_size=48, patch_size=PATCH,
+                          pos_embed_antialias=antialias,
+                          init_cfg=dict(type='Pretrained',
+                                        checkpoint=str(tmp_path /
+                                                       'timm.pth')))
         model.init_weights()
         expected = resample_pos_embed(sd['pos_embed'], (6, 6),
                                       antialias=antialias)
@@ -312,9 +313,9 @@ def test_load_resamples_plain_bicubic_unless_antialias_asked(tmp_path):
 
 
 def test_pre_norm_is_stem_frozen_and_prompts_enter_after_it():
-    model = PromptedViT(arch=ARCH, img_size=IMG, patch_size=PATCH,
-                        pre_norm=True, patch_bias=False,
-                        prompt=dict(type='VPTPrompt', num_tokens=3))
+    model = small_vit(dict(type='VPTPrompt', num_tokens=3), arch=ARCH,
+                      img_size=IMG, patch_size=PATCH, pre_norm=True,
+                      patch_bias=False)
     assert model.get_layer_depth('backbone.norm_pre.weight',
                                  'backbone.') == (0, DEPTH + 2)
     assert not model.norm_pre.weight.requires_grad
@@ -345,9 +346,9 @@ def test_used_weights_missing_from_the_file_are_refused(tmp_path, one_thread):
     with pytest.raises(CheckpointError,
                        match=r'blocks\.2\.attn\.qkv\.weight.*block\(s\) '
                        r'\[2\].*num_layers=3'):
-        PromptedViT(arch=deeper, img_size=IMG, patch_size=PATCH,
-                    init_cfg=dict(type='Pretrained',
-                                  checkpoint=str(path))).init_weights()
+        small_vit(arch=deeper, img_size=IMG, patch_size=PATCH,
+                  init_cfg=dict(type='Pretrained',
+                                checkpoint=str(path))).init_weights()
 
     no_norm = {k: v for k, v in sd.items() if not k.startswith('norm.')}
     path = tmp_path / 'no_norm.pth'

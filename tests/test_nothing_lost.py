@@ -8,7 +8,6 @@ file holds the cases that need a training run or compare files.
 import os
 import os.path as osp
 import re
-import uuid
 import warnings
 
 import pytest
@@ -23,7 +22,8 @@ from bpt_mm.launch import set_finite_check
 from bpt_mm.tiny_data import ensure_tiny_data
 from bpt_mm.whitening import RankDeficientWarning, WhiteningStatistics
 from bpt_mm.whitening_collect import collect_whitening
-from whitening_toy import BPTWhiteningToyModel, small_backbone, toy_images
+from helpers import small_vit
+from whitening_toy import toy_images, toy_runner
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -42,22 +42,14 @@ def read_tree(root: str) -> dict:
     return out
 
 
-def toy_runner(tmp: str, prompt: dict, max_iters: int = 1,
-               hooks=(), num_images: int = 4, sampler='DefaultSampler',
-               train_cfg=None, **kwargs) -> Runner:
-    torch.manual_seed(0)
-    return Runner(
-        model=BPTWhiteningToyModel(backbone=dict(prompt=dict(prompt))),
-        work_dir=tmp, experiment_name=f'toy_{uuid.uuid4().hex[:8]}',
-        train_dataloader=dict(
-            dataset=dict(type='BPTWhiteningToyDataset',
-                         num_images=num_images),
-            sampler=dict(type=sampler, shuffle=False),
-            batch_size=2, num_workers=0),
-        train_cfg=train_cfg or dict(by_epoch=False, max_iters=max_iters),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        custom_hooks=list(hooks),
-        log_level='WARNING', **kwargs)
+def small_runner(tmp: str, prompt: dict, max_iters: int = 1, hooks=(),
+                 **kwargs) -> Runner:
+    """The toy Runner on 4 images, 2 a step, SGD at 0.1, with mmengine's
+    default hooks and random seed unless ``kwargs`` say otherwise."""
+    settings = dict(num_images=4, batch_size=2, lr=0.1, seed=None,
+                    checkpoint_interval=None, log_interval=None)
+    settings.update(kwargs)
+    return toy_runner(tmp, prompt, hooks, max_iters=max_iters, **settings)
 
 
 # ---------------------------------------------------------------- item 1
@@ -125,11 +117,11 @@ def test_tiny_data_never_removes_files_added_to_its_folder(tmp_path):
 def _trained_without_whitening(tmp: str) -> str:
     """A checkpoint of prompts trained with allow_identity_whitening=True:
     ``whitening_ready`` False, a basis B changed by training."""
-    runner = toy_runner(tmp, dict(BILINEAR, allow_identity_whitening=True),
-                        max_iters=2,
-                        default_hooks=dict(checkpoint=dict(
-                            type='CheckpointHook', interval=2,
-                            by_epoch=False)))
+    runner = small_runner(tmp, dict(BILINEAR, allow_identity_whitening=True),
+                          max_iters=2,
+                          default_hooks=dict(checkpoint=dict(
+                              type='CheckpointHook', interval=2,
+                              by_epoch=False)))
     runner.train()
     path = osp.join(tmp, 'iter_2.pth')
     assert osp.isfile(path)
@@ -146,10 +138,10 @@ def test_whitening_never_overwrites_a_trained_projection(tmp_path):
 
     # Resumed (and tested) with a config that whitens: refused by name.
     for resume in (True, False):
-        runner = toy_runner(str(tmp_path / f'again_{resume}'), BILINEAR,
-                            max_iters=3, load_from=path, resume=resume,
-                            hooks=[dict(type='BPTWhiteningHook',
-                                        num_images=4)])
+        runner = small_runner(str(tmp_path / f'again_{resume}'), BILINEAR,
+                              max_iters=3, load_from=path, resume=resume,
+                              hooks=[dict(type='BPTWhiteningHook',
+                                          num_images=4)])
         with pytest.raises(RuntimeError) as info:
             runner.train()
         message = str(info.value)
@@ -166,19 +158,19 @@ def test_whitening_never_overwrites_a_trained_projection(tmp_path):
 def test_spt_prototypes_never_overwrite_trained_prompt_tokens(tmp_path):
     # VPT prompts trained for two iterations, then an SPT config loads them.
     tmp = str(tmp_path / 'vpt')
-    toy_runner(tmp, dict(type='VPTPrompt', num_tokens=4), max_iters=2,
-               default_hooks=dict(checkpoint=dict(
-                   type='CheckpointHook', interval=2, by_epoch=False))
-               ).train()
+    small_runner(tmp, dict(type='VPTPrompt', num_tokens=4), max_iters=2,
+                 default_hooks=dict(checkpoint=dict(
+                     type='CheckpointHook', interval=2, by_epoch=False))
+                 ).train()
     path = osp.join(tmp, 'iter_2.pth')
     with open(path, 'rb') as f:
         before = f.read()
     trained = torch.load(path, weights_only=True)[
         'state_dict']['backbone.prompts.0.tokens']
-    runner = toy_runner(str(tmp_path / 'spt'),
-                        dict(type='SPTPrompt', num_tokens=4), max_iters=3,
-                        load_from=path,
-                        hooks=[dict(type='BPTWhiteningHook', num_images=4)])
+    runner = small_runner(str(tmp_path / 'spt'),
+                          dict(type='SPTPrompt', num_tokens=4), max_iters=3,
+                          load_from=path,
+                          hooks=[dict(type='BPTWhiteningHook', num_images=4)])
     with pytest.raises(RuntimeError) as info:
         runner.train()
     message = str(info.value)
@@ -192,17 +184,17 @@ def test_spt_prototypes_never_overwrite_trained_prompt_tokens(tmp_path):
 # ---------------------------------------------------------------- item 5
 def test_whitening_state_follows_what_was_really_loaded():
     torch.manual_seed(0)
-    source = small_backbone(prompt=dict(BILINEAR, rank=8))
+    source = small_vit(prompt=dict(BILINEAR, rank=8))
     source.prompts['0'].set_basis(torch.randn(32, 8))
     assert source.prompts['0'].is_whitened
-    target = small_backbone(prompt=dict(BILINEAR, rank=4))
+    target = small_vit(prompt=dict(BILINEAR, rank=4))
     # mmengine's non-strict load skips B of another shape ...
     load_state_dict(target, source.state_dict(), strict=False)
     # ... so its whitening_ready=True must not mark the random B whitened.
     assert not target.prompts['0'].is_whitened
     assert not target.prompts['0'].projection_loaded_unwhitened
     # Same shapes: the whitening comes with the basis.
-    same = small_backbone(prompt=dict(BILINEAR, rank=8))
+    same = small_vit(prompt=dict(BILINEAR, rank=8))
     load_state_dict(same, source.state_dict(), strict=False)
     assert same.prompts['0'].is_whitened
     assert torch.equal(same.prompts['0'].basis, source.prompts['0'].basis)
@@ -226,7 +218,7 @@ class PoisonWeightsHook(Hook):
 
 
 def _poisoned_run(tmp: str, priority: str) -> Runner:
-    return toy_runner(
+    return small_runner(
         tmp, dict(type='VPTPrompt', num_tokens=4), max_iters=6,
         hooks=[dict(type='FiniteCheckHook'),
                dict(type='PoisonWeightsHook', at=2, priority=priority)],
@@ -281,7 +273,7 @@ def test_without_weight_checks_a_save_still_never_rotates_away(tmp_path,
     work = str(tmp_path)
     # 4 images, batch 2: 2 iterations an epoch; the NaN comes after the
     # step of iteration 2 (iteration-based) or 4 (the end of epoch 2).
-    runner = toy_runner(
+    runner = small_runner(
         work, dict(type='VPTPrompt', num_tokens=4), max_iters=6,
         train_cfg=dict(by_epoch=True, max_epochs=3) if by_epoch else None,
         hooks=[dict(type='FiniteCheckHook', check_weights=False),
@@ -302,9 +294,9 @@ def test_without_weight_checks_a_save_still_never_rotates_away(tmp_path,
 
 
 def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path):
-    runner = toy_runner(str(tmp_path), dict(type='VPTPrompt', num_tokens=4),
-                        hooks=[dict(type='FiniteCheckHook')],
-                        default_hooks=dict(checkpoint=None))
+    runner = small_runner(str(tmp_path), dict(type='VPTPrompt', num_tokens=4),
+                          hooks=[dict(type='FiniteCheckHook')],
+                          default_hooks=dict(checkpoint=None))
     runner.train()
     with torch.no_grad():
         runner.model.head.weight[1, 2] = float('inf')
@@ -332,10 +324,10 @@ def test_finite_check_is_on_unless_switched_off():
 # ---------------------------------------------------------------- item 7
 def test_whitening_counts_distinct_images(tmp_path):
     hook = BPTWhiteningHook(num_images=200)
-    runner = toy_runner(str(tmp_path), dict(type='WhitenedPrompt',
-                                            num_tokens=4),
-                        num_images=4, sampler='InfiniteSampler',
-                        hooks=[hook])
+    runner = small_runner(str(tmp_path), dict(type='WhitenedPrompt',
+                                              num_tokens=4),
+                          num_images=4, sampler='InfiniteSampler',
+                          hooks=[hook])
     runner.train()  # 4 images x 16 tokens = 64 >= d = 32 tokens
     assert hook.status == 'computed'
     assert {r['num_images'] for r in hook.results.values()} == {4}
@@ -343,8 +335,8 @@ def test_whitening_counts_distinct_images(tmp_path):
 
 def test_rank_deficient_sigma_is_reported():
     torch.manual_seed(0)
-    backbone = small_backbone(prompt=dict(type='WhitenedPrompt',
-                                          num_tokens=4))
+    backbone = small_vit(prompt=dict(type='WhitenedPrompt',
+                                     num_tokens=4))
     # 16 black 16x16 images: 64 tokens, but only 4 distinct ones (one per
     # patch position), so Sigma has rank 4 of d = 32.
     black = torch.zeros(16, 3, 16, 16)
@@ -367,7 +359,7 @@ def test_rank_deficient_sigma_is_reported():
 # ----------------------------------------------- item 3, as a user runs it
 def test_train_tool_exits_non_zero_on_a_diverging_run(tiny_workspace,
                                                       tmp_path):
-    from test_tools import TINY, run, tool
+    from helpers import TINY, run, tool
     work = tmp_path / 'work'
     # lr 1e6 (AdamW): the weights blow up after the first step. The tiny
     # Mask R-CNN's FiniteCheckHook comes from its config.

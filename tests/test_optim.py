@@ -6,7 +6,7 @@ from mmengine.optim import build_optim_wrapper
 
 import bpt_mm  # noqa: F401  registers the constructor
 from bpt_mm.engine import LayerDecayOptimWrapperConstructor
-from bpt_mm.models import PromptedViT
+from helpers import small_vit
 
 NUM_LAYERS = 3
 ARCH = dict(embed_dims=16, num_layers=NUM_LAYERS, num_heads=2, mlp_ratio=1.0)
@@ -20,8 +20,8 @@ class Detector(nn.Module):
     def __init__(self, **backbone_kwargs) -> None:
         super().__init__()
         backbone_kwargs.setdefault('frozen', False)
-        self.backbone = PromptedViT(arch=ARCH, img_size=32, patch_size=16,
-                                    **backbone_kwargs)
+        self.backbone = small_vit(arch=ARCH, patch_size=16,
+                                  **backbone_kwargs)
         self.neck = nn.Conv2d(16, 8, 1)
         self.head = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4))
 

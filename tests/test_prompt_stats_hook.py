@@ -7,12 +7,11 @@ import uuid
 
 import pytest
 import torch
-from mmengine.runner import Runner
 
 from bpt_mm.burstiness import kurtosis
 from bpt_mm.engine import BPTWhiteningHook, PromptStatsHook
 from bpt_mm.engine.prompt_stats_hook import CHECKPOINT_KEY
-from whitening_toy import BPTWhiteningToyModel, toy_images
+from whitening_toy import toy_images, toy_runner
 
 EPS = 1e-3
 # deep BPT-tWhiten in blocks 1 and 2, W trained in both
@@ -21,36 +20,24 @@ TWHITEN_DEEP = dict(type='WhitenedPrompt', num_tokens=4, tunable=True,
 F64 = torch.float64
 
 
-def make_runner(work_dir, hooks, max_iters=4, log_interval=2, resume=False,
-                checkpoint_interval=1000, prompt=TWHITEN_DEEP):
-    torch.manual_seed(0)
-    model = BPTWhiteningToyModel(backbone=dict(prompt=prompt))
-    return Runner(
-        model=model,
-        work_dir=str(work_dir),
-        experiment_name=f'stats_{uuid.uuid4().hex[:8]}',
-        train_dataloader=dict(
-            dataset=dict(type='BPTWhiteningToyDataset', num_images=16),
-            sampler=dict(type='DefaultSampler', shuffle=False),
-            batch_size=4, num_workers=0),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters),
-        # W's gradients are ~1e-7 against entries up to ~1e3 (the toy
-        # features are small, so their whitening is large): at the prompts'
-        # rate a step would not move it in float32.
-        optim_wrapper=dict(
-            optimizer=dict(type='SGD', lr=0.5),
-            paramwise_cfg=dict(custom_keys={
-                '.whitening': dict(lr_mult=1e5)})),
-        custom_hooks=list(hooks),
-        default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', by_epoch=False,
-                            interval=checkpoint_interval),
-            logger=dict(type='LoggerHook', interval=log_interval)),
+# W's gradients are ~1e-7 against entries up to ~1e3 (the toy features are
+# small, so their whitening is large): at the prompts' rate a step would not
+# move it in float32.
+OPTIM_WRAPPER = dict(optimizer=dict(type='SGD', lr=0.5),
+                     paramwise_cfg=dict(custom_keys={
+                         '.whitening': dict(lr_mult=1e5)}))
+
+
+def make_runner(work_dir, hooks, max_iters=4, log_interval=2,
+                prompt=TWHITEN_DEEP, **kwargs):
+    """The toy Runner with ``hooks``, W trained, scalars logged every
+    ``log_interval`` iterations to a visualiser of its own."""
+    return toy_runner(
+        work_dir, prompt, hooks, max_iters=max_iters,
+        log_interval=log_interval, optim_wrapper=OPTIM_WRAPPER,
         visualizer=dict(type='Visualizer', name=uuid.uuid4().hex,
                         vis_backends=[dict(type='LocalVisBackend')]),
-        resume=resume,
-        randomness=dict(seed=0),
-        log_level='WARNING')
+        **kwargs)
 
 
 def test_scalars_match_a_hand_computation_and_reach_the_visualiser(

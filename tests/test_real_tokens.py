@@ -12,16 +12,17 @@ from bpt_mm.real_tokens import ImageBatch, real_patch_mask
 from bpt_mm.whitening import WhiteningStatistics, query_key_product
 from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
                                       collect_whitening)
+from helpers import small_vit
 
 PATCH = 8
 
 
 def whitened_vit(seed: int = 0) -> PromptedViT:
     torch.manual_seed(seed)
-    model = PromptedViT(
+    model = small_vit(
+        dict(type='WhitenedPrompt', num_tokens=2, tunable=False),
         arch=dict(embed_dims=16, num_layers=2, num_heads=2, mlp_ratio=2.0),
-        img_size=32, patch_size=PATCH,
-        prompt=dict(type='WhitenedPrompt', num_tokens=2, tunable=False))
+        patch_size=PATCH)
     with torch.no_grad():
         # Zero position embeddings: resampling them to the padded canvas
         # would change the real tokens themselves (as in any ViTDet-style
@@ -95,12 +96,11 @@ def test_spt_prototypes_of_padded_batch_equal_unpadded(depth, init,
 
     def spt_vit():
         torch.manual_seed(0)
-        model = PromptedViT(
+        model = small_vit(
+            dict(type='SPTPrompt', num_tokens=6, depth=depth, init=init),
             arch=dict(embed_dims=16, num_layers=2, num_heads=2,
                       mlp_ratio=2.0),
-            img_size=32, patch_size=PATCH,
-            prompt=dict(type='SPTPrompt', num_tokens=6, depth=depth,
-                        init=init))
+            patch_size=PATCH)
         with torch.no_grad():
             model.pos_embed.zero_()  # as in whitened_vit()
         return model.eval()

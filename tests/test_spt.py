@@ -22,11 +22,9 @@ from bpt_mm.prototypes import (TokenReservoir, canonical_rows,
                                compute_prototypes)
 from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
                                       prototype_blocks)
-from test_tools import SHORT, last_metrics, run, tool
-from test_whitening_hook import make_runner
-from whitening_toy import small_backbone, toy_images
+from helpers import ROOT, SHORT, last_metrics, run, small_vit, tool
+from whitening_toy import toy_images, toy_runner
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SHALLOW = dict(type='SPTPrompt', num_tokens=4)
 DEEP_KMEANS = dict(type='SPTPrompt', num_tokens=4, depth='deep',
                    init='kmeans')
@@ -51,7 +49,7 @@ def is_row_of(prototypes, rows):
 
 def spt_backbone(prompt, seed=0):
     torch.manual_seed(seed)
-    backbone = small_backbone(prompt=dict(prompt))
+    backbone = small_vit(prompt=dict(prompt))
     # timm's init leaves attention ~1e-3 of the residual: scale it so that
     # earlier deep prompts really change later blocks' tokens.
     with torch.no_grad():
@@ -279,8 +277,8 @@ def test_two_processes_equal_one_and_agree(two_process_run):
 def test_hook_fills_prototypes_and_resume_does_not_recompute(
         tmp_path, monkeypatch):
     first = BPTWhiteningHook(num_images=8)
-    runner = make_runner(tmp_path, SHALLOW, [first], max_iters=2,
-                         checkpoint_interval=2)
+    runner = toy_runner(tmp_path, SHALLOW, [first], max_iters=2,
+                        checkpoint_interval=2)
     runner.train()
     assert first.status == 'computed'
     assert first.results[0]['num_images'] == 8
@@ -297,8 +295,8 @@ def test_hook_fills_prototypes_and_resume_does_not_recompute(
     monkeypatch.setattr(hook_module, 'collect_prototypes',
                         lambda *a, **k: calls.append(1))
     second = BPTWhiteningHook(num_images=8)
-    resumed = make_runner(tmp_path, SHALLOW, [second], max_iters=3,
-                          resume=True, model_seed=1)
+    resumed = toy_runner(tmp_path, SHALLOW, [second], max_iters=3,
+                         resume=True, model_seed=1)
     resumed.train()
     assert second.status == 'restored' and not calls
     assert bool(resumed.model.backbone.prompts['0'].prototypes_ready)
@@ -306,7 +304,7 @@ def test_hook_fills_prototypes_and_resume_does_not_recompute(
 
 def test_options_the_prompts_do_not_use_are_named(tmp_path, monkeypatch):
     spt = BPTWhiteningHook(num_images=4, eps=1e-3, bilinear_init='eigen')
-    runner = make_runner(tmp_path / 'spt', SHALLOW, [spt], max_iters=1)
+    runner = toy_runner(tmp_path / 'spt', SHALLOW, [spt], max_iters=1)
     warnings = []
     monkeypatch.setattr(runner.logger, 'warning', warnings.append)
     runner.call_hook('before_train')
@@ -315,9 +313,9 @@ def test_options_the_prompts_do_not_use_are_named(tmp_path, monkeypatch):
                and 'SPT prototypes' in w for w in warnings), warnings
 
     whitening = BPTWhiteningHook(num_images=8, eps=1e-3, kmeans_iters=9)
-    runner = make_runner(tmp_path / 'w', dict(type='WhitenedPrompt',
-                                              num_tokens=4),
-                         [whitening], max_iters=1)
+    runner = toy_runner(tmp_path / 'w', dict(type='WhitenedPrompt',
+                                             num_tokens=4),
+                        [whitening], max_iters=1)
     warnings = []
     monkeypatch.setattr(runner.logger, 'warning', warnings.append)
     runner.call_hook('before_train')
@@ -328,7 +326,7 @@ def test_options_the_prompts_do_not_use_are_named(tmp_path, monkeypatch):
 
 
 def test_training_without_hook_refused_naming_prototypes(tmp_path):
-    runner = make_runner(tmp_path, SHALLOW, [], max_iters=1)
+    runner = toy_runner(tmp_path, SHALLOW, [], max_iters=1)
     with pytest.raises(WhiteningNotReadyError,
                        match='prototypes of training tokens.*'
                              'BPTWhiteningHook'):
@@ -343,7 +341,7 @@ def test_training_without_hook_refused_naming_prototypes(tmp_path):
 
 def test_whitening_file_refused_for_spt(tmp_path):
     hook = BPTWhiteningHook(whitening_file=str(tmp_path / 'w.pth'))
-    runner = make_runner(tmp_path, SHALLOW, [hook], max_iters=1)
+    runner = toy_runner(tmp_path, SHALLOW, [hook], max_iters=1)
     with pytest.raises(ValueError, match='`whitening_file`.*SPTPrompt.*'
                        'prototypes'):
         runner.train()
@@ -359,7 +357,7 @@ def test_whitening_file_refused_for_spt(tmp_path):
 ])
 def test_bad_prompt_options_refused_by_name(options, pattern):
     with pytest.raises(ValueError, match=pattern):
-        small_backbone(prompt=dict(SHALLOW, **options))
+        small_vit(prompt=dict(SHALLOW, **options))
 
 
 @pytest.mark.parametrize('options, pattern', [
@@ -394,7 +392,7 @@ def test_spt_has_vpt_trainable_count():
     prompt = SPTPrompt(num_tokens=100, embed_dims=768)
     assert sum(p.numel() for p in prompt.parameters()) == 76_800
     assert 'prototypes_ready' in prompt.state_dict()
-    assert prototype_blocks(small_backbone(prompt=dict(
+    assert prototype_blocks(small_vit(prompt=dict(
         DEEP_KMEANS, layers=[1, 2]))) == [1, 2]
 
 
@@ -414,7 +412,7 @@ def test_tiny_spt_config_trains_and_evaluates(tiny_workspace, tmp_path):
 
 def test_before_test_fills_missing_prototypes_only(tmp_path):
     hook = BPTWhiteningHook(num_images=4)
-    runner = make_runner(tmp_path, SHALLOW, [hook])
+    runner = toy_runner(tmp_path, SHALLOW, [hook])
     prompt = runner.model.backbone.prompts['0']
     runner.call_hook('before_test')  # builds cfg.train_dataloader
     assert hook.status == 'computed' and bool(prompt.prototypes_ready)
@@ -425,7 +423,7 @@ def test_before_test_fills_missing_prototypes_only(tmp_path):
     checkpoint = {k: v.clone() for k, v in runner.model.state_dict().items()}
     # tools/test.py with a checkpoint that holds them: nothing recomputed
     again = BPTWhiteningHook(num_images=4, seed=5)
-    runner = make_runner(tmp_path / 'b', SHALLOW, [again])
+    runner = toy_runner(tmp_path / 'b', SHALLOW, [again])
     runner.model.load_state_dict(checkpoint)
     runner.call_hook('before_test')
     assert again.status == 'restored'

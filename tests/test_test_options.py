@@ -1,7 +1,6 @@
 """tools/test.py's flags as mmdet's and mmseg's tools/test.py define them:
 what --show, --show-dir, --wait-time, --out and --tta do to a config, and
 no argparse prefix matching. Run end to end in tests/test_tools.py."""
-import importlib.util
 import os.path as osp
 
 import pytest
@@ -9,8 +8,8 @@ from mmengine.config import Config
 
 from bpt_mm.launch import enable_visualization
 from bpt_mm.test_options import add_prediction_output, enable_tta
+from helpers import ROOT, load_tool
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(ROOT, 'configs', 'tiny')
 
 
@@ -18,14 +17,6 @@ def tiny(family):
     cfg = Config.fromfile(osp.join(TINY, f'{family}_bpt_tiny.py'))
     cfg.work_dir = '/w'
     return cfg
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'bpt_mm_tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_no_prefix_matching():

@@ -13,53 +13,11 @@ import pytest
 import torch
 from mmengine.config import Config
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TESTS = osp.join(ROOT, 'tests')
-TOOLS = osp.join(ROOT, 'tools')
-TINY = {osp.basename(p)[:-len('_bpt_tiny.py')]: p for p in sorted(
-    glob.glob(osp.join(ROOT, 'configs', 'tiny', '*_bpt_tiny.py')))}
+from helpers import (SHORT, TINY, TOOLS, last_metrics, load_tool, no_val,
+                     run, tool, write_config)
+
 METRICS = dict(mmdet=('coco/bbox_mAP', 'coco/segm_mAP'),
                mmseg=('mIoU', 'aAcc'))
-SHORT = ['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
-         'default_hooks.checkpoint.interval=4']
-
-
-def run(cmd, cwd, threads=2, expect=0, timeout=600, **env):
-    # CPU runs (gloo) on a GPU machine too: the GPUs are hidden.
-    env.setdefault('CUDA_VISIBLE_DEVICES', '')
-    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-                    PYTHONPATH=os.pathsep.join([TESTS, ROOT]), **env)
-    out = subprocess.run([str(c) for c in cmd], cwd=str(cwd), env=full_env,
-                         capture_output=True, text=True, timeout=timeout)
-    text = out.stdout + out.stderr
-    assert out.returncode == expect, \
-        f'exit {out.returncode} (expected {expect}):\n{text[-4000:]}'
-    return text
-
-
-def tool(name, *args):
-    return [sys.executable, osp.join(TOOLS, name), *args]
-
-
-def last_metrics(text, stage):
-    """``{metric: value}`` of the last ``Iter(stage)`` summary line."""
-    lines = re.findall(rf'Iter\({stage}\) \[\d+/\d+\]\s+(.*)', text)
-    assert lines, f'no Iter({stage}) line in:\n{text[-3000:]}'
-    return {k: float(v) for k, v in
-            re.findall(r'(\S+): (-?\d+\.\d+)', lines[-1])}
-
-
-def write_config(tmp_path, base, edit, name='cfg.py'):
-    """Dump ``base`` after ``edit(cfg)`` to a file the tools can run."""
-    cfg = Config.fromfile(base)
-    edit(cfg)
-    path = tmp_path / name
-    cfg.dump(str(path))
-    return path
-
-
-def no_val(cfg):
-    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
 
 
 def test_every_family_has_a_tiny_config():
@@ -237,16 +195,6 @@ log_processor = dict(by_epoch=False)
 
 
 # ---------------------------------------------------------------- refusals
-def load_tool(name):
-    """tools/<name>.py as a module, to call its main(argv) in-process."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        f'bpt_mm_tool_{name}', osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tools_refuse_bad_invocations(tmp_path, monkeypatch):
     # the --amp refusal is the CPU machine's, on a GPU machine too
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)

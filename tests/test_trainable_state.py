@@ -18,13 +18,13 @@ from mmengine.runner.checkpoint import CheckpointLoader
 import bpt_mm  # noqa: F401  installs the checkpoint loader
 from bpt_mm.engine.checkpoint_io import (load_local_checkpoint,
                                          save_plain_checkpoint)
-from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.trainable_state import (backbone_fingerprint, check_can_strip,
                                     is_trainable_only,
                                     restore_frozen_backbone,
                                     strip_frozen_backbone,
                                     trainable_state_sizes)
+from helpers import small_vit
 
 torch.set_num_threads(1)
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
@@ -38,9 +38,8 @@ class Detector(nn.Module):
         torch.manual_seed(seed)
         init_cfg = dict(type='Pretrained', checkpoint=pretrained) \
             if pretrained else None
-        self.backbone = PromptedViT(
-            arch=ARCH, img_size=32, patch_size=8, frozen=frozen,
-            init_cfg=init_cfg,
+        self.backbone = small_vit(
+            arch=ARCH, frozen=frozen, init_cfg=init_cfg,
             prompt=dict(type='WhitenedPrompt', num_tokens=3, tunable=True,
                         allow_identity_whitening=True) if frozen else None)
         self.neck = nn.Conv2d(32, 8, 1)
@@ -49,7 +48,7 @@ class Detector(nn.Module):
 
 def save_backbone(path, seed):
     torch.manual_seed(seed)
-    vit = PromptedViT(arch=ARCH, img_size=32, patch_size=8)
+    vit = small_vit(arch=ARCH)
     torch.save({'model': vit.state_dict()}, path)  # MAE's container
     return path
 

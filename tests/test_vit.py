@@ -7,17 +7,7 @@ from timm.models.vision_transformer import VisionTransformer
 from bpt_mm.models import PromptedViT, WhiteningNotReadyError
 from bpt_mm.models.attention import prompted_block_forward
 from bpt_mm.utils import trainable_parameters
-
-# A small arch keeps the tests fast; d=32 is not a multiple of anything
-# special, and 3 blocks let deep prompts start above block 0.
-SMALL = dict(embed_dims=32, num_layers=3, num_heads=2, mlp_ratio=2.0)
-
-
-def small_vit(**kwargs) -> PromptedViT:
-    kwargs.setdefault('arch', SMALL)
-    kwargs.setdefault('img_size', 32)
-    kwargs.setdefault('patch_size', 8)
-    return PromptedViT(**kwargs)
+from helpers import small_vit
 
 
 def n_trainable(model) -> int:

@@ -6,17 +6,14 @@ images, 8x8 patches; a linear head) and an in-memory data set from
 """
 import copy
 import os
-import os.path as osp
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from mmengine.hooks import Hook
-from mmengine.runner import Runner
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.models import WhiteningNotReadyError
@@ -25,11 +22,10 @@ from bpt_mm.whitening import (WhiteningStatistics, whitened_bilinear_basis,
 from bpt_mm.whitening_collect import (apply_whitening, collect_whitening,
                                       load_whitening, save_whitening,
                                       whitening_blocks)
+from helpers import ROOT, TESTS, small_vit
 from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyModel, deep_backbone,
-                           distributed_worker, small_backbone, toy_images)
+                           distributed_worker, toy_images, toy_runner)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TESTS = osp.dirname(osp.abspath(__file__))
 F64 = torch.float64
 EPS = 1e-3  # keeps W's gains moderate for a random tiny ViT
 FWHITEN = dict(type='WhitenedPrompt', num_tokens=4)
@@ -71,30 +67,6 @@ class Probe(Hook):
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def make_runner(work_dir, prompt, hooks=(), max_iters=2, resume=False,
-                model_seed=0, checkpoint_interval=1000):
-    torch.manual_seed(model_seed)
-    model = BPTWhiteningToyModel(backbone=dict(prompt=prompt))
-    return Runner(
-        model=model,
-        work_dir=str(work_dir),
-        experiment_name=f'whiten_{uuid.uuid4().hex[:8]}',
-        train_dataloader=dict(
-            dataset=dict(type='BPTWhiteningToyDataset', num_images=16),
-            sampler=dict(type='DefaultSampler', shuffle=False),
-            batch_size=4, num_workers=0),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.5)),
-        custom_hooks=list(hooks),
-        default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', by_epoch=False,
-                            interval=checkpoint_interval),
-            logger=dict(type='LoggerHook', interval=1000)),
-        resume=resume,
-        randomness=dict(seed=0),
-        log_level='WARNING')
-
-
 def manual_block0_whitening(backbone, images, eps):
     """ZCA of X~ = M X^T over the patch tokens entering block 0, by hand."""
     with torch.no_grad():
@@ -116,8 +88,8 @@ def manual_block0_whitening(backbone, images, eps):
 def test_hook_fills_whitening_before_first_step(tmp_path, tunable):
     hook = BPTWhiteningHook(num_images=8, eps=EPS)
     probe = Probe()
-    runner = make_runner(tmp_path, TWHITEN if tunable else FWHITEN,
-                         [hook, probe], max_iters=3)
+    runner = toy_runner(tmp_path, TWHITEN if tunable else FWHITEN,
+                        [hook, probe], max_iters=3)
     runner.train()
     assert hook.status == 'computed'
     assert probe.first['ready']
@@ -147,8 +119,8 @@ def test_resume_skips_computation_and_restores_bits(tmp_path):
     # No TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: bpt_mm's checkpoint loader reads
     # mmengine's training state (see tests/test_trainable_state.py).
     first = BPTWhiteningHook(num_images=8, eps=EPS)
-    runner = make_runner(tmp_path, FWHITEN, [first], max_iters=2,
-                         checkpoint_interval=2)
+    runner = toy_runner(tmp_path, FWHITEN, [first], max_iters=2,
+                        checkpoint_interval=2)
     runner.train()
     assert first.status == 'computed'
     ckpt = torch.load(tmp_path / 'iter_2.pth', map_location='cpu',
@@ -158,8 +130,8 @@ def test_resume_skips_computation_and_restores_bits(tmp_path):
 
     second, probe = BPTWhiteningHook(num_images=8, eps=EPS), Probe()
     # Another seed: without the checkpoint its prompts would differ.
-    resumed = make_runner(tmp_path, FWHITEN, [second, probe], max_iters=3,
-                          resume=True, model_seed=1)
+    resumed = toy_runner(tmp_path, FWHITEN, [second, probe], max_iters=3,
+                         resume=True, model_seed=1)
     resumed.train()
     assert second.status == 'restored' and second.results == {}
     assert torch.equal(probe.first['whitening'], saved)
@@ -168,15 +140,15 @@ def test_resume_skips_computation_and_restores_bits(tmp_path):
 
 def test_hook_loads_whitening_file(tmp_path):
     computing = BPTWhiteningHook(num_images=8, eps=EPS)
-    runner = make_runner(tmp_path / 'a', FWHITEN, [computing], max_iters=1)
+    runner = toy_runner(tmp_path / 'a', FWHITEN, [computing], max_iters=1)
     runner.train()
     path = tmp_path / 'whitening.pth'
     save_whitening(path, computing.results, runner.model.backbone,
                    computing.statistics)
 
     loading, probe = BPTWhiteningHook(whitening_file=str(path)), Probe()
-    runner = make_runner(tmp_path / 'b', FWHITEN, [loading, probe],
-                         max_iters=1)
+    runner = toy_runner(tmp_path / 'b', FWHITEN, [loading, probe],
+                        max_iters=1)
     runner.train()
     assert loading.status == 'file'
     assert torch.equal(probe.first['whitening'],
@@ -184,14 +156,14 @@ def test_hook_loads_whitening_file(tmp_path):
 
 
 def test_training_without_hook_raises_not_ready(tmp_path):
-    runner = make_runner(tmp_path, FWHITEN, [], max_iters=1)
+    runner = toy_runner(tmp_path, FWHITEN, [], max_iters=1)
     with pytest.raises(WhiteningNotReadyError, match='BPTWhiteningHook'):
         runner.train()
 
 
 def test_before_test_fills_only_missing_whitening(tmp_path):
     hook = BPTWhiteningHook(num_images=4, eps=EPS)
-    runner = make_runner(tmp_path, FWHITEN, [hook])
+    runner = toy_runner(tmp_path, FWHITEN, [hook])
     prompt = runner.model.backbone.prompts['0']
     assert not bool(prompt.whitening_ready)
     runner.call_hook('before_test')  # builds cfg.train_dataloader
@@ -207,8 +179,8 @@ def test_before_test_fills_only_missing_whitening(tmp_path):
 
 def test_hook_without_whitening_prompts_does_nothing(tmp_path):
     hook = BPTWhiteningHook()
-    runner = make_runner(tmp_path, dict(type='BilinearPrompt', num_tokens=4,
-                                        rank=4), [hook])
+    runner = toy_runner(tmp_path, dict(type='BilinearPrompt', num_tokens=4,
+                                       rank=4), [hook])
     basis = runner.model.backbone.prompts['0'].basis.detach().clone()
     hook.before_train(runner)
     assert hook.status == 'not_needed'
@@ -284,7 +256,7 @@ def test_whitening_initialised_bilinear_basis(tmp_path):
     prompt = dict(type='BilinearPrompt', num_tokens=8, rank=8,
                   whitening_init=True)
     torch.manual_seed(0)
-    backbone = small_backbone(prompt=prompt)
+    backbone = small_vit(prompt=prompt)
     fresh = copy.deepcopy(backbone)
     xavier = backbone.prompts['0'].basis.detach().clone()
     stats = WhiteningStatistics(eps=EPS)
@@ -306,7 +278,7 @@ def test_whitening_initialised_bilinear_basis(tmp_path):
     apply_whitening(fresh, load_whitening(path, fresh), seed=5)
     assert torch.equal(fresh.prompts['0'].basis, basis)
     # A randomly initialised bilinear prompt needs nothing.
-    plain = small_backbone(prompt=dict(prompt, whitening_init=False))
+    plain = small_vit(prompt=dict(prompt, whitening_init=False))
     assert whitening_blocks(plain) == []
     assert collect_whitening(plain, toy_images(4).split(4), stats, 4) == {}
 
@@ -326,7 +298,7 @@ def _deep_file(tmp_path, name, **kwargs):
     torch.manual_seed(0)
     prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
     prompt.update(kwargs.pop('prompt', {}))
-    backbone = small_backbone(prompt=prompt, **kwargs)
+    backbone = small_vit(prompt=prompt, **kwargs)
     stats = WhiteningStatistics(eps=EPS)
     results = collect_whitening(backbone, toy_images(8).split(4), stats, 8)
     path = tmp_path / name
@@ -363,7 +335,7 @@ def test_file_round_trip_and_refusals(tmp_path):
     # Other attention weights (another seed).
     torch.manual_seed(1)
     with pytest.raises(ValueError, match='other attention weights'):
-        load_whitening(path, small_backbone(prompt=dict(
+        load_whitening(path, small_vit(prompt=dict(
             type='WhitenedPrompt', num_tokens=4, depth='deep')))
     # A matrix of the wrong shape.
     payload = torch.load(path, weights_only=True)

@@ -1,12 +1,15 @@
-"""A toy mmengine model and data set for the whitening-hook tests.
+"""A toy mmengine model, data set and Runner for the tests that train
+without mmdet/mmseg.
 
-Registered in mmengine's root registries so that a plain mmengine Runner or
-config (no mmdet/mmseg) can build them; imported by
-``tests/test_whitening_hook.py`` and, through ``custom_imports``, by the
-``tools/compute_whitening.py`` subprocess test.
+The model and data set are registered in mmengine's root registries so
+that a plain mmengine Runner or config can build them; this module is
+imported by the tests and, through ``custom_imports`` or a script, by
+their subprocesses (tests/ is put on PYTHONPATH).
 """
 import time
+import uuid
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,20 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, MODELS
+from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 from bpt_mm.models import PromptedViT
 from bpt_mm.whitening import WhiteningStatistics
 from bpt_mm.whitening_collect import collect_whitening
-
-# d=32, 3 blocks, 2 heads, 32x32 images with 8x8 patches: 16 patch tokens.
-SMALL = dict(embed_dims=32, num_layers=3, num_heads=2, mlp_ratio=2.0)
-IMG = 32
-
-
-def small_backbone(prompt=None, **kwargs) -> PromptedViT:
-    kwargs.setdefault('arch', SMALL)
-    return PromptedViT(img_size=IMG, patch_size=8, prompt=prompt, **kwargs)
+from helpers import IMG, small_vit
 
 
 def toy_images(num: int, seed: int = 0) -> torch.Tensor:
@@ -43,7 +39,7 @@ class BPTWhiteningToyModel(BaseModel):
                  data_preprocessor=None) -> None:
         super().__init__(data_preprocessor=data_preprocessor
                          or dict(type='ImgDataPreprocessor'))
-        self.backbone = small_backbone(**backbone)
+        self.backbone = small_vit(**backbone)
         self.head = nn.Linear(self.backbone.embed_dims, num_classes)
 
     def forward(self, inputs, data_samples=None, mode='tensor'):
@@ -76,6 +72,76 @@ class BPTWhiteningToyDataset(Dataset):
                     data_samples=self.labels[index])
 
 
+def toy_runner(work_dir, prompt: Optional[dict] = None, hooks=(), *,
+               model=None, dataset=None, num_images: int = 16,
+               batch_size: int = 4,
+               sampler: str = 'DefaultSampler', shuffle: bool = False,
+               max_iters: int = 2, train_cfg: Optional[dict] = None,
+               lr: float = 0.5, optim_wrapper: Optional[dict] = None,
+               default_hooks: Optional[dict] = None,
+               checkpoint_interval: Optional[int] = 1000,
+               log_interval: Optional[int] = 1000,
+               seed: Optional[int] = 0, model_seed: int = 0,
+               **runner_kwargs) -> Runner:
+    """A plain mmengine Runner (no mmdet/mmseg) training a toy model by
+    iterations with SGD; the one set-up of the tests that need a Runner.
+
+    Args:
+        work_dir: the Runner's work_dir.
+        prompt: the backbone's ``prompt`` option of the default model,
+            BPTWhiteningToyModel (a copy is passed on).
+        hooks: the custom hooks.
+        model: another model (or model config) instead of the default.
+        dataset: another train data set (config) instead of
+            ``num_images`` of BPTWhiteningToyDataset.
+        num_images: the size of the default data set.
+        batch_size: images per step.
+        sampler: the sampler type of the train loader.
+        shuffle: whether the sampler shuffles.
+        max_iters: iterations of the default train_cfg.
+        train_cfg: another train_cfg instead of ``max_iters`` iterations.
+        lr: the SGD learning rate of the default optim_wrapper.
+        optim_wrapper: another optim_wrapper instead of SGD at ``lr``.
+        default_hooks: the Runner's default_hooks, before the two below.
+        checkpoint_interval: a by-iteration CheckpointHook with this
+            interval, or None for ``default_hooks``/mmengine's.
+        log_interval: a LoggerHook with this interval, or None for
+            ``default_hooks``/mmengine's.
+        seed: the Runner's random seed (None: mmengine draws one).
+        model_seed: torch's seed before the default model is built.
+        **runner_kwargs: further Runner arguments (resume, load_from, ...).
+    """
+    if model is None:
+        torch.manual_seed(model_seed)
+        model = BPTWhiteningToyModel(
+            backbone=dict(prompt=None if prompt is None else dict(prompt)))
+    default_hooks = dict(default_hooks or {})
+    if dataset is None:
+        dataset = dict(type='BPTWhiteningToyDataset', num_images=num_images)
+    if train_cfg is None:
+        train_cfg = dict(by_epoch=False, max_iters=max_iters)
+    if optim_wrapper is None:
+        optim_wrapper = dict(optimizer=dict(type='SGD', lr=lr))
+    if checkpoint_interval is not None:
+        default_hooks['checkpoint'] = dict(
+            type='CheckpointHook', by_epoch=False,
+            interval=checkpoint_interval)
+    if log_interval is not None:
+        default_hooks['logger'] = dict(type='LoggerHook',
+                                       interval=log_interval)
+    runner_kwargs.setdefault('experiment_name',
+                             f'toy_{uuid.uuid4().hex[:8]}')
+    runner_kwargs.setdefault('log_level', 'WARNING')
+    return Runner(
+        model=model, work_dir=str(work_dir),
+        train_dataloader=dict(dataset=dataset,
+                              sampler=dict(type=sampler, shuffle=shuffle),
+                              batch_size=batch_size, num_workers=0),
+        train_cfg=train_cfg, optim_wrapper=optim_wrapper,
+        custom_hooks=list(hooks), default_hooks=default_hooks,
+        randomness=dict(seed=seed), **runner_kwargs)
+
+
 # --------------------------------------------------------------------------
 # Two-process worker (forked by the test)
 # --------------------------------------------------------------------------
@@ -91,7 +157,7 @@ def deep_backbone() -> PromptedViT:
     barely change the tokens of later blocks, unlike in a trained ViT.
     """
     torch.manual_seed(0)
-    backbone = small_backbone(prompt=dict(DEEP_PROMPT))
+    backbone = small_vit(prompt=dict(DEEP_PROMPT))
     with torch.no_grad():
         for block in backbone.blocks:
             block.attn.proj.weight.mul_(10)
