@@ -44,6 +44,13 @@ _ARCH_KEYS = ('arch', 'img_size', 'patch_size', 'in_channels', 'qkv_bias',
               'class_token', 'window_size', 'global_attn_indexes')
 
 
+def _arch_cfg(backbone_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The architecture keys of a backbone config as plain json values
+    (a ConfigDict in the checkpoint would need code to unpickle)."""
+    return json.loads(json.dumps(
+        {k: backbone_cfg[k] for k in _ARCH_KEYS if k in backbone_cfg}))
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -116,7 +123,7 @@ def pretrain_tiny_vit(backbone_cfg: Dict[str, Any], img_dir: str,
 
     images, labels, num_labels = _load_training_set(img_dir, ann_file, mean,
                                                     std)
-    arch_cfg = {k: backbone_cfg[k] for k in _ARCH_KEYS if k in backbone_cfg}
+    arch_cfg = _arch_cfg(backbone_cfg)
     patch = int(arch_cfg.get('patch_size', 16))
     if patch % _CELL:
         raise ValueError(f'tiny pretraining needs `patch_size` divisible by '
@@ -130,9 +137,9 @@ def pretrain_tiny_vit(backbone_cfg: Dict[str, Any], img_dir: str,
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        # The constructor initialises the weights as timm does.
         vit = PromptedViT(**arch_cfg, frozen=False, prompt=None,
                           out_indices=-1)
-        vit.init_weights()
         head = torch.nn.Linear(vit.embed_dims, cells * cells * num_labels)
     params = list(vit.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
@@ -209,7 +216,7 @@ def ensure_tiny_pretrained(path: str, backbone_cfg: Dict[str, Any],
     """
     import torch
 
-    arch_cfg = {k: backbone_cfg[k] for k in _ARCH_KEYS if k in backbone_cfg}
+    arch_cfg = _arch_cfg(backbone_cfg)
     recipe = dict(generator='bpt_mm.tiny_pretrain', version=PRETRAIN_VERSION,
                   backbone=arch_cfg, mean=list(map(float, mean)),
                   std=list(map(float, std)), iters=iters, seed=seed,

@@ -17,6 +17,13 @@ def test_demo_schedule_reaches_a_positive_box_ap(tmp_path):
         # take many minutes (the suite's own limit applies).
         capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
+    # the generated pretrained tiny ViT was made and loaded frozen
+    assert 'pretrained tiny ViT:' in out.stdout, out.stdout[-2000:]
+    assert osp.isfile(tmp_path / 'data' / 'pretrained' /
+                      'tiny_vit_shapes.pth')
+    # evaluated once (mmengine's loop would also validate after the last
+    # iteration)
+    assert (out.stdout + out.stderr).count('Evaluating bbox') == 1
     # whitening ran before training (the tiny config whitening-initialises B)
     assert 'BPTWhiteningHook: computing whitening' in out.stdout + out.stderr
     for key in ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP', 'segm_mAP_50'):

@@ -4,6 +4,7 @@ import os.path as osp
 
 import pytest
 import torch
+from mmengine.config import ConfigDict
 
 from bpt_mm.models.checkpoint import load_checkpoint_file
 from bpt_mm.models.vit import PromptedViT
@@ -27,8 +28,10 @@ def coco(tmp_path_factory):
 
 
 def _ensure(path, coco, **kwargs):
+    # a ConfigDict, as the demo passes cfg.model.backbone: the file must
+    # still hold only plain values (weights-only loadable)
     return ensure_tiny_pretrained(
-        str(path), BACKBONE, coco['train_img_dir'], coco['train_ann_file'],
+        str(path), ConfigDict(BACKBONE), coco['train_img_dir'], coco['train_ann_file'],
         MEAN, STD, data_manifest=osp.join(coco['root'], MANIFEST_NAME),
         **kwargs)
 

@@ -79,8 +79,11 @@ def main() -> int:
     if args.max_iters is not None:
         cfg.train_cfg.max_iters = args.max_iters
         cfg.default_hooks.checkpoint.interval = args.max_iters
-    # Evaluate once, below, rather than also inside the training loop.
+    # Evaluate once, below, rather than also inside the training loop:
+    # mmengine's IterBasedTrainLoop validates after the last iteration
+    # whatever val_interval is, unless validation has not begun yet.
     cfg.train_cfg.val_interval = cfg.train_cfg.max_iters + 1
+    cfg.train_cfg.val_begin = cfg.train_cfg.max_iters + 1
 
     runner = Runner.from_cfg(cfg)
     runner.train()
