@@ -1,10 +1,9 @@
 """A "pretrained" tiny ViT for the demo, made from the generated shapes.
 
-``make demo`` freezes its backbone, as BPT does. A frozen *random* tiny ViT
-gives the detector heads little to work with in a minute of CPU training
-(the demo's AP stayed at chance at every schedule tried), and no real
-pretrained weights can be downloaded for a 4-block, 64-channel ViT. So the
-demo makes its own: :func:`ensure_tiny_pretrained` trains the bare ViT (no
+``make demo`` freezes its backbone, as BPT does, which only makes sense
+for a backbone that has learned something; no real pretrained weights exist
+(or could be downloaded here) for a 4-block, 64-channel ViT. So the demo
+makes its own: :func:`ensure_tiny_pretrained` trains the bare ViT (no
 prompts) for a short, seeded schedule on a dense proxy task over the
 *training* images of the generated COCO set -- per 4x4-pixel cell of every
 patch, which class (or background) covers it -- and saves the backbone as a

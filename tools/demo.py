@@ -4,8 +4,8 @@
 2. Pretrains the tiny 4-block ViT on a proxy task over the generated
    training images (bpt_mm.tiny_pretrain; once, saved as
    data/tiny/pretrained/tiny_vit_shapes.pth): no real pretrained weights
-   exist for so small a ViT, and a frozen random one leaves the detector at
-   chance.
+   exist for so small a ViT, and a frozen backbone should have learned
+   something.
 3. Trains configs/tiny/mask_rcnn_bpt_tiny.py with that backbone loaded
    frozen through `init_cfg=dict(type='Pretrained', ...)` (shallow
    BPT-bilinear prompts, simple feature pyramid, Mask R-CNN heads) for its
