@@ -7,8 +7,14 @@ import sys
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def test_demo_schedule_reaches_a_positive_box_ap(tmp_path):
-    """`make demo`'s own schedule (the config's 60 iterations)."""
+def test_demo_schedule_reaches_a_box_ap_well_above_chance(tmp_path):
+    """`make demo`'s own schedule (the config's 60 iterations).
+
+    Measured on 2 shared cores: bbox mAP_50 0.775 at OMP_NUM_THREADS=1 and
+    0.610 at 2 (mAP 0.379 / 0.249); at chance (below 0.02) it was 0.000 to
+    0.015. The thresholds are half the lower measurement, so they hold at
+    either thread count and still fail at chance.
+    """
     work_dir = tmp_path / 'work'
     out = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'demo.py'), '--work-dir',
@@ -17,6 +23,13 @@ def test_demo_schedule_reaches_a_positive_box_ap(tmp_path):
         # take many minutes (the suite's own limit applies).
         capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
+    # the generated pretrained tiny ViT was made and loaded frozen
+    assert 'pretrained tiny ViT:' in out.stdout, out.stdout[-2000:]
+    assert osp.isfile(tmp_path / 'data' / 'pretrained' /
+                      'tiny_vit_shapes.pth')
+    # evaluated once (mmengine's loop would also validate after the last
+    # iteration)
+    assert (out.stdout + out.stderr).count('Evaluating bbox') == 1
     # whitening ran before training (the tiny config whitening-initialises B)
     assert 'BPTWhiteningHook: computing whitening' in out.stdout + out.stderr
     for key in ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP', 'segm_mAP_50'):
@@ -25,7 +38,10 @@ def test_demo_schedule_reaches_a_positive_box_ap(tmp_path):
         assert 0.0 <= float(match.group(1)) <= 1.0
     bbox_ap = float(re.search(r'coco/bbox_mAP\s+(\d+\.\d+)',
                               out.stdout).group(1))
-    assert bbox_ap > 0.0, out.stdout[-2000:]
+    bbox_ap50 = float(re.search(r'coco/bbox_mAP_50\s+(\d+\.\d+)',
+                                out.stdout).group(1))
+    assert bbox_ap50 > 0.3, out.stdout[-2000:]
+    assert bbox_ap > 0.1, out.stdout[-2000:]
     assert (work_dir / 'iter_60.pth').is_file()
     assert (work_dir / 'demo_prediction.jpg').stat().st_size > 0
     assert f"checkpoint: {work_dir / 'iter_60.pth'}" in out.stdout

@@ -34,7 +34,12 @@ class LayerNorm2d(nn.Module):
         self.norm = nn.LayerNorm(num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # Contiguous NCHW: the permuted view is channels-last in memory, and
+        # mmcv's compiled ops read raw NCHW memory (its CPU RoIAlign returned
+        # features of the wrong places from a SimpleFeaturePyramid level
+        # that ends with this norm, so the RoI heads never learned).
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1,
+                                                        2).contiguous()
 
 
 #: The LayerNorm eps of mmdet's ViTDet pyramid: its ``LN2d`` is built by
