@@ -11,7 +11,7 @@ def tiny_workspace(tmp_path_factory):
     """A folder whose ``data/tiny`` holds the generated COCO and ADE20K
     sets, which the tiny configs name relative to the working directory.
     Made once per test session."""
-    from bpt_mm.tiny_data import ensure_tiny_data
+    from bpt_mm.testing.tiny_data import ensure_tiny_data
     root = tmp_path_factory.mktemp('workspace')
     ensure_tiny_data(str(root / 'data' / 'tiny'))
     return root

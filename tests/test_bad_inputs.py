@@ -32,7 +32,7 @@ from bpt_mm.launch import (check_checkpoint_covers_model, check_data_paths,
                            resolve_device)
 from bpt_mm.models import PromptedViT, WhiteningNotReadyError
 from bpt_mm.models.checkpoint import CheckpointError, load_pretrained
-from bpt_mm.tiny_data import ensure_tiny_data
+from bpt_mm.testing.tiny_data import ensure_tiny_data
 from bpt_mm.trainable_state import restore_frozen_backbone
 from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
                               zca_whitening_matrix)

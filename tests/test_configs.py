@@ -587,7 +587,7 @@ def _replace_rcnn_samples(rcnn: Any, num: int) -> Any:
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory) -> str:
-    from bpt_mm.tiny_data import ensure_tiny_data
+    from bpt_mm.testing.tiny_data import ensure_tiny_data
     root = str(tmp_path_factory.mktemp('tiny'))
     ensure_tiny_data(root, num_train=4, num_val=2)
     return root

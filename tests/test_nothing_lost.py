@@ -19,7 +19,7 @@ from mmengine.runner.checkpoint import load_state_dict
 
 from bpt_mm.engine import BPTWhiteningHook, FiniteCheckHook
 from bpt_mm.launch import set_finite_check
-from bpt_mm.tiny_data import ensure_tiny_data
+from bpt_mm.testing.tiny_data import ensure_tiny_data
 from bpt_mm.whitening import RankDeficientWarning, WhiteningStatistics
 from bpt_mm.whitening_collect import collect_whitening
 from helpers import small_vit

@@ -1,8 +1,10 @@
-"""Tests of bpt_mm.tiny_data and tools/make_tiny_data.py (CPU, a few s).
+"""Tests of bpt_mm.testing.tiny_data and tools/make_tiny_data.py (CPU, a
+few s).
 
-bpt_mm/tiny_data.py is loaded by path: it needs only numpy and cv2, while
-importing the bpt_mm package pulls in torch, timm and the models (seconds),
-and these tests should run (and stay fast) before those are installed.
+bpt_mm/testing/tiny_data.py is loaded by path: it needs only numpy and
+cv2, while importing the bpt_mm package pulls in torch, timm and the models
+(seconds), and these tests should run (and stay fast) before those are
+installed.
 """
 import doctest
 import importlib.util
@@ -29,7 +31,7 @@ def _load_tiny_data():
     name = 'bpt_mm_tiny_data'
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            name, osp.join(REPO, 'bpt_mm', 'tiny_data.py'))
+            name, osp.join(REPO, 'bpt_mm', 'testing', 'tiny_data.py'))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -1,4 +1,5 @@
-"""bpt_mm.tiny_pretrain: the demo's generated "pretrained" tiny ViT (CPU)."""
+"""bpt_mm.testing.tiny_pretrain: the demo's generated "pretrained" tiny ViT
+(CPU)."""
 import json
 import os.path as osp
 
@@ -8,8 +9,9 @@ from mmengine.config import ConfigDict
 
 from bpt_mm.models.checkpoint import load_checkpoint_file
 from bpt_mm.models.vit import PromptedViT
-from bpt_mm.tiny_data import MANIFEST_NAME, ensure_tiny_data
-from bpt_mm.tiny_pretrain import ensure_tiny_pretrained, pretrain_tiny_vit
+from bpt_mm.testing.tiny_data import MANIFEST_NAME, ensure_tiny_data
+from bpt_mm.testing.tiny_pretrain import (ensure_tiny_pretrained,
+                                          pretrain_tiny_vit)
 
 BACKBONE = dict(type='PromptedViT',
                 arch=dict(embed_dims=32, num_layers=2, num_heads=2,
@@ -31,7 +33,8 @@ def _ensure(path, coco, **kwargs):
     # a ConfigDict, as the demo passes cfg.model.backbone: the file must
     # still hold only plain values (weights-only loadable)
     return ensure_tiny_pretrained(
-        str(path), ConfigDict(BACKBONE), coco['train_img_dir'], coco['train_ann_file'],
+        str(path), ConfigDict(BACKBONE), coco['train_img_dir'],
+        coco['train_ann_file'],
         MEAN, STD, data_manifest=osp.join(coco['root'], MANIFEST_NAME),
         **kwargs)
 

@@ -2,7 +2,7 @@
 
 1. Generates the tiny COCO-format data set under data/tiny (once).
 2. Pretrains the tiny 4-block ViT on a proxy task over the generated
-   training images (bpt_mm.tiny_pretrain; once, saved as
+   training images (bpt_mm.testing.tiny_pretrain; once, saved as
    data/tiny/pretrained/tiny_vit_shapes.pth): no real pretrained weights
    exist for so small a ViT, and a frozen backbone should have learned
    something.
@@ -47,8 +47,8 @@ def main() -> int:
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from bpt_mm.tiny_data import MANIFEST_NAME, ensure_tiny_data
-    from bpt_mm.tiny_pretrain import ensure_tiny_pretrained
+    from bpt_mm.testing.tiny_data import MANIFEST_NAME, ensure_tiny_data
+    from bpt_mm.testing.tiny_pretrain import ensure_tiny_pretrained
 
     data = ensure_tiny_data(args.data_root)
     coco = data['coco']

@@ -7,7 +7,7 @@ Examples:
     python tools/make_tiny_data.py --out /tmp/tiny --seed 1 --num-train 4
 
 The sets are only (re)written when their manifest is missing or differs
-from the arguments (see bpt_mm.tiny_data.ensure_tiny_data).
+from the arguments (see bpt_mm.testing.tiny_data.ensure_tiny_data).
 """
 import argparse
 import importlib.util
@@ -18,18 +18,19 @@ from typing import List, Optional
 
 
 def load_tiny_data() -> ModuleType:
-    """Import bpt_mm/tiny_data.py without importing the bpt_mm package.
+    """Import bpt_mm/testing/tiny_data.py without importing the bpt_mm
+    package.
 
     ``bpt_mm/__init__`` imports the models (torch, timm, mm*), seconds of
     start-up that data generation (numpy + cv2 only) does not need; loading
     the file by path also works from a checkout that is not installed.
     Where the file is not next to tools/ (e.g. a copy of this script inside
-    an installed package), the installed ``bpt_mm.tiny_data`` is used.
+    an installed package), the installed ``bpt_mm.testing.tiny_data`` is used.
     """
     path = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'bpt_mm',
-                    'tiny_data.py')
+                    'testing', 'tiny_data.py')
     if not osp.isfile(path):
-        from bpt_mm import tiny_data
+        from bpt_mm.testing import tiny_data
         return tiny_data
     name = 'bpt_mm_tiny_data'
     if name in sys.modules:

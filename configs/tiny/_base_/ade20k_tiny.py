@@ -1,7 +1,8 @@
 # The generated tiny ADE20K-layout semantic set (data/tiny/ade20k: 8 train
 # and 4 val images of 64x64 with regions of ADE classes 1, 3, 13 and 150),
 # made by `python tools/make_tiny_data.py` or
-# `bpt_mm.tiny_data.ensure_tiny_data('data/tiny')`. Labels follow ADE20K
+# `bpt_mm.testing.tiny_data.ensure_tiny_data('data/tiny')`. Labels follow
+# ADE20K
 # (0 = other, ignored by reduce_zero_label=True; 150 classes). Paths are
 # relative to the working directory.
 _base_ = 'mmseg::_base_/datasets/ade20k.py'

@@ -1,8 +1,8 @@
 # The generated tiny COCO-format instance set (data/tiny/coco: 16 train and 8
 # val images of 160x128 with squares, disks and triangles), made by
 # `python tools/make_tiny_data.py` or
-# `bpt_mm.tiny_data.ensure_tiny_data('data/tiny')`. Paths are relative to the
-# working directory.
+# `bpt_mm.testing.tiny_data.ensure_tiny_data('data/tiny')`. Paths are relative
+# to the working directory.
 _base_ = 'mmdet::_base_/datasets/coco_instance.py'
 
 data_root = 'data/tiny/coco/'
