@@ -267,6 +267,21 @@ def block_token_rows(backbone: 'PromptedViT', batch: Union[Tensor,
     return rows, int(mask.numel() - mask.sum())
 
 
+def _chosen_blocks(needing: List[int], blocks: Optional[Sequence[int]],
+                   what: str) -> List[int]:
+    """``blocks`` (default: all of ``needing``), sorted, each checked to be
+    one of ``needing``; the error names the others and ``what`` they lack.
+    """
+    if blocks is None:
+        return list(needing)
+    blocks = sorted(set(blocks))
+    wrong = [i for i in blocks if i not in needing]
+    if wrong:
+        raise ValueError(f'`blocks` {wrong} have no {what}; those that do: '
+                         f'{needing}')
+    return blocks
+
+
 def _block_statistics(backbone: 'PromptedViT', images: Iterable[ImageBatch],
                       block: int, statistics: WhiteningStatistics,
                       device: torch.device):
@@ -454,15 +469,8 @@ def collect_whitening(backbone: 'PromptedViT',
                          f'{bilinear_mode!r}')
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f'`seed` must be an int, got {seed!r}')
-    needing = whitening_blocks(backbone)
-    if blocks is None:
-        blocks = needing
-    else:
-        blocks = sorted(set(blocks))
-        wrong = [i for i in blocks if i not in needing]
-        if wrong:
-            raise ValueError(f'`blocks` {wrong} have no prompt that needs '
-                             f'whitening; those that do: {needing}')
+    blocks = _chosen_blocks(whitening_blocks(backbone), blocks,
+                            'prompt that needs whitening')
     if not blocks:
         return {}
 
@@ -657,15 +665,8 @@ def collect_prototypes(backbone: 'PromptedViT',
     _check_positive_int(kmeans_iters, 'kmeans_iters')
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f'`seed` must be an int, got {seed!r}')
-    needing = prototype_blocks(backbone)
-    if blocks is None:
-        blocks = needing
-    else:
-        blocks = sorted(set(blocks))
-        wrong = [i for i in blocks if i not in needing]
-        if wrong:
-            raise ValueError(f'`blocks` {wrong} have no SPT prompt; those '
-                             f'that do: {needing}')
+    blocks = _chosen_blocks(prototype_blocks(backbone), blocks,
+                            'SPT prompt')
     if not blocks:
         return {}
 

@@ -489,22 +489,8 @@ class BPTWhiteningHook(Hook):
                 '`whitening_file`')
         self._warn_unused(logger, WHITENING_OPTIONS, 'SPT prototypes')
         start = time.perf_counter()
-        error = batches = loader = None
-        try:
-            loader = get_loader()
-            batches = preprocessed_batches(runner.model, loader)
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-        synchronise_errors(error, 'building the SPT prototype data loader')
-        # Distinct images, as for whitening (see _compute).
-        distinct = distinct_images_available(loader)
-        asked = self.num_images
-        if distinct is not None and distinct < asked:
-            logger.warning(
-                f'BPTWhiteningHook: `num_images` is {asked} but the training '
-                f'set has only {distinct} distinct images; the SPT '
-                f'prototypes use each of them once ({distinct} images)')
-            asked = distinct
+        batches, asked = self._training_images(runner, get_loader,
+                                               'the SPT prototypes')
         per_rank = math.ceil(asked / get_world_size())
         logger.info(
             f'BPTWhiteningHook: computing SPT prototypes {when} for blocks '
@@ -552,29 +538,37 @@ class BPTWhiteningHook(Hook):
             logger.warning(f'BPTWhiteningHook: {unused} are set but not '
                            f'used: this model\'s prompts need {what}')
 
-    def _compute(self, runner, backbone, missing: List[int], get_loader,
-                 when: str) -> None:
-        self._warn_unused(runner.logger, PROTOTYPE_OPTIONS, 'whitening')
-        start = time.perf_counter()
-        world = get_world_size()
+    def _training_images(self, runner, get_loader, purpose: str):
+        """The preprocessed training batches, and how many images to use:
+        ``num_images``, or fewer when the data set holds fewer distinct
+        images (an ``InfiniteSampler`` would serve the same images again
+        and again; the count is of distinct images, up to the padding of
+        DDP shards). A failure to build the loader on any rank is raised
+        on every rank."""
         error = batches = loader = None
         try:
             loader = get_loader()
             batches = preprocessed_batches(runner.model, loader)
         except Exception as exc:  # noqa: BLE001
             error = exc
-        synchronise_errors(error, 'building the whitening data loader')
-        # An InfiniteSampler would serve the same images again and again:
-        # draw no more than the data set holds, so the count is of distinct
-        # images (up to the padding of DDP shards).
+        synchronise_errors(error, f'building the data loader of {purpose}')
         distinct = distinct_images_available(loader)
         asked = self.num_images
         if distinct is not None and distinct < asked:
             runner.logger.warning(
                 f'BPTWhiteningHook: `num_images` is {asked} but the training '
-                f'set has only {distinct} distinct images; whitening uses '
-                f'each of them once ({distinct} images)')
+                f'set has only {distinct} distinct images; {purpose} '
+                f'takes each of them once ({distinct} images)')
             asked = distinct
+        return batches, asked
+
+    def _compute(self, runner, backbone, missing: List[int], get_loader,
+                 when: str) -> None:
+        self._warn_unused(runner.logger, PROTOTYPE_OPTIONS, 'whitening')
+        start = time.perf_counter()
+        world = get_world_size()
+        batches, asked = self._training_images(runner, get_loader,
+                                               'whitening')
         per_rank = math.ceil(asked / world)
         runner.logger.info(
             f'BPTWhiteningHook: computing whitening {when} for blocks '
