@@ -145,46 +145,74 @@ def package_modules() -> Dict[str, str]:
     return found
 
 
+#: When an import runs: as the module is imported, when a function runs,
+#: or never (under ``if TYPE_CHECKING:``, for type checkers only).
+AT_IMPORT = 'at module level'
+IN_FUNCTION = 'inside a function'
+TYPE_CHECKING_ONLY = 'for type checking only'
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == 'TYPE_CHECKING') or \
+        (isinstance(test, ast.Attribute) and test.attr == 'TYPE_CHECKING')
+
+
 class _ImportVisitor(ast.NodeVisitor):
-    """Collects ``(names, inside_function)`` of every import statement."""
+    """Collects ``(names, source, when)`` of every import statement."""
 
     def __init__(self):
-        self.depth = 0
-        self.found: List[Tuple[List[str], Optional[str], bool]] = []
+        self.when = AT_IMPORT
+        self.found: List[Tuple[List[str], Optional[Tuple[int, str]],
+                               str]] = []
+
+    def _nested(self, nodes, when):
+        outer, self.when = self.when, when
+        for node in nodes:
+            self.visit(node)
+        self.when = outer
 
     def _function(self, node):
-        self.depth += 1
-        self.generic_visit(node)
-        self.depth -= 1
+        # a function inside `if TYPE_CHECKING:` still never runs
+        self._nested(ast.iter_child_nodes(node),
+                     TYPE_CHECKING_ONLY if self.when == TYPE_CHECKING_ONLY
+                     else IN_FUNCTION)
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
 
+    def visit_If(self, node):
+        if _is_type_checking(node.test):
+            self.visit(node.test)
+            self._nested(node.body, TYPE_CHECKING_ONLY)
+            self._nested(node.orelse, self.when)
+        else:
+            self.generic_visit(node)
+
     def visit_Import(self, node):
         for alias in node.names:
-            self.found.append(([alias.name], None, self.depth > 0))
+            self.found.append(([alias.name], None, self.when))
 
     def visit_ImportFrom(self, node):
         self.found.append(([a.name for a in node.names],
-                           (node.level, node.module or ''), self.depth > 0))
+                           (node.level, node.module or ''), self.when))
 
 
 def import_edges(path: str, modules: Set[str]
-                 ) -> Iterator[Tuple[str, bool]]:
-    """``(imported bpt_mm module, inside_function)`` for every import of
-    ``path`` that reaches a module of bpt_mm/.
+                 ) -> Iterator[Tuple[str, str]]:
+    """``(imported bpt_mm module, when)`` for every import of ``path`` that
+    reaches a module of bpt_mm/.
 
     ``from X import y`` reaches ``X.y`` when that is a module (``from .
     import engine``), else ``X``; ``import X.Y`` reaches the longest
-    module prefix of ``X.Y``. Imports under ``if TYPE_CHECKING:`` and in
-    class bodies count as module level, as does anything outside a
-    function.
+    module prefix of ``X.Y``. ``when`` is :data:`IN_FUNCTION` inside a
+    function, :data:`TYPE_CHECKING_ONLY` under ``if TYPE_CHECKING:``, else
+    :data:`AT_IMPORT` (class bodies included).
     """
     name = module_name(path)
     package = name if path.endswith('__init__.py') else \
         name.rsplit('.', 1)[0]
     visitor = _ImportVisitor()
     visitor.visit(ast.parse(open(path).read()))
-    for names, source, inside in visitor.found:
+    for names, source, when in visitor.found:
         if source is None:
             targets = []
             for full in names:
@@ -202,22 +230,22 @@ def import_edges(path: str, modules: Set[str]
                        for n in names]
         for target in dict.fromkeys(targets):
             if target in modules:
-                yield target, inside
+                yield target, when
 
 
-def all_edges() -> List[Tuple[str, str, bool]]:
-    """``(importer, imported, inside_function)`` over bpt_mm/."""
+def all_edges() -> List[Tuple[str, str, str]]:
+    """``(importer, imported, when)`` over bpt_mm/."""
     modules = package_modules()
-    return [(importer, imported, inside)
+    return [(importer, imported, when)
             for importer, path in sorted(modules.items())
-            for imported, inside in import_edges(path, set(modules))]
+            for imported, when in import_edges(path, set(modules))]
 
 
 def rule_breaks(edges) -> List[str]:
     """The edges of ``edges`` that :data:`MAY_IMPORT` does not allow
     (:data:`EXCEPTIONS` aside), as readable lines."""
     breaks = []
-    for importer, imported, inside in edges:
+    for importer, imported, when in edges:
         source, target = part_of(importer), part_of(imported)
         if source is None or target is None:
             unknown = importer if source is None else imported
@@ -226,9 +254,8 @@ def rule_breaks(edges) -> List[str]:
                           f'docs/architecture.md)')
         elif source != target and target not in MAY_IMPORT[source] \
                 and (importer, imported) not in EXCEPTIONS:
-            where = 'inside a function' if inside else 'at module level'
             breaks.append(f'{importer} ({source}) imports {imported} '
-                          f'({target}) {where}')
+                          f'({target}) {when}')
     return breaks
 
 
@@ -239,27 +266,30 @@ def test_every_module_has_a_part_and_imports_only_allowed_parts():
     # that sees nothing could not fail.
     seen = set(edges)
     assert ('bpt_mm.engine.prompt_stats_hook', 'bpt_mm.analysis.burstiness',
-            False) in seen
-    assert ('bpt_mm.analysis.param_budget', 'bpt_mm.models', True) in seen
-    assert ('bpt_mm', 'bpt_mm.mmengine_patches', False) in seen
-    assert ('bpt_mm', 'bpt_mm.engine', False) in seen
+            AT_IMPORT) in seen
+    assert ('bpt_mm.analysis.param_budget', 'bpt_mm.models',
+            IN_FUNCTION) in seen
+    assert ('bpt_mm.launch.preflight', 'bpt_mm.models.prompts',
+            TYPE_CHECKING_ONLY) in seen
+    assert ('bpt_mm', 'bpt_mm.mmengine_patches', AT_IMPORT) in seen
+    assert ('bpt_mm', 'bpt_mm.engine', AT_IMPORT) in seen
     assert all(part_of(m) is not None for m in package_modules())
 
 
 def test_the_rules_refuse_an_upward_import():
     # The same checker on made-up edges: what the page forbids is caught.
-    assert rule_breaks([('bpt_mm.models.vit', 'bpt_mm.engine.hooks', True)]
-                       ) == ['bpt_mm.models.vit (models) imports '
-                             'bpt_mm.engine.hooks (engine) inside a '
-                             'function']
+    assert rule_breaks([('bpt_mm.models.vit', 'bpt_mm.engine.hooks',
+                         IN_FUNCTION)]) == [
+        'bpt_mm.models.vit (models) imports bpt_mm.engine.hooks (engine) '
+        'inside a function']
     assert len(rule_breaks([
-        ('bpt_mm.engine.hooks', 'bpt_mm.mmengine_patches', False),
-        ('bpt_mm.engine.hooks', 'bpt_mm', False),
-        ('bpt_mm.compat', 'bpt_mm.models.vit', False),
-        ('bpt_mm.whitening.linalg', 'bpt_mm.analysis', False),
-        ('bpt_mm.engine.optim', 'bpt_mm.launch.config', True),
-        ('bpt_mm.analysis.report', 'bpt_mm.testing.tiny_data', True),
-        ('bpt_mm.newpart', 'bpt_mm.base', False)])) == 7
+        ('bpt_mm.engine.hooks', 'bpt_mm.mmengine_patches', AT_IMPORT),
+        ('bpt_mm.engine.hooks', 'bpt_mm', AT_IMPORT),
+        ('bpt_mm.compat', 'bpt_mm.models.vit', TYPE_CHECKING_ONLY),
+        ('bpt_mm.whitening.linalg', 'bpt_mm.analysis', AT_IMPORT),
+        ('bpt_mm.engine.optim', 'bpt_mm.launch.config', IN_FUNCTION),
+        ('bpt_mm.analysis.report', 'bpt_mm.testing.tiny_data', IN_FUNCTION),
+        ('bpt_mm.newpart', 'bpt_mm.base', AT_IMPORT)])) == 7
     assert part_of('bpt_mm.whitening.collect') == 'whitening'
     assert part_of('bpt_mm.whitening_collect') == 'whitening'
     assert part_of('bpt_mm.analysis') == 'analysis'
@@ -274,11 +304,12 @@ def test_every_exception_still_occurs():
 
 
 def module_level_cycles(edges) -> List[List[str]]:
-    """Cycles among modules of the module-level ``edges`` (``importer,
-    imported, inside_function``), each as a path back to its start."""
+    """Cycles among modules through the imports of ``edges`` (``importer,
+    imported, when``) that run as a module is imported, each as a path
+    back to its start."""
     graph: Dict[str, Set[str]] = {}
-    for importer, imported, inside in edges:
-        if not inside and importer != imported:
+    for importer, imported, when in edges:
+        if when == AT_IMPORT and importer != imported:
             graph.setdefault(importer, set()).add(imported)
     state: Dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
@@ -300,10 +331,14 @@ def module_level_cycles(edges) -> List[List[str]]:
 
 def test_no_import_cycle_at_module_level():
     assert module_level_cycles(all_edges()) == []
-    # the finder finds one, and not through an import inside a function
-    assert module_level_cycles([('a', 'b', False), ('b', 'c', False),
-                                ('c', 'a', False)]) == [['a', 'b', 'c', 'a']]
-    assert module_level_cycles([('a', 'b', False), ('b', 'a', True)]) == []
+    # the finder finds one, and none through an import that does not run
+    # at import time
+    assert module_level_cycles([('a', 'b', AT_IMPORT), ('b', 'c', AT_IMPORT),
+                                ('c', 'a', AT_IMPORT)]) == [['a', 'b', 'c',
+                                                             'a']]
+    for when in (IN_FUNCTION, TYPE_CHECKING_ONLY):
+        assert module_level_cycles([('a', 'b', AT_IMPORT),
+                                    ('b', 'a', when)]) == []
 
 
 def test_import_bpt_mm_loads_neither_launch_nor_the_report():
