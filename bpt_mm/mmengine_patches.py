@@ -1,8 +1,9 @@
 """What importing bpt_mm changes in mmengine, in one place.
 
 mmengine 0.10 offers no extension point for how checkpoints are read and
-written, so bpt_mm replaces four of its globals when ``bpt_mm.engine`` is
-imported (``import bpt_mm`` and ``custom_imports=['bpt_mm']`` do that):
+written, so bpt_mm replaces four of its globals when ``bpt_mm`` is imported
+(``import bpt_mm``, ``custom_imports=['bpt_mm']``, or the import of any of
+its modules, which imports the package first):
 
 * ``CheckpointLoader``'s loader for local paths: every ``--resume``,
   ``load_from`` and ``tools/test.py`` checkpoint is read by torch's
@@ -29,8 +30,21 @@ checkpoints are fully unpickled by mmengine, and saves are not atomic.
 import os
 from typing import Dict
 
+import mmengine.runner.runner as runner_module
 from mmengine.fileio.backends.registry_utils import backends
 from mmengine.runner.checkpoint import CheckpointLoader
+
+# The replacements live with what they replace for (engine: checkpoint I/O;
+# models: where pretrained weights come from). This module may import them;
+# neither engine nor models imports this module (bpt_mm/__init__.py installs
+# it), so the edge goes one way.
+from .engine.checkpoint_io import (AtomicLocalBackend,
+                                   install_atomic_local_backend,
+                                   install_checkpoint_loader,
+                                   install_plain_checkpoint_saver,
+                                   load_local_checkpoint,
+                                   save_plain_checkpoint)
+from .models.checkpoint_source import install_remote_loaders
 
 __all__ = ['OPT_OUT_VARIABLE', 'patching_enabled',
            'install_mmengine_patches', 'installed_patches']
@@ -63,11 +77,6 @@ def install_mmengine_patches() -> bool:
     """
     if not patching_enabled():
         return False
-    from .engine.checkpoint_io import (install_atomic_local_backend,
-                                       install_checkpoint_loader,
-                                       install_plain_checkpoint_saver,
-                                       load_local_checkpoint)
-    from .models.checkpoint_source import install_remote_loaders
     install_checkpoint_loader()
     install_remote_loaders(load_local_checkpoint)
     install_plain_checkpoint_saver()
@@ -78,11 +87,6 @@ def install_mmengine_patches() -> bool:
 def installed_patches() -> Dict[str, bool]:
     """Which of the replacements are in place now (for reports and tests).
     """
-    import mmengine.runner.runner as runner_module
-
-    from .engine.checkpoint_io import (AtomicLocalBackend,
-                                       load_local_checkpoint,
-                                       save_plain_checkpoint)
     schemes = CheckpointLoader._schemes
     local = schemes.get('')
     remote = schemes.get('https://')

@@ -1,4 +1,4 @@
-"""Burstiness analysis (bpt_mm.burstiness_analysis, its report and
+"""Burstiness analysis (bpt_mm.analysis.token_statistics, its report and
 tools/analyze_burstiness.py) and the parameter table (tools/param_table.py).
 """
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bpt_mm.burstiness_analysis import (QUANTITIES, analyse_backbone,
-                                        resolve_blocks)
-from bpt_mm.burstiness_report import DPI, FIGURE_SIZE, plot_block
+from bpt_mm.analysis.report import DPI, FIGURE_SIZE, plot_block
+from bpt_mm.analysis.token_statistics import (QUANTITIES, analyse_backbone,
+                                              resolve_blocks)
 from bpt_mm.whitening import WhiteningStatistics, query_key_product
 from helpers import ROOT, load_tool, run, small_vit, tool
 from whitening_toy import toy_images
@@ -192,7 +192,7 @@ def table_rows(text):
 
 
 def test_param_table_of_the_builtin_variants(capsys, tmp_path):
-    from bpt_mm.param_budget import COLUMNS
+    from bpt_mm.analysis.param_budget import COLUMNS
     out = tmp_path / 'table.md'
     assert load_tool('param_table').main(['--out', str(out)]) == 0
     rows = table_rows(capsys.readouterr().out)

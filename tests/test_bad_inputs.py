@@ -33,7 +33,7 @@ from bpt_mm.launch import (check_checkpoint_covers_model, check_data_paths,
 from bpt_mm.models import PromptedViT, WhiteningNotReadyError
 from bpt_mm.models.checkpoint import CheckpointError, load_pretrained
 from bpt_mm.testing.tiny_data import ensure_tiny_data
-from bpt_mm.trainable_state import restore_frozen_backbone
+from bpt_mm.engine.trainable_state import restore_frozen_backbone
 from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
                               zca_whitening_matrix)
 from bpt_mm.whitening_collect import (collect_whitening, load_whitening,

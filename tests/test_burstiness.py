@@ -1,5 +1,5 @@
-"""bpt_mm.burstiness: kurtosis, top-1% mass and the distribution fits, on
-samples drawn from known distributions (10^5 values each)."""
+"""bpt_mm.analysis.burstiness: kurtosis, top-1% mass and the distribution
+fits, on samples drawn from known distributions (10^5 values each)."""
 import doctest
 import math
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 from scipy.stats import gennorm
 
-import bpt_mm.burstiness as burstiness
-from bpt_mm.burstiness import (FAMILIES, describe, fit_all,
-                               fit_generalized_gaussian, fit_gaussian,
-                               fit_laplacian, generalized_gaussian_kurtosis,
-                               kurtosis, log_density, select_family,
-                               top_mass_fraction)
+import bpt_mm.analysis.burstiness as burstiness
+from bpt_mm.analysis.burstiness import (FAMILIES, describe, fit_all,
+                                        fit_generalized_gaussian,
+                                        fit_gaussian, fit_laplacian,
+                                        generalized_gaussian_kurtosis,
+                                        kurtosis, log_density, select_family,
+                                        top_mass_fraction)
 
 N = 100_000
 SEEDS = (0, 1, 2)

@@ -24,7 +24,7 @@ from mmengine.config import Config
 
 from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.models.frozen_state import EXTRA_STATE_KEY, parse_extra_state
-from bpt_mm.trainable_state import strip_frozen_backbone
+from bpt_mm.engine.trainable_state import strip_frozen_backbone
 from helpers import small_vit
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

@@ -64,6 +64,15 @@ def test_wheel_ships_every_config_and_the_tools_and_they_load(tmp_path):
         assert f'bpt_mm/.mim/configs/{rel}' in names, rel
     for tool in ('train.py', 'test.py', 'dist_train.sh', 'demo.py'):
         assert f'bpt_mm/.mim/tools/{tool}' in names, tool
+    # every module of the package, subpackages included (find_packages
+    # needs their __init__.py)
+    modules = {osp.relpath(osp.join(d, f), ROOT).replace(os.sep, '/')
+               for d, dirs, files in os.walk(osp.join(ROOT, 'bpt_mm'))
+               if '.mim' not in d and '__pycache__' not in d
+               for f in files if f.endswith('.py')}
+    assert {'bpt_mm/analysis/report.py',
+            'bpt_mm/engine/trainable_state.py'} <= modules
+    assert sorted(modules - names) == []
     meta = zipfile.ZipFile(wheel).read(next(
         n for n in names if n.endswith('METADATA'))).decode()
     assert 'Classifier: Programming Language :: Python :: 3.11' in meta

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import torch
 
-from bpt_mm.burstiness import kurtosis
+from bpt_mm.analysis.burstiness import kurtosis
 from bpt_mm.engine import BPTWhiteningHook, PromptStatsHook
 from bpt_mm.engine.prompt_stats_hook import CHECKPOINT_KEY
 from whitening_toy import toy_images, toy_runner

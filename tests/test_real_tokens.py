@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
-from bpt_mm.burstiness import kurtosis
-from bpt_mm.burstiness_analysis import analyse_backbone
+from bpt_mm.analysis.burstiness import kurtosis
+from bpt_mm.analysis.token_statistics import analyse_backbone
 from bpt_mm.engine.prompt_stats_hook import prompt_statistics
 from bpt_mm.models import PromptedViT
 from bpt_mm.real_tokens import ImageBatch, real_patch_mask

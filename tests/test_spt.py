@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.launch import check_whitening_source
 from bpt_mm.models import SPTPrompt, WhiteningNotReadyError
-from bpt_mm.param_budget import budget_row, variant_backbone
+from bpt_mm.analysis.param_budget import budget_row, variant_backbone
 from bpt_mm.prototypes import (TokenReservoir, canonical_rows,
                                compute_prototypes)
 from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,

@@ -19,11 +19,12 @@ import bpt_mm  # noqa: F401  installs the checkpoint loader
 from bpt_mm.engine.checkpoint_io import (load_local_checkpoint,
                                          save_plain_checkpoint)
 from bpt_mm.models.checkpoint import CheckpointError
-from bpt_mm.trainable_state import (backbone_fingerprint, check_can_strip,
-                                    is_trainable_only,
-                                    restore_frozen_backbone,
-                                    strip_frozen_backbone,
-                                    trainable_state_sizes)
+from bpt_mm.engine.trainable_state import (backbone_fingerprint,
+                                           check_can_strip,
+                                           is_trainable_only,
+                                           restore_frozen_backbone,
+                                           strip_frozen_backbone,
+                                           trainable_state_sizes)
 from helpers import small_vit
 
 torch.set_num_threads(1)

@@ -254,6 +254,32 @@ def test_class_token_first_then_prompts():
     assert tokens_in.shape[1] == 1 + 3 + 16 == embedded.shape[1] + 3
 
 
+def test_backbone_reads_its_typed_config_not_the_flat_dict():
+    # prompt_cfg is the flat view of prompt_config for users and reports;
+    # the backbone reads only prompt_config, so editing the dict changes
+    # nothing it does.
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32)
+    model = small_vit(prompt=dict(type='VPTPrompt', num_tokens=3,
+                                  depth='deep', layers=(1, 2))).eval()
+    with torch.no_grad():
+        (expected, ) = model(x)
+    prefix = model.num_sequence_prefix_tokens
+    model.prompt_cfg.update(depth='shallow', num_tokens=7, layers=(0, ))
+    with torch.no_grad():
+        (got, ) = model(x)
+    torch.testing.assert_close(got, expected)
+    assert model.num_sequence_prefix_tokens == prefix == 1
+    outs = [o for _, _, o, _ in model.train().iter_blocks(x)]
+    assert [o.requires_grad for o in outs] == [False, True, True]
+
+    lenient = small_vit(prompt=dict(type='WhitenedPrompt', num_tokens=2,
+                                    allow_identity_whitening=True)).train()
+    lenient.prompt_cfg['allow_identity_whitening'] = False
+    (out, ) = lenient(x)  # still trains with the identity
+    assert out.shape == (1, 32, 4, 4)
+
+
 def test_gradient_checkpointing_same_outputs_and_grads():
     torch.manual_seed(0)
     prompt = dict(type='BilinearPrompt', num_tokens=3, rank=2)

@@ -8,7 +8,8 @@ in order, through the training pipeline) through the frozen PromptedViT and,
 per block, measures the distributions of the tokens ``X`` entering it, of
 the entries of ``M = W_q^T W_k``, of ``X~ = M X^T`` and of the whitened
 ``X~``: kurtosis, top-1% mass and Gaussian / Laplacian / generalised-Gaussian
-fits (see :mod:`bpt_mm.burstiness` and :mod:`bpt_mm.burstiness_analysis`).
+fits (see :mod:`bpt_mm.analysis.burstiness` and
+:mod:`bpt_mm.analysis.token_statistics`).
 
 Writes into ``--out``: ``block_<i>.png`` per block (log-density histograms
 with the fitted densities), ``burstiness.json`` and ``burstiness.md``.
@@ -48,7 +49,7 @@ def _positive_int(name):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpt_mm.burstiness_analysis import DEFAULT_EPS
+    from bpt_mm.analysis.token_statistics import DEFAULT_EPS
     from bpt_mm.whitening import QK_ORDERS, TOKEN_SETS, TOKEN_SOURCES
     parser = argparse.ArgumentParser(
         description='Burstiness of X, W_q^T W_k, X~ and whitened X~ per '
@@ -156,9 +157,10 @@ def main(argv=None) -> int:
     from mmengine.runner import set_random_seed
 
     import bpt_mm  # noqa: F401  (registers the models)
-    from bpt_mm.burstiness_analysis import analyse_backbone, resolve_blocks
-    from bpt_mm.burstiness_report import (json_summary, markdown_summary,
-                                          plot_block)
+    from bpt_mm.analysis.report import (json_summary, markdown_summary,
+                                        plot_block)
+    from bpt_mm.analysis.token_statistics import (analyse_backbone,
+                                                  resolve_blocks)
     from bpt_mm.engine.whitening_hook import (hook_options_from_config,
                                               preprocessed_batches)
     from bpt_mm.launch import build_prompted_model, resolve_device

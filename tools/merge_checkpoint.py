@@ -21,9 +21,10 @@ from mmengine.config import DictAction
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from bpt_mm.engine.checkpoint_io import (load_local_checkpoint,  # noqa
                                          write_checkpoint_file)
+from bpt_mm.engine.trainable_state import (META_KEY,  # noqa: E402
+                                           is_trainable_only,
+                                           restore_frozen_backbone)
 from bpt_mm.launch import load_config  # noqa: E402
-from bpt_mm.trainable_state import (META_KEY, is_trainable_only,  # noqa
-                                    restore_frozen_backbone)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ if ROOT not in sys.path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpt_mm.param_budget import BUILTIN_VARIANTS
+    from bpt_mm.analysis.param_budget import BUILTIN_VARIANTS
     parser = argparse.ArgumentParser(
         description='Trainable parameters per group (x 1e-2 M).')
     parser.add_argument('configs', nargs='*', help='config files; none: '
@@ -42,14 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_row(path: str):
-    """:func:`~bpt_mm.param_budget.budget_row` of a config's model, built
-    on the meta device without its pretrained weights."""
+    """:func:`~bpt_mm.analysis.param_budget.budget_row` of a config's model,
+    built on the meta device without its pretrained weights."""
     import torch
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
 
     import bpt_mm  # noqa: F401  (registers the models)
-    from bpt_mm.param_budget import budget_row
+    from bpt_mm.analysis.param_budget import budget_row
     cfg = Config.fromfile(path)
     init_default_scope(cfg.get('default_scope', 'mmengine'))
     backbone = cfg.model.get('backbone')
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f'config file(s) not found: {missing}')
 
-    from bpt_mm.param_budget import builtin_rows, markdown_table
+    from bpt_mm.analysis.param_budget import builtin_rows, markdown_table
     rows = {}
     if args.variants or not args.configs:
         for name, row in builtin_rows(args.variants, args.arch,

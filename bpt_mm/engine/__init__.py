@@ -8,12 +8,11 @@ from .hooks import TrainableParametersHook
 from .optim import LayerDecayOptimWrapperConstructor
 from .prompt_stats_hook import PromptStatsHook
 from .whitening_hook import BPTWhiteningHook
-from ..mmengine_patches import install_mmengine_patches
 
-# How mmengine reads and writes checkpoints (weights-only loading, the plain
-# save form, remote names read like local files, atomic writes): the one
-# place that changes mmengine, and its opt-out, is bpt_mm.mmengine_patches.
-install_mmengine_patches()
+# The install_* functions are the replacements of mmengine's checkpoint
+# reading and writing; bpt_mm/__init__.py installs them through
+# bpt_mm.mmengine_patches (the one place that changes mmengine, and its
+# opt-out), which this package never imports.
 
 __all__ = ['TrainableParametersHook', 'BPTWhiteningHook', 'RandomStateHook',
            'TrainableCheckpointHook', 'FiniteCheckHook',

@@ -6,7 +6,7 @@
 - :class:`RandomStateHook`: random-number-generator states in every
   checkpoint, so that ``--resume`` continues the very same run.
 
-Both are thin: the work is in :mod:`bpt_mm.trainable_state` and below.
+Both are thin: the work is in :mod:`bpt_mm.engine.trainable_state` and below.
 """
 import random
 from typing import Any, Dict, Optional
@@ -17,9 +17,10 @@ from mmengine.hooks import Hook
 from mmengine.runner import IterBasedTrainLoop
 
 from bpt_mm.registry import register_hook
-from bpt_mm.trainable_state import (backbone_fingerprint, check_can_strip,
-                                    restore_frozen_backbone,
-                                    strip_frozen_backbone)
+from bpt_mm.engine.trainable_state import (backbone_fingerprint,
+                                           check_can_strip,
+                                           restore_frozen_backbone,
+                                           strip_frozen_backbone)
 
 #: Names under which the hooks can appear in ``custom_hooks``.
 TRAINABLE_CHECKPOINT_HOOK_TYPES = ('TrainableCheckpointHook',

@@ -32,7 +32,7 @@ import torch
 from mmengine.hooks import Hook
 from torch import Tensor
 
-from bpt_mm.burstiness import kurtosis
+from bpt_mm.analysis.burstiness import kurtosis
 from bpt_mm.models.vit import find_prompted_backbone
 from bpt_mm.registry import register_hook
 from bpt_mm.whitening import (QK_ORDERS, TOKEN_SOURCES, WhiteningStatistics,

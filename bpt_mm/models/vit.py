@@ -361,15 +361,16 @@ class PromptedViT(BaseModule):
         self.norm = LayerNorm(self.embed_dims)
         self._init_backbone_weights()
 
-        #: The validated prompt config (None without prompts), and its flat
-        #: dict form.
+        #: The validated prompt config (None without prompts): what the
+        #: backbone reads.
         self.prompt_config = None if prompt is None else \
             PromptConfig.from_dict(prompt, self.num_layers)
+        #: Its flat dict form, for users and reports; never read in here.
         self.prompt_cfg = None if prompt is None else \
             self.prompt_config.as_dict()
         self.prompts = nn.ModuleDict()
         self.prompt_dropout = nn.Identity()
-        if self.prompt_cfg is not None:
+        if self.prompt_config is not None:
             self._build_prompts()
         if frozen:
             self._freeze_backbone()
@@ -637,14 +638,14 @@ class PromptedViT(BaseModule):
         if not missing:
             self._whitening_confirmed = True
             return
-        if self.prompt_cfg['allow_identity_whitening']:
+        if self.prompt_config.allow_identity_whitening:
             return
         spt = self.prompts[str(missing[0])].needs_prototypes
         what, start = ('prototypes of training tokens (SPT)',
                        'random initial prompts') if spt else \
             ('whitening statistics', 'identity')
         raise WhiteningNotReadyError(
-            f"PromptedViT: the {self.prompt_cfg['type']} prompts of blocks "
+            f'PromptedViT: the {self.prompt_config.type} prompts of blocks '
             f'{missing} need {what}, which were never computed. '
             f"Add custom_hooks=[dict(type='BPTWhiteningHook', "
             f'num_images=100)] to the config (it fills them before the first '
@@ -712,7 +713,7 @@ class PromptedViT(BaseModule):
             return True
         if not self.prompts:
             return False
-        return index >= self.prompt_cfg['layers'][0]
+        return index >= self.prompt_config.layers[0]
 
     def iter_blocks(self, x: Tensor, last: Optional[int] = None
                     ) -> Iterator[Tuple[int, Tensor, Tensor, Tuple[int, int]]]:
@@ -740,8 +741,8 @@ class PromptedViT(BaseModule):
             x, hw = self._embed(x)
         # Whether the patch tokens reach anything trainable upstream.
         patches_trainable = x.requires_grad
-        deep = self.prompt_cfg is not None and \
-            self.prompt_cfg['depth'] == 'deep'
+        deep = self.prompt_config is not None and \
+            self.prompt_config.depth == 'deep'
         num_prefix = self.num_prefix_tokens
         if self.prompts and not deep:
             prompt = self.prompt_tokens(0).unsqueeze(0)
@@ -807,9 +808,9 @@ class PromptedViT(BaseModule):
     @property
     def num_sequence_prefix_tokens(self) -> int:
         """Leading non-patch tokens of the sequence between blocks."""
-        shallow = self.prompt_cfg is not None and \
-            self.prompt_cfg['depth'] == 'shallow'
-        return self.num_prefix_tokens + (self.prompt_cfg['num_tokens']
+        shallow = self.prompt_config is not None and \
+            self.prompt_config.depth == 'shallow'
+        return self.num_prefix_tokens + (self.prompt_config.num_tokens
                                          if shallow else 0)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:

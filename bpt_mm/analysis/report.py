@@ -1,9 +1,10 @@
 """Pictures and tables of a burstiness analysis (matplotlib, Agg backend).
 
 :func:`plot_block` draws one PNG per block: one panel per quantity of
-:data:`~bpt_mm.burstiness_analysis.QUANTITIES` (``X``, ``M``, ``X~`` and the
-whitened ``X~``, the last two side by side), each a histogram of the values
-on a log density scale with the three fitted densities drawn over it.
+:data:`~bpt_mm.analysis.token_statistics.QUANTITIES` (``X``, ``M``, ``X~``
+and the whitened ``X~``, the last two side by side), each a histogram of the
+values on a log density scale with the three fitted densities drawn over
+it.
 :func:`markdown_summary` writes the numbers as Markdown tables and
 :func:`json_summary` strips the raw samples so the rest can be saved as
 JSON.
@@ -13,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .burstiness import DistributionFit, log_density
-from .burstiness_analysis import QUANTITIES, QUANTITY_LABELS
+from .token_statistics import QUANTITIES, QUANTITY_LABELS
 
 __all__ = ['FIGURE_SIZE', 'DPI', 'plot_block', 'markdown_summary',
            'json_summary']
@@ -79,7 +80,7 @@ def plot_block(result: Dict[str, Any], block: int, path: str,
 
     Args:
         result (dict): One block of
-            :func:`~bpt_mm.burstiness_analysis.analyse_backbone`.
+            :func:`~bpt_mm.analysis.token_statistics.analyse_backbone`.
         block (int): Its index (for the title).
         path (str): The PNG to write.
         title (str, optional): Prefix of the figure title.
@@ -118,7 +119,8 @@ def markdown_summary(results: Dict[int, Dict[str, Any]],
     """Markdown: the settings, then one table per block.
 
     Args:
-        results (dict): :func:`~bpt_mm.burstiness_analysis.analyse_backbone`
+        results (dict):
+            :func:`~bpt_mm.analysis.token_statistics.analyse_backbone`
             output.
         header (dict): Settings to list first (config, checkpoint, ...).
 

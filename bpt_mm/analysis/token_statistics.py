@@ -1,7 +1,7 @@
 """Measure burstiness on a :class:`~bpt_mm.models.PromptedViT` (torch only).
 
 For each chosen block this runs images through the frozen backbone and
-measures, with :mod:`bpt_mm.burstiness`, the distributions of
+measures, with :mod:`bpt_mm.analysis.burstiness`, the distributions of
 
 * ``x``: the tokens ``X`` entering the block (those the whitening statistic
   uses: patches, before ``norm1`` by default; see
@@ -34,11 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bpt_mm.real_tokens import as_image_batch
+from bpt_mm.whitening import (WhiteningStatistics, condition_number,
+                              project_tokens, query_key_product,
+                              zca_whitening_matrix)
+from bpt_mm.whitening_collect import block_token_rows
+
 from .burstiness import describe
-from .whitening import (WhiteningStatistics, condition_number, project_tokens,
-                        query_key_product, zca_whitening_matrix)
-from .real_tokens import as_image_batch
-from .whitening_collect import block_token_rows
 
 __all__ = ['QUANTITIES', 'QUANTITY_LABELS', 'DEFAULT_EPS', 'resolve_blocks',
            'analyse_backbone']
@@ -147,8 +149,8 @@ def analyse_backbone(backbone: Any,
         ``condition_number``, ``whitening_identity_error`` (``||W Sigma W^T
         - I||_F / ||I||_F``), ``whitening_identity_max_error`` (largest
         entry of ``|W Sigma W^T - I|``), ``stats`` ({quantity:
-        :func:`bpt_mm.burstiness.describe`}), ``values`` ({quantity: the
-        float64 sample, for plots; not JSON}).
+        :func:`bpt_mm.analysis.burstiness.describe`}), ``values``
+        ({quantity: the float64 sample, for plots; not JSON}).
 
     Raises:
         ValueError: No image came out of ``batches``, or a bad argument.

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .utils import trainable_parameters
+from bpt_mm.utils import trainable_parameters
 
 __all__ = ['BUILTIN_VARIANTS', 'COLUMNS', 'variant_backbone', 'budget_row',
            'markdown_table', 'in_paper_units']
@@ -61,7 +61,7 @@ def variant_backbone(name: str, arch: Union[str, dict] = 'base',
     if name not in BUILTIN_VARIANTS:
         raise ValueError(f'unknown variant {name!r}; built-in variants: '
                          f'{list(BUILTIN_VARIANTS)}')
-    from .models import PromptedViT
+    from bpt_mm.models import PromptedViT
     prompt = dict(BUILTIN_VARIANTS[name])
     prompt.setdefault('num_tokens', num_tokens)
     with torch.device(device):
