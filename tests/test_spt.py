@@ -6,13 +6,9 @@ The toy backbone of ``tests/whitening_toy.py``: d = 32, 3 blocks, 32x32
 images with 8x8 patches (16 patch tokens per image).
 """
 import os.path as osp
-import time
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.launch import check_whitening_source
@@ -23,7 +19,7 @@ from bpt_mm.prototypes import (TokenReservoir, canonical_rows,
 from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
                                       prototype_blocks)
 from helpers import ROOT, SHORT, last_metrics, run, small_vit, tool
-from whitening_toy import toy_images, toy_runner
+from whitening_toy import run_two_processes, toy_images, toy_runner
 
 SHALLOW = dict(type='SPTPrompt', num_tokens=4)
 DEEP_KMEANS = dict(type='SPTPrompt', num_tokens=4, depth='deep',
@@ -198,54 +194,36 @@ def test_bounded_tokens_and_too_few_tokens_named():
 # ---------------------------------------------------------------------------
 # Two processes
 # ---------------------------------------------------------------------------
-def _two_process_worker(rank: int, world: int, init_file: str,
-                        out_dir: str) -> None:
+def _prototypes_of_my_half(rank: int, world: int, out_dir: str) -> None:
     """Each rank gives its half of the images, in the single process's
     batches."""
-    torch.set_num_threads(1)  # the parent's pool does not survive fork()
-    dist.init_process_group('gloo', init_method=f'file://{init_file}',
-                            rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        images = toy_images(16)
-        mine = images[rank * 8:(rank + 1) * 8]
-        out = {}
-        for name, prompt in (('shallow', SHALLOW), ('deep', DEEP_KMEANS)):
-            results = collect_prototypes(spt_backbone(prompt), mine.split(4),
-                                         num_images=8)
-            for block, r in results.items():
-                out[f'{name}.{block}'] = r['prototypes']
-                out[f'{name}.{block}.counts'] = torch.tensor(
-                    [r['num_images'], r['num_tokens'], r['num_kept']])
-        # Every other image, one per batch, as a DistributedSampler deals
-        # them: the sorted token set is the same as one process's.
-        dealt = collect_prototypes(spt_backbone(SHALLOW),
-                                   images[rank::world].split(1),
-                                   num_images=8)
-        out['dealt'] = dealt[0]['prototypes']
-        # A reservoir smaller than the tokens: the ranks still agree.
-        small = collect_prototypes(spt_backbone(SHALLOW), mine.split(4),
-                                   num_images=8, max_tokens=50)
-        out['small'] = small[0]['prototypes']
-        torch.save(out, f'{out_dir}/rank{rank}.pt')
-    finally:
-        dist.destroy_process_group()
+    images = toy_images(16)
+    mine = images[rank * 8:(rank + 1) * 8]
+    out = {}
+    for name, prompt in (('shallow', SHALLOW), ('deep', DEEP_KMEANS)):
+        results = collect_prototypes(spt_backbone(prompt), mine.split(4),
+                                     num_images=8)
+        for block, r in results.items():
+            out[f'{name}.{block}'] = r['prototypes']
+            out[f'{name}.{block}.counts'] = torch.tensor(
+                [r['num_images'], r['num_tokens'], r['num_kept']])
+    # Every other image, one per batch, as a DistributedSampler deals
+    # them: the sorted token set is the same as one process's.
+    dealt = collect_prototypes(spt_backbone(SHALLOW),
+                               images[rank::world].split(1),
+                               num_images=8)
+    out['dealt'] = dealt[0]['prototypes']
+    # A reservoir smaller than the tokens: the ranks still agree.
+    small = collect_prototypes(spt_backbone(SHALLOW), mine.split(4),
+                               num_images=8, max_tokens=50)
+    out['small'] = small[0]['prototypes']
+    torch.save(out, f'{out_dir}/rank{rank}.pt')
 
 
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('spt_dist')
-    ctx = mp.start_processes(
-        _two_process_worker, args=(2, str(out / 'pg_init'), str(out)),
-        nprocs=2, join=False, start_method='fork')
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):  # re-raises a child's exception
-            assert time.monotonic() < deadline, 'SPT workers hung'
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_two_processes(_prototypes_of_my_half, str(out), 'SPT', seconds=120)
     return out
 
 
