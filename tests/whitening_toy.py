@@ -55,11 +55,14 @@ class BPTWhiteningToyModel(BaseModel):
 
 @DATASETS.register_module(force=True)
 class BPTWhiteningToyDataset(Dataset):
-    """``num_images`` random images in [0, 1] with random labels."""
+    """``num_images`` random images in [0, 1] with random labels, or
+    uniform images of value ``fill`` when it is given."""
 
     def __init__(self, num_images: int = 16, seed: int = 0,
-                 num_classes: int = 3) -> None:
+                 num_classes: int = 3, fill: Optional[float] = None) -> None:
         self.images = toy_images(num_images, seed)
+        if fill is not None:
+            self.images.fill_(fill)
         self.labels = torch.randint(
             num_classes, (num_images, ),
             generator=torch.Generator().manual_seed(seed + 1))
