@@ -339,7 +339,8 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
                          f'{kmeans_iters!r}')
     rows = canonical_rows(rows.detach().cpu())
     distinct = _num_distinct(rows)
-    if init in ('sample', 'kmeans') and distinct < num:
+    # (fewer rows than prompts: each init's own count check says so)
+    if init in ('sample', 'kmeans') and distinct < num <= rows.shape[0]:
         raise ValueError(
             f'{name}: {num} SPT prototypes by init={init!r} would repeat '
             f'rows: the {rows.shape[0]} token rows hold only {distinct} '
