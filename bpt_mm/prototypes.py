@@ -166,10 +166,12 @@ def _check_enough(rows: Tensor, num: int, what: str) -> None:
 
 def sample_prototypes(rows: Tensor, num: int,
                       generator: torch.Generator) -> Tensor:
-    """``num`` distinct rows of ``rows`` drawn uniformly without replacement.
+    """``num`` distinct rows of ``rows`` drawn uniformly without replacement,
+    a row equal to one drawn already passed over.
 
     Args:
-        rows (Tensor): Tokens ``(N, d)``, ``N >= num``.
+        rows (Tensor): Tokens ``(N, d)`` holding at least ``num`` distinct
+            rows.
         num (int): Prototypes ``m``.
         generator (torch.Generator): Source of the draw (CPU).
 
