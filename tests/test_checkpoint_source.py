@@ -31,6 +31,7 @@ from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.models.checkpoint_source import local_checkpoint
 from bpt_mm.models.frozen_state import parse_extra_state
 from helpers import small_vit
+from whitening_toy import BPTWhiteningToyModel, toy_runner
 
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
 
@@ -255,7 +256,6 @@ def test_file_backend_checkpoint_read_like_a_local_file(memtest, tmp_path,
 
 def test_file_backend_checkpoint_as_load_from(memtest, tmp_path,
                                               one_thread):
-    from whitening_toy import BPTWhiteningToyModel, toy_runner
     files, _ = memtest
     torch.manual_seed(2)
     source = BPTWhiteningToyModel(backbone=dict())
