@@ -11,7 +11,11 @@ its modules, which imports the package first):
   (:func:`bpt_mm.engine.checkpoint_io.load_local_checkpoint`);
 * its loaders for URLs and model-zoo names (``https://``, ``open-mmlab://``,
   ``torchvision://``, ``mmcls://``...): downloaded into torch hub's cache,
-  then read by that same local loader instead of mmengine's full unpickling
+  then read by that same local loader instead of mmengine's full unpickling;
+  and for every other ``prefix://``: a prefix served by an
+  ``mmengine.fileio`` backend (``s3://``, ``petrel://``, a registered one)
+  is read by that backend into a temporary file and then by the same
+  local loader, any other (``pavi://``) is refused naming it
   (:func:`bpt_mm.models.checkpoint_source.install_remote_loaders`);
 * ``save_checkpoint`` as the Runner calls it: the message hub's history
   buffers and numpy values are written as plain tensors and numbers, so the
@@ -25,7 +29,8 @@ Setting the environment variable ``BPT_MM_PATCH_MMENGINE=0`` before the
 import leaves mmengine exactly as it is. bpt_mm's models and hooks still
 register and work; what is lost: mmengine's stock loader then refuses the
 checkpoints a Runner writes on torch >= 2.6 (their message hub), remote
-checkpoints are fully unpickled by mmengine, and saves are not atomic.
+checkpoints are read by mmengine's loaders (``torch.load`` without bpt_mm's
+limits), and saves are not atomic.
 """
 import os
 from typing import Dict
@@ -89,12 +94,13 @@ def installed_patches() -> Dict[str, bool]:
     """
     schemes = CheckpointLoader._schemes
     local = schemes.get('')
-    remote = schemes.get('https://')
     return {
         'local_loader': local is load_local_checkpoint,
-        'remote_loaders': remote is not None and
-        getattr(remote, '__module__', '') ==
-        'bpt_mm.models.checkpoint_source',
+        # every prefixed scheme (https://, s3://, pavi://...) is bpt_mm's
+        'remote_loaders': all(
+            getattr(loader, '__module__', '') ==
+            'bpt_mm.models.checkpoint_source'
+            for prefix, loader in schemes.items() if prefix),
         'plain_saver': runner_module.save_checkpoint is save_plain_checkpoint,
         'atomic_local_backend': backends.get('local') is AtomicLocalBackend,
     }

@@ -6,13 +6,22 @@ data's own tokens. Given the tokens ``X`` (N x d) collected from training
 images, :func:`compute_prototypes` returns ``m`` rows by one of:
 
 * ``'sample'``: ``m`` distinct rows of ``X`` drawn uniformly (the authors'
-  default, ``prompt_sample_type='random'``);
+  default, ``prompt_sample_type='random'``); a row that equals one drawn
+  already is passed over, so repeated tokens never give repeated prompts;
 * ``'kmeans'``: the ``m`` centres of k-means (k-means++ seeding, Lloyd
   iterations, float64 distances);
 * ``'mean_pool'`` / ``'max_pool'``: the rows of ``X`` split into ``m``
   random groups of (almost) equal size, each group averaged / maximised
   channel by channel. (The authors name pooling as an alternative without
   saying over what; this grouping is bpt_mm's reading.)
+
+The ``m`` prototypes must all differ: two equal prompts are one prompt
+counted twice. ``'sample'`` and ``'kmeans'`` can only give ``m`` different
+rows when ``X`` holds at least ``m`` distinct rows, so fewer (uniform
+images, say) are refused before anything is computed; the pooled inits can
+still give ``m`` different rows from fewer distinct tokens (groups of other
+mixtures), so for them, as for every init, the result itself is checked and
+refused when two prototypes are equal (e.g. every token the same).
 
 Every draw uses a ``torch.Generator`` seeded by the caller, so the result is
 a function of the token set and the seed. Memory is bounded by a
@@ -144,6 +153,10 @@ def canonical_rows(rows: Tensor) -> Tensor:
     return unique.repeat_interleave(counts, dim=0)
 
 
+#: Why the token rows are all the same, most likely.
+_UNIFORM = ' (every token the same: uniform images?)'
+
+
 def _check_enough(rows: Tensor, num: int, what: str) -> None:
     if rows.shape[0] < num:
         raise ValueError(f'{what}: {num} prototypes need at least {num} '
@@ -153,10 +166,12 @@ def _check_enough(rows: Tensor, num: int, what: str) -> None:
 
 def sample_prototypes(rows: Tensor, num: int,
                       generator: torch.Generator) -> Tensor:
-    """``num`` distinct rows of ``rows`` drawn uniformly without replacement.
+    """``num`` distinct rows of ``rows`` drawn uniformly without replacement,
+    a row equal to one drawn already passed over.
 
     Args:
-        rows (Tensor): Tokens ``(N, d)``, ``N >= num``.
+        rows (Tensor): Tokens ``(N, d)`` holding at least ``num`` distinct
+            rows.
         num (int): Prototypes ``m``.
         generator (torch.Generator): Source of the draw (CPU).
 
@@ -164,7 +179,19 @@ def sample_prototypes(rows: Tensor, num: int,
         Tensor: ``(num, d)``, in the dtype of ``rows``.
     """
     _check_enough(rows, num, 'sample')
-    pick = torch.randperm(rows.shape[0], generator=generator)[:num]
+    order = torch.randperm(rows.shape[0], generator=generator)
+    # Walk the shuffled rows and keep the first of each distinct value: a
+    # uniform draw without replacement that passes over repeats (with all
+    # rows distinct, the first ``num`` of the shuffle).
+    _, value = torch.unique(rows.cpu(), dim=0, return_inverse=True)
+    first = torch.full((int(value.max()) + 1, ), rows.shape[0],
+                       dtype=torch.int64)
+    first.scatter_reduce_(0, value[order], torch.arange(rows.shape[0]),
+                          reduce='amin')
+    if first.shape[0] < num:
+        raise ValueError(f'sample: {num} distinct rows asked, the rows hold '
+                         f'{first.shape[0]}')
+    pick = order[first.sort().values[:num]]
     return rows[pick.to(rows.device)].clone()
 
 
@@ -273,19 +300,31 @@ def pooled_prototypes(rows: Tensor, num: int, generator: torch.Generator,
     return torch.stack([g.amax(0) for g in groups])
 
 
+def _num_distinct(sorted_rows: Tensor) -> int:
+    """Distinct rows of lexicographically sorted ``sorted_rows``."""
+    if sorted_rows.shape[0] < 2:
+        return sorted_rows.shape[0]
+    changes = (sorted_rows[1:] != sorted_rows[:-1]).any(1)
+    return 1 + int(changes.sum())
+
+
 def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
-                       kmeans_iters: int = 50) -> Tensor:
+                       kmeans_iters: int = 50, name: str = 'tokens'
+                       ) -> Tensor:
     """``num`` prototypes of ``rows`` by ``init`` (see the module docstring).
 
     The rows are first put in :func:`canonical_rows` order; the draws come
-    from a CPU generator seeded with ``seed``.
+    from a CPU generator seeded with ``seed``. The ``num`` prototypes all
+    differ, or a ValueError says why not (the one home of that rule).
 
     Args:
         rows (Tensor): Tokens ``(N, d)``.
-        num (int): Prototypes ``m``.
+        num (int): Prototypes ``m`` (the prompt's ``num_tokens``).
         init (str): One of :data:`PROTOTYPE_INITS`.
         seed (int): Seed of the draws.
         kmeans_iters (int): Most Lloyd iterations of ``'kmeans'``.
+        name (str): Where the rows come from (e.g. ``'block 3'``), for the
+            messages.
 
     Returns:
         Tensor: ``(num, d)`` float32 on the CPU.
@@ -301,6 +340,17 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
         raise ValueError(f'`kmeans_iters` must be a positive int, got '
                          f'{kmeans_iters!r}')
     rows = canonical_rows(rows.detach().cpu())
+    distinct = _num_distinct(rows)
+    # (fewer rows than prompts: each init's own count check says so)
+    if init in ('sample', 'kmeans') and distinct < num <= rows.shape[0]:
+        raise ValueError(
+            f'{name}: {num} SPT prototypes by init={init!r} would repeat '
+            f'rows: the {rows.shape[0]} token rows hold only {distinct} '
+            f'distinct one(s), fewer than `prompt.num_tokens`={num}'
+            f'{_UNIFORM if distinct == 1 else ""}. Use more or other images '
+            '(`num_images`), fewer prompts (`prompt.num_tokens`)'
+            + (" or init='mean_pool' (groups of tokens averaged)"
+               if distinct > 1 else ''))
     generator = torch.Generator().manual_seed(seed)
     if init == 'sample':
         out = sample_prototypes(rows, num, generator)
@@ -312,6 +362,14 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
     out = out.to(torch.float32)
     if not bool(torch.isfinite(out).all()):  # pragma: no cover (guard)
         raise ValueError(f'{init} prototypes are not finite')
+    different = _num_distinct(canonical_rows(out))
+    if different < num:
+        raise ValueError(
+            f'{name}: init={init!r} gave only {different} different SPT '
+            f'prototype(s) of `prompt.num_tokens`={num} (the '
+            f'{rows.shape[0]} token rows hold {distinct} distinct one(s)'
+            f'{_UNIFORM if distinct == 1 else ""}). Use more or other images '
+            '(`num_images`) or fewer prompts (`prompt.num_tokens`)')
     return out
 
 

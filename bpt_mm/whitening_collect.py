@@ -726,7 +726,8 @@ def collect_prototypes(backbone: 'PromptedViT',
                                 ' or fewer prompts (`prompt.num_tokens`)')
                         solved = compute_prototypes(
                             rows, prompt.num_tokens, prompt.init,
-                            seed=seed + block, kmeans_iters=kmeans_iters)
+                            seed=seed + block, kmeans_iters=kmeans_iters,
+                            name=f'block {block}')
                     except Exception as exc:  # noqa: BLE001
                         error = exc
                 synchronise_errors(

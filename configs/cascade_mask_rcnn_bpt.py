@@ -15,6 +15,7 @@ _base_ = [
     './_base_/datasets/coco_instance_lsj_1024.py',
     './_base_/schedules/schedule_coco_36e.py',
     'mmdet::_base_/default_runtime.py',
+    './_base_/custom_hooks.py',
 ]
 
 model = dict(
@@ -24,18 +25,7 @@ model = dict(
             type='BilinearPrompt', num_tokens=100, rank=100,
             whitening_init=True)))
 
-custom_hooks = [
-    dict(type='TrainableParametersHook'),
-    dict(type='TrainableCheckpointHook'),
-    dict(type='RandomStateHook'),
-    # Stop at the first NaN/Inf loss or weight, before it is saved.
-    dict(type='FiniteCheckHook'),
-    # The paper's 100 images (100 x 4096 patches at 1024 px >> d = 768).
-    dict(type='BPTWhiteningHook', num_images=100),
-    # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a
-    # trained W; every logger interval (50).
-    dict(type='PromptStatsHook', interval=50),
-]
+custom_hooks = _base_.bpt_hooks
 
 # Evaluate every 6 epochs (and after the last); keep the last 3 checkpoints.
 default_hooks = dict(checkpoint=dict(interval=6, max_keep_ckpts=3))

@@ -6,13 +6,4 @@
 _base_ = './cascade_mask_rcnn_bpt.py'
 
 model = dict(backbone=dict(prompt=dict(whitening_init=False)))
-custom_hooks = [
-    dict(type='TrainableParametersHook'),
-    dict(type='TrainableCheckpointHook'),
-    dict(type='RandomStateHook'),
-    # Stop at the first NaN/Inf loss or weight, before it is saved.
-    dict(type='FiniteCheckHook'),
-    # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a
-    # trained W; every logger interval (50).
-    dict(type='PromptStatsHook', interval=50),
-]
+custom_hooks = _base_.bpt_random_hooks

@@ -4,10 +4,4 @@
 _base_ = './mask_rcnn_bpt.py'
 
 model = dict(backbone=dict(prompt=None))
-custom_hooks = [
-    dict(type='TrainableParametersHook'),
-    dict(type='TrainableCheckpointHook'),
-    dict(type='RandomStateHook'),
-    # Stop at the first NaN/Inf loss or weight, before it is saved.
-    dict(type='FiniteCheckHook'),
-]
+custom_hooks = _base_.frozen_hooks

@@ -8,6 +8,7 @@ _base_ = [
     'mmseg::_base_/datasets/ade20k.py',
     './_base_/schedules/schedule_ade20k_160k.py',
     'mmseg::_base_/default_runtime.py',
+    './_base_/custom_hooks.py',
 ]
 
 crop_size = (512, 512)
@@ -24,15 +25,4 @@ train_dataloader = dict(batch_size=2)
 val_dataloader = dict(batch_size=1)
 test_dataloader = val_dataloader
 
-custom_hooks = [
-    dict(type='TrainableParametersHook'),
-    dict(type='TrainableCheckpointHook'),
-    dict(type='RandomStateHook'),
-    # Stop at the first NaN/Inf loss or weight, before it is saved.
-    dict(type='FiniteCheckHook'),
-    # 100 images x 1024 patches (512 px crops) >> d = 768.
-    dict(type='BPTWhiteningHook', num_images=100),
-    # Per prompted block: |P~|, kurtosis of the prompt logits, drift of a
-    # trained W; every logger interval (50).
-    dict(type='PromptStatsHook', interval=50),
-]
+custom_hooks = _base_.bpt_hooks

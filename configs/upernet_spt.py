@@ -11,11 +11,4 @@ _base_ = './upernet_vpt.py'
 model = dict(
     backbone=dict(
         prompt=dict(_delete_=True, type='SPTPrompt', num_tokens=100)))
-custom_hooks = [
-    dict(type='TrainableParametersHook'),
-    dict(type='TrainableCheckpointHook'),
-    dict(type='RandomStateHook'),
-    # Stop at the first NaN/Inf loss or weight, before it is saved.
-    dict(type='FiniteCheckHook'),
-    dict(type='BPTWhiteningHook', num_images=100),
-]
+custom_hooks = _base_.spt_hooks

@@ -6,10 +6,4 @@ _base_ = './upernet_bpt.py'
 model = dict(
     backbone=dict(
         prompt=dict(_delete_=True, type='VPTPrompt', num_tokens=100)))
-custom_hooks = [
-    dict(type='TrainableParametersHook'),
-    dict(type='TrainableCheckpointHook'),
-    dict(type='RandomStateHook'),
-    # Stop at the first NaN/Inf loss or weight, before it is saved.
-    dict(type='FiniteCheckHook'),
-]
+custom_hooks = _base_.frozen_hooks

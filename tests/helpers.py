@@ -15,6 +15,7 @@ import uuid
 from types import ModuleType
 from typing import Dict, List, Tuple
 
+import pytest
 import torch
 from mmengine.config import Config
 
@@ -35,6 +36,11 @@ SHORT = ['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
 # with 8x8 patches give 16 patch tokens.
 SMALL = dict(embed_dims=32, num_layers=3, num_heads=2, mlp_ratio=2.0)
 IMG = 32
+
+#: The devices a test runs on, for ``pytest.mark.parametrize('device',
+#: DEVICES)``: the CUDA case is skipped (and counted) where CUDA is absent.
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs CUDA'))]
 
 
 def small_vit(prompt=None, **kwargs) -> PromptedViT:
@@ -161,21 +167,24 @@ def assert_same_outputs_and_grads(got: torch.Tensor, expected: torch.Tensor,
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def block_and_inputs(window: int, num_prefix: int) -> Tuple:
+def block_and_inputs(window: int, num_prefix: int,
+                     device: str = 'cpu') -> Tuple:
     """Block 0 of a seeded small ViT and random inputs for it: ``(block,
     grid, prefix, patches, deep)`` on a 4x6 grid, 2 images.
 
     Args:
         window: the window size of the ViT (0: global attention).
         num_prefix: the number of prefix tokens (class token, prompts).
+        device: where the block and the inputs are; they are drawn on the
+            CPU, so every device gets the same values.
     """
     torch.manual_seed(0)
     model = small_vit(window_size=window).eval()
-    block = model.blocks[0]
+    block = model.blocks[0].to(device)
     grid = (4, 6)
-    prefix = torch.randn(2, num_prefix, 32, requires_grad=True)
-    patches = torch.randn(2, grid[0] * grid[1], 32)
-    deep = torch.randn(1, 3, 32, requires_grad=True)
+    prefix = torch.randn(2, num_prefix, 32).to(device).requires_grad_()
+    patches = torch.randn(2, grid[0] * grid[1], 32).to(device)
+    deep = torch.randn(1, 3, 32).to(device).requires_grad_()
     return block, grid, prefix, patches, deep
 
 

@@ -8,8 +8,8 @@ from bpt_mm.models import attention, vit
 from bpt_mm.models.attention import (attention_frozen_self_keys,
                                      attention_with_logsumexp,
                                      prompted_block_forward)
-from helpers import (assert_same_outputs_and_grads, block_and_inputs,
-                     count_calls, small_vit)
+from helpers import (DEVICES, assert_same_outputs_and_grads,
+                     block_and_inputs, count_calls, small_vit)
 
 
 # Tiny tensors gain nothing from threads, and the machine is shared.
@@ -48,11 +48,13 @@ def test_frozen_self_keys_match_sdpa_outputs_and_extra_grads(use_fused,
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.usefixtures('exact_fp32_matmul')
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('window', [0, 4])
 @pytest.mark.parametrize('with_deep', [False, True])
 def test_block_with_frozen_patches_equals_plain_block(window, with_deep,
-                                                      monkeypatch):
-    block, grid, prefix, patches, deep = block_and_inputs(window, 5)
+                                                      device, monkeypatch):
+    block, grid, prefix, patches, deep = block_and_inputs(window, 5, device)
     kv_tokens = deep if with_deep else None
     x = torch.cat([prefix, patches], 1)
     plain = prompted_block_forward(block, x, kv_tokens, window, 5, grid)

@@ -120,6 +120,18 @@ def few_tokens_run(tmp: str) -> None:
                checkpoint_interval=None, log_interval=None).train()
 
 
+def uniform_spt_run(tmp: str) -> None:
+    """Training whose BPTWhiteningHook initialises 4 k-means SPT prompts
+    from uniform images: every patch embedding the same."""
+    toy_runner(tmp, dict(type='SPTPrompt', num_tokens=4, init='kmeans'),
+               [dict(type='BPTWhiteningHook', num_images=4)],
+               dataset=dict(type='BPTWhiteningToyDataset', num_images=4,
+                            fill=0.5),
+               batch_size=2, max_iters=1, lr=0.1, seed=None,
+               default_hooks=dict(checkpoint=None, logger=None),
+               checkpoint_interval=None, log_interval=None).train()
+
+
 def tiny_config(edit=None) -> Config:
     cfg = Config.fromfile(TINY_MASK_RCNN)
     if edit:
@@ -432,6 +444,9 @@ CASES = [
     Case('hook-whitening-on-fewer-tokens-than-channels', few_tokens_run,
          ValueError, [r'block 0', r'only 16 tokens from 1 images',
                       r'd=32', r'at least 32 tokens']),
+    Case('hook-spt-prompts-from-uniform-images', uniform_spt_run,
+         ValueError, [r'block 0', r'only 1 distinct',
+                      r'`prompt\.num_tokens`=4', r'`num_images`']),
     Case('whitening-features-with-nan',
          lambda t: collect_whitening(
              deep_toy(),

@@ -2,19 +2,28 @@
 
 URLs are served by a local HTTP server (no network needed); model-zoo
 names through ``$MMENGINE_HOME/open_mmlab.json``, which mmengine reads for
-``open-mmlab://`` names. A download is read by the same weights-only
-readers as a local file, so a pickle that would run code is refused.
+``open-mmlab://`` names; file-backend names by a test-only mmengine file
+backend (``memtest://``) serving bytes from a dict. Whatever the route, the
+file is read by the same weights-only readers as a local file, so a pickle
+that would run code is refused.
 """
 import copy
 import functools
 import http.server
+import io
 import json
 import os
+import tempfile
 import threading
+import warnings
+import zipfile
+from typing import Dict
 
 import pytest
 import torch
-from mmengine.runner.checkpoint import CheckpointLoader
+from mmengine.fileio import BaseStorageBackend, register_backend
+from mmengine.fileio.backends import registry_utils
+from mmengine.runner.checkpoint import CheckpointLoader, load_checkpoint
 
 import bpt_mm  # noqa: F401  installs the loaders
 from bpt_mm.models import PromptedViT
@@ -22,6 +31,7 @@ from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.models.checkpoint_source import local_checkpoint
 from bpt_mm.models.frozen_state import parse_extra_state
 from helpers import small_vit
+from whitening_toy import BPTWhiteningToyModel, toy_runner
 
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
 
@@ -116,14 +126,165 @@ def test_model_zoo_names_resolve_through_mmengines_tables(
     with open(home / 'open_mmlab.json', 'w') as f:
         json.dump({'my_vit': 'my_vit.pth'}, f)
     monkeypatch.setenv('MMENGINE_HOME', str(home))
-    assert local_checkpoint('open-mmlab://my_vit') == str(home / 'my_vit.pth')
+    with local_checkpoint('open-mmlab://my_vit') as path:
+        assert path == str(home / 'my_vit.pth')
     vit(dict(type='Pretrained', checkpoint='open-mmlab://my_vit')
         ).init_weights()
-    with pytest.raises(KeyError, match='no_such_model'):
-        local_checkpoint('open-mmlab://no_such_model')
-    with pytest.raises(ValueError, match='s3://bucket/vit.pth'):
-        local_checkpoint('s3://bucket/vit.pth')
-    assert local_checkpoint('relative/vit.pth') == 'relative/vit.pth'
+    with pytest.raises(KeyError, match='no_such_model'), \
+            local_checkpoint('open-mmlab://no_such_model'):
+        pass
+    # mmengine's s3 backend needs petrel_client, not installed here
+    with pytest.raises(ValueError, match='s3://bucket/vit.pth'), \
+            local_checkpoint('s3://bucket/vit.pth'):
+        pass
+    with local_checkpoint('relative/vit.pth') as path:
+        assert path == 'relative/vit.pth'
+
+
+# ---------------------------------------------------------------------------
+# Names served by an mmengine file backend (s3://, petrel://, registered)
+# ---------------------------------------------------------------------------
+class _MemoryBackend(BaseStorageBackend):
+    """A test-only mmengine file backend serving bytes from a dict."""
+    files: Dict[str, bytes] = {}
+
+    def get(self, filepath) -> bytes:
+        if str(filepath) not in self.files:
+            raise FileNotFoundError(f'no such object: {filepath}')
+        return self.files[str(filepath)]
+
+    def get_text(self, filepath, encoding='utf-8') -> str:
+        return self.get(filepath).decode(encoding)
+
+
+@pytest.fixture
+def memtest(tmp_path, monkeypatch):
+    """The ``memtest://`` prefix served from a dict (name -> bytes), and
+    temporary files made in ``tmp_path / 'tmp'`` (empty again after each
+    read)."""
+    register_backend('memtest', _MemoryBackend, prefixes='memtest',
+                     force=True)
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+    try:
+        yield _MemoryBackend.files, scratch
+    finally:
+        _MemoryBackend.files.clear()
+        registry_utils.backends.pop('memtest', None)
+        registry_utils.prefix_to_backends.pop('memtest', None)
+
+
+def saved_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def with_a_member_twice(data: bytes) -> bytes:
+    """The zip archive ``data`` with its first member written twice."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, \
+            zipfile.ZipFile(out, 'w') as dst:
+        infos = src.infolist()
+        for info in infos:
+            dst.writestr(info, src.read(info))
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # zipfile: duplicate name
+            dst.writestr(infos[0], src.read(infos[0]))
+    return out.getvalue()
+
+
+def test_file_backend_checkpoint_read_like_a_local_file(memtest, tmp_path,
+                                                         one_thread):
+    files, scratch = memtest
+    torch.manual_seed(1)
+    source = vit()
+    files['memtest://bucket/vit.pth'] = saved_bytes(
+        {'model': source.state_dict()})
+    files['memtest://bucket/ckpt.pth'] = saved_bytes(
+        {'state_dict': source.state_dict(), 'meta': {'iter': 2}})
+    marker = tmp_path / 'PWNED'
+    files['memtest://bucket/evil.pth'] = saved_bytes(
+        {'x': RunsCode(marker), 'model': source.state_dict()})
+    files['memtest://bucket/twice.pth'] = with_a_member_twice(
+        files['memtest://bucket/vit.pth'])
+
+    def same_weights(model):
+        return all(torch.equal(model.state_dict()[k], v)
+                   for k, v in source.state_dict().items()
+                   if k != '_extra_state')
+
+    # init_cfg=dict(type='Pretrained', ...)
+    remote = vit(dict(type='Pretrained',
+                      checkpoint='memtest://bucket/vit.pth'))
+    remote.init_weights()
+    assert same_weights(remote)
+    record = parse_extra_state(remote.get_extra_state(), 'record')
+    assert record['pretrained_checkpoint'] == 'memtest://bucket/vit.pth'
+    # mmengine's load_checkpoint (what load_from and tools/test.py use),
+    # also with a cluster name before the prefix, as mmengine allows
+    for name in ('memtest://bucket/ckpt.pth',
+                 'cluster:memtest://bucket/ckpt.pth'):
+        if name.startswith('cluster:'):
+            files[name] = files['memtest://bucket/ckpt.pth']
+        model = vit()
+        load_checkpoint(model, name, map_location='cpu')
+        assert same_weights(model), name
+    assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+    # refused exactly as a local file, the message naming the remote name
+    routes = {
+        'init_cfg': lambda name: vit(dict(type='Pretrained',
+                                          checkpoint=name)).init_weights(),
+        'load_checkpoint': lambda name: load_checkpoint(vit(), name),
+    }
+    for route, load in routes.items():
+        with pytest.raises(CheckpointError, match=(
+                r"refusing to execute code from .*'memtest://bucket/"
+                r"evil\.pth'")):
+            load('memtest://bucket/evil.pth')
+        with pytest.raises(CheckpointError, match=(
+                r"'memtest://bucket/twice\.pth': its zip archive holds "
+                r'members of the same name more than once')):
+            load('memtest://bucket/twice.pth')
+        with pytest.raises(FileNotFoundError, match='memtest://bucket/none'):
+            load('memtest://bucket/none.pth')
+    assert not marker.exists()
+    assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+
+def test_file_backend_checkpoint_as_load_from(memtest, tmp_path,
+                                              one_thread):
+    files, _ = memtest
+    torch.manual_seed(2)
+    source = BPTWhiteningToyModel(backbone=dict())
+    files['memtest://runs/iter_2.pth'] = saved_bytes(
+        {'state_dict': source.state_dict(), 'meta': {'iter': 2}})
+    files['memtest://runs/evil.pth'] = saved_bytes(
+        {'state_dict': {'x': RunsCode(tmp_path / 'PWNED')}})
+    runner = toy_runner(tmp_path / 'good',
+                        load_from='memtest://runs/iter_2.pth')
+    runner.load_or_resume()  # what Runner.train() does before training
+    for key, value in source.state_dict().items():
+        assert torch.equal(runner.model.state_dict()[key], value), key
+    runner = toy_runner(tmp_path / 'evil', load_from='memtest://runs/evil.pth')
+    with pytest.raises(CheckpointError, match=(
+            r"refusing to execute code from .*'memtest://runs/evil\.pth'")):
+        runner.load_or_resume()
+    assert not (tmp_path / 'PWNED').exists()
+
+
+@pytest.mark.parametrize('name', ['pavi://models/vit.pth',
+                                  'nosuch://bucket/vit.pth'])
+def test_prefix_without_a_file_backend_is_refused_by_name(name):
+    prefix = name.split('://')[0] + '://'
+    pattern = (rf"checkpoint '{name}': no mmengine file backend serves the "
+               rf"prefix '{prefix}'.*download the file.*register_backend")
+    with pytest.raises(ValueError, match=pattern):
+        CheckpointLoader.load_checkpoint(name)
+    with pytest.raises(ValueError, match=pattern):
+        vit(dict(type='Pretrained', checkpoint=name)).init_weights()
 
 
 def test_mmseg_base_pretrained_is_refused_at_build(tmp_path):

@@ -1,8 +1,11 @@
-"""The CUDA paths: attention shortcuts, AMP train steps, whitening, the
-deep-prompt key/value cache and the benchmark's CUDA memory.
+"""The CUDA paths: attention shortcuts, AMP train steps, whitening and the
+benchmark's CUDA memory.
 
 Every test here needs a CUDA device and is skipped (and counted as skipped
-in pytest's summary) without one. tools/gpu_check.sh runs them on a GPU.
+in pytest's summary) without one. tools/gpu_check.sh runs them on a GPU,
+with the CUDA cases of the CPU tests that take a ``device`` parameter
+(helpers.DEVICES): the frozen-patch block and the deep-prompt key/value
+cache.
 """
 import copy
 import json
@@ -16,18 +19,20 @@ import torch.nn.functional as F
 
 from bpt_mm.models import attention
 from bpt_mm.models.attention import (attention_frozen_self_keys,
-                                     attention_with_logsumexp,
-                                     prompted_block_forward)
+                                     attention_with_logsumexp)
 from bpt_mm.whitening import (WhiteningStatistics, project_tokens,
                               query_key_product, whitening_from_tokens,
                               zca_whitening_matrix)
 from bpt_mm.whitening_collect import collect_whitening
-from helpers import (ROOT, assert_same_outputs_and_grads, block_and_inputs,
-                     count_calls, small_vit)
+from helpers import (ROOT, assert_same_outputs_and_grads, count_calls,
+                     small_vit)
 from whitening_toy import deep_backbone, toy_images
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason='needs CUDA')
+# exact_fp32_matmul (conftest.py): the comparisons hold to 1e-5, which
+# TF32 would not.
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason='needs CUDA'),
+              pytest.mark.usefixtures('exact_fp32_matmul')]
 
 CUDA = torch.device('cuda')
 #: One prompt config of each kind, shallow and deep.
@@ -42,24 +47,6 @@ PROMPTS = {
                                    rank=3, depth='deep',
                                    whitening_init=True),
 }
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_matmul():
-    """Plain fp32 matmuls and convolutions (no TF32): the comparisons below
-    hold to 1e-5, which TF32's 10-bit mantissa would not."""
-    saved = (torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    (torch.backends.cuda.matmul.allow_tf32,
-     torch.backends.cudnn.allow_tf32) = saved
-
-
-def leaf(t, device=CUDA):
-    """``t`` moved to ``device`` as a new leaf that keeps requires_grad."""
-    return t.detach().to(device).requires_grad_(t.requires_grad)
 
 
 # ------------------------------------------------------ attention shortcuts
@@ -95,24 +82,6 @@ def test_frozen_self_keys_on_cuda_match_sdpa_outputs_and_grads(monkeypatch):
                                         ek.detach().cpu(), ev.detach().cpu())
     torch.testing.assert_close(got.detach().cpu(), on_cpu, atol=1e-5,
                                rtol=1e-5)
-
-
-@pytest.mark.parametrize('window', [0, 4])
-@pytest.mark.parametrize('with_deep', [False, True])
-def test_block_with_frozen_patches_on_cuda_equals_plain_block(
-        window, with_deep, monkeypatch):
-    block, grid, prefix, patches, deep = block_and_inputs(window, 5)
-    block = block.to(CUDA)
-    prefix, patches, deep = leaf(prefix), leaf(patches), leaf(deep)
-    kv_tokens = deep if with_deep else None
-    x = torch.cat([prefix, patches], 1)
-    plain = prompted_block_forward(block, x, kv_tokens, window, 5, grid)
-    calls = count_calls(monkeypatch, 'attention_frozen_self_keys')
-    fast = prompted_block_forward(block, x, kv_tokens, window, 5, grid,
-                                  frozen_patches=True)
-    assert calls, 'the frozen-patch shortcut was not taken'
-    assert_same_outputs_and_grads(fast, plain,
-                                  [prefix, deep] if with_deep else [prefix])
 
 
 def test_shallow_forward_on_cuda_takes_shortcuts_and_matches_cpu(
@@ -255,42 +224,6 @@ def test_collected_whitening_on_cuda_equals_cpu():
         for key in ('whitening', 'sigma'):
             assert_close_rel(got[block][key], expected[block][key])
         assert on_cuda.prompts[str(block)].whitening.device.type == 'cuda'
-
-
-# ------------------------------------------------- deep-prompt K/V cache
-def test_inference_cache_of_deep_prompts_on_cuda():
-    torch.manual_seed(0)
-    model = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=3,
-                                  rank=2, depth='deep')).eval()
-    x = torch.rand(2, 3, 32, 48)
-    with torch.no_grad():
-        model(x)  # fills the cache with CPU tensors
-    model.to(CUDA)
-    x = x.to(CUDA)
-
-    def uncached():
-        with torch.enable_grad():
-            return model(x)[0].detach()
-
-    with torch.no_grad():
-        first = model(x)[0]
-        kv = {i: entry[1] for i, entry in model._prompt_kv_cache.items()}
-        again = model(x)[0]
-    # moving the model made the CPU entries stale: recomputed on CUDA
-    assert sorted(kv) == [0, 1, 2]
-    assert all(t.device.type == 'cuda' for pair in kv.values() for t in pair)
-    assert all(model._prompt_kv_cache[i][1] is kv[i] for i in kv)
-    assert torch.equal(first, again)
-    torch.testing.assert_close(first, uncached(), rtol=0, atol=1e-6)
-
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=1.0)
-    model(x)[0].sum().backward()
-    optimizer.step()
-    with torch.no_grad():
-        stepped = model(x)[0]
-    assert not torch.allclose(stepped, first)
-    torch.testing.assert_close(stepped, uncached(), rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------- benchmark

@@ -44,7 +44,12 @@ def test_dry_run_lists_each_step_and_runs_nothing(tmp_path):
     assert tests[1:4] == ['-m', 'pytest', 'tests/test_cuda.py']
     for path in tests[3:]:
         if path.startswith('tests/'):
-            assert osp.isfile(osp.join(ROOT, path)), path
+            # a file, or a test of it (file::name)
+            file, _, name = path.partition('::')
+            assert osp.isfile(osp.join(ROOT, file)), path
+            if name:
+                with open(osp.join(ROOT, file)) as f:
+                    assert f'def {name}(' in f.read(), path
 
     train = commands['mask_rcnn_amp']
     args = _tool('train').parse_args(train[2:])

@@ -6,24 +6,21 @@ The toy backbone of ``tests/whitening_toy.py``: d = 32, 3 blocks, 32x32
 images with 8x8 patches (16 patch tokens per image).
 """
 import os.path as osp
-import time
-from datetime import timedelta
+import re
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.launch import check_whitening_source
 from bpt_mm.models import SPTPrompt, WhiteningNotReadyError
 from bpt_mm.analysis.param_budget import budget_row, variant_backbone
 from bpt_mm.prototypes import (TokenReservoir, canonical_rows,
-                               compute_prototypes)
+                               compute_prototypes, kmeans_prototypes)
 from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
                                       prototype_blocks)
 from helpers import ROOT, SHORT, last_metrics, run, small_vit, tool
-from whitening_toy import toy_images, toy_runner
+from whitening_toy import run_two_processes, toy_images, toy_runner
 
 SHALLOW = dict(type='SPTPrompt', num_tokens=4)
 DEEP_KMEANS = dict(type='SPTPrompt', num_tokens=4, depth='deep',
@@ -76,10 +73,53 @@ def test_kmeans_recovers_known_clusters():
 
 
 def test_kmeans_more_clusters_than_distinct_points_still_gives_m():
+    # k-means itself copes (repeated centres) ...
     rows = torch.cat([torch.zeros(6, 3), torch.ones(6, 3)])
-    got = compute_prototypes(rows, 4, 'kmeans', seed=0)
+    got = kmeans_prototypes(rows, 4, torch.Generator().manual_seed(0))
     assert got.shape == (4, 3) and bool(torch.isfinite(got).all())
     assert {tuple(r) for r in got.tolist()} == {(0., 0., 0.), (1., 1., 1.)}
+    # ... but repeated prompts are refused (test_fewer_distinct_tokens_...)
+    with pytest.raises(ValueError, match='only 2 distinct'):
+        compute_prototypes(rows, 4, 'kmeans', seed=0)
+
+
+@pytest.mark.parametrize('init', ['sample', 'kmeans'])
+def test_fewer_distinct_tokens_than_prompts_refused_by_name(init):
+    two = torch.cat([torch.zeros(6, 3), torch.ones(6, 3)])
+    with pytest.raises(ValueError, match=(
+            rf"block 3: 4 SPT prototypes by init='{init}' would repeat rows: "
+            r'the 12 token rows hold only 2 distinct one\(s\), fewer than '
+            r'`prompt.num_tokens`=4\. Use more or other images '
+            r"\(`num_images`\), fewer prompts \(`prompt.num_tokens`\) or "
+            r"init='mean_pool'")):
+        compute_prototypes(two, 4, init, seed=0, name='block 3')
+    # uniform images: every row the same, and mean_pool is no way out
+    with pytest.raises(ValueError, match=r'only 1 distinct .*uniform images'
+                       ) as info:
+        compute_prototypes(torch.ones(12, 3), 2, init, seed=0)
+    assert 'mean_pool' not in str(info.value)
+    # as many distinct rows as prompts is enough
+    got = compute_prototypes(two, 2, init, seed=0)
+    assert {tuple(r) for r in got.tolist()} == {(0., 0., 0.), (1., 1., 1.)}
+
+
+def test_pooled_prototypes_from_few_distinct_tokens_only_if_they_differ():
+    two = torch.cat([torch.zeros(50, 2), torch.ones(50, 2)])
+    # 4 random groups of 25 rows: other mixtures, other means
+    mean = compute_prototypes(two, 4, 'mean_pool', seed=0)
+    assert len({tuple(r) for r in mean.tolist()}) == 4
+    # but each group of 50 holds both rows: the same maximum twice
+    with pytest.raises(ValueError, match=(
+            r"tokens: init='max_pool' gave only 1 different SPT "
+            r'prototype\(s\) of `prompt.num_tokens`=2 \(the 100 token rows '
+            r'hold 2 distinct one\(s\)\)\. Use more or other images')):
+        compute_prototypes(torch.cat([torch.tensor([[1., 0.], [0., 1.]])
+                                      .repeat(50, 1)]), 2, 'max_pool',
+                           seed=0)
+    for init in ('mean_pool', 'max_pool'):
+        with pytest.raises(ValueError, match=r'gave only 1 different .*'
+                           r'hold 1 distinct .*uniform images'):
+            compute_prototypes(torch.ones(12, 3), 2, init, seed=0)
 
 
 def test_sample_draws_distinct_rows_seeded_and_order_free():
@@ -91,6 +131,21 @@ def test_sample_draws_distinct_rows_seeded_and_order_free():
                                                seed=0))
     assert not torch.equal(got, compute_prototypes(rows, 7, 'sample',
                                                    seed=1))
+    # distinct rows: the first 7 of a seeded shuffle of the sorted rows
+    first = torch.randperm(len(rows), generator=torch.Generator()
+                           .manual_seed(0))[:7]
+    assert torch.equal(got, canonical_rows(rows)[first])
+
+
+def test_sample_passes_over_repeated_rows():
+    # one row 100 times and two others once: a plain draw of 3 rows would
+    # almost always repeat the first
+    rows = torch.cat([torch.zeros(100, 2), torch.tensor([[1., 0.],
+                                                         [0., 1.]])])
+    for seed in range(5):
+        got = compute_prototypes(rows, 3, 'sample', seed=seed)
+        assert {tuple(r) for r in got.tolist()} == \
+            {(0., 0.), (1., 0.), (0., 1.)}
 
 
 def test_pooled_prototypes_partition_the_rows():
@@ -195,57 +250,66 @@ def test_bounded_tokens_and_too_few_tokens_named():
     assert not bool(many.prompts['0'].prototypes_ready)
 
 
+@pytest.mark.parametrize('init', ['sample', 'kmeans', 'mean_pool',
+                                  'max_pool'])
+def test_uniform_images_give_no_repeated_prompts(init):
+    uniform = torch.full((4, 3, 32, 32), 0.5)
+    shallow = spt_backbone(dict(SHALLOW, init=init))
+    # the patch embeddings of uniform images are all one row
+    with pytest.raises(ValueError, match=r'block 0: .*`prompt.num_tokens`=4'
+                       r'.*uniform images\?.*`num_images`'):
+        collect_prototypes(shallow, uniform.split(2), num_images=4)
+    assert not bool(shallow.prompts['0'].prototypes_ready)
+    # the tokens entering a block carry the position embedding: 16 distinct
+    # rows per image, enough for 4 different prompts
+    deep = spt_backbone(dict(DEEP_KMEANS, init=init))
+    results = collect_prototypes(deep, uniform.split(2), num_images=4)
+    for r in results.values():
+        assert len({tuple(p) for p in r['prototypes'].tolist()}) == 4
+
+
 # ---------------------------------------------------------------------------
 # Two processes
 # ---------------------------------------------------------------------------
-def _two_process_worker(rank: int, world: int, init_file: str,
-                        out_dir: str) -> None:
+def _prototypes_of_my_half(rank: int, world: int, out_dir: str) -> None:
     """Each rank gives its half of the images, in the single process's
     batches."""
-    torch.set_num_threads(1)  # the parent's pool does not survive fork()
-    dist.init_process_group('gloo', init_method=f'file://{init_file}',
-                            rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    images = toy_images(16)
+    mine = images[rank * 8:(rank + 1) * 8]
+    out = {}
+    for name, prompt in (('shallow', SHALLOW), ('deep', DEEP_KMEANS)):
+        results = collect_prototypes(spt_backbone(prompt), mine.split(4),
+                                     num_images=8)
+        for block, r in results.items():
+            out[f'{name}.{block}'] = r['prototypes']
+            out[f'{name}.{block}.counts'] = torch.tensor(
+                [r['num_images'], r['num_tokens'], r['num_kept']])
+    # Every other image, one per batch, as a DistributedSampler deals
+    # them: the sorted token set is the same as one process's.
+    dealt = collect_prototypes(spt_backbone(SHALLOW),
+                               images[rank::world].split(1),
+                               num_images=8)
+    out['dealt'] = dealt[0]['prototypes']
+    # A reservoir smaller than the tokens: the ranks still agree.
+    small = collect_prototypes(spt_backbone(SHALLOW), mine.split(4),
+                               num_images=8, max_tokens=50)
+    out['small'] = small[0]['prototypes']
+    torch.save(out, f'{out_dir}/rank{rank}.pt')
+    # Uniform images: rank 0 refuses, and every rank stops with its reason.
     try:
-        images = toy_images(16)
-        mine = images[rank * 8:(rank + 1) * 8]
-        out = {}
-        for name, prompt in (('shallow', SHALLOW), ('deep', DEEP_KMEANS)):
-            results = collect_prototypes(spt_backbone(prompt), mine.split(4),
-                                         num_images=8)
-            for block, r in results.items():
-                out[f'{name}.{block}'] = r['prototypes']
-                out[f'{name}.{block}.counts'] = torch.tensor(
-                    [r['num_images'], r['num_tokens'], r['num_kept']])
-        # Every other image, one per batch, as a DistributedSampler deals
-        # them: the sorted token set is the same as one process's.
-        dealt = collect_prototypes(spt_backbone(SHALLOW),
-                                   images[rank::world].split(1),
-                                   num_images=8)
-        out['dealt'] = dealt[0]['prototypes']
-        # A reservoir smaller than the tokens: the ranks still agree.
-        small = collect_prototypes(spt_backbone(SHALLOW), mine.split(4),
-                                   num_images=8, max_tokens=50)
-        out['small'] = small[0]['prototypes']
-        torch.save(out, f'{out_dir}/rank{rank}.pt')
-    finally:
-        dist.destroy_process_group()
+        collect_prototypes(spt_backbone(SHALLOW),
+                           torch.full_like(mine, 0.5).split(4), num_images=8)
+        message = 'no error'
+    except RuntimeError as exc:
+        message = str(exc)
+    with open(f'{out_dir}/uniform{rank}.txt', 'w') as f:
+        f.write(message)
 
 
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('spt_dist')
-    ctx = mp.start_processes(
-        _two_process_worker, args=(2, str(out / 'pg_init'), str(out)),
-        nprocs=2, join=False, start_method='fork')
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):  # re-raises a child's exception
-            assert time.monotonic() < deadline, 'SPT workers hung'
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_two_processes(_prototypes_of_my_half, str(out), 'SPT', seconds=120)
     return out
 
 
@@ -271,9 +335,35 @@ def test_two_processes_equal_one_and_agree(two_process_run):
     assert ranks[0]['small'].shape == (4, 32)
 
 
+def test_two_processes_refuse_uniform_images_alike(two_process_run):
+    for rank in range(2):
+        message = (two_process_run / f'uniform{rank}.txt').read_text()
+        assert re.search(r'rank\(s\) \[0\] while computing the SPT '
+                         r'prototypes of block 0 .*block 0: 4 SPT prototypes '
+                         r"by init='sample' would repeat rows: the 256 token "
+                         r'rows hold only 1 distinct', message), \
+            (rank, message)
+
+
 # ---------------------------------------------------------------------------
 # The hook: before training, resume, bad options
 # ---------------------------------------------------------------------------
+def test_hook_refuses_uniform_images_and_trains_nothing(tmp_path):
+    hook = BPTWhiteningHook(num_images=8)
+    runner = toy_runner(tmp_path, SHALLOW, [hook], checkpoint_interval=1,
+                        dataset=dict(type='BPTWhiteningToyDataset',
+                                     num_images=8, fill=0.5))
+    with pytest.raises(ValueError, match=(
+            r"block 0: 4 SPT prototypes by init='sample' would repeat rows: "
+            r'the 128 token rows hold only 1 distinct one\(s\), fewer than '
+            r'`prompt.num_tokens`=4 \(every token the same: uniform '
+            r'images\?\)\. Use more or other images \(`num_images`\), '
+            r'fewer prompts \(`prompt.num_tokens`\)$')):
+        runner.train()
+    assert not bool(runner.model.backbone.prompts['0'].prototypes_ready)
+    assert runner.iter == 0 and not list(tmp_path.glob('**/iter_*.pth'))
+
+
 def test_hook_fills_prototypes_and_resume_does_not_recompute(
         tmp_path, monkeypatch):
     first = BPTWhiteningHook(num_images=8)

@@ -7,7 +7,7 @@ from timm.models.vision_transformer import VisionTransformer
 from bpt_mm.models import PromptedViT, WhiteningNotReadyError
 from bpt_mm.models.attention import prompted_block_forward
 from bpt_mm.utils import trainable_parameters
-from helpers import small_vit
+from helpers import DEVICES, small_vit
 
 
 def n_trainable(model) -> int:
@@ -494,9 +494,11 @@ def test_init_cfg_bad_keys_are_named(tmp_path):
                   ).init_weights()
 
 
+@pytest.mark.usefixtures('exact_fp32_matmul')
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('window', [0, 2])
 def test_inference_caches_deep_prompt_keys_values_until_weights_change(
-        window):
+        window, device):
     torch.manual_seed(0)
     model = small_vit(window_size=window,
                       global_attn_indexes=(2, ) if window else (),
@@ -504,6 +506,11 @@ def test_inference_caches_deep_prompt_keys_values_until_weights_change(
                                   rank=2, depth='deep'))
     model.eval()
     x = torch.rand(2, 3, 32, 48)
+    if device != 'cpu':
+        with torch.no_grad():
+            model(x)  # fills the cache with CPU tensors
+        model.to(device)
+        x = x.to(device)
 
     def uncached():  # autograd on: the prompts are recomputed
         with torch.enable_grad():
@@ -514,6 +521,9 @@ def test_inference_caches_deep_prompt_keys_values_until_weights_change(
         kv = {i: entry[1] for i, entry in model._prompt_kv_cache.items()}
         again = model(x)[0]
     assert sorted(kv) == [0, 1, 2]
+    # on another device, moving the model made the CPU entries stale: they
+    # were recomputed there
+    assert all(t.device.type == device for pair in kv.values() for t in pair)
     # a second forward reuses the very same tensors
     assert all(model._prompt_kv_cache[i][1] is kv[i] for i in kv)
     torch.testing.assert_close(first, uncached(), rtol=0, atol=1e-6)

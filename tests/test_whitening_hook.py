@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from mmengine.hooks import Hook
 
 from bpt_mm.engine import BPTWhiteningHook
@@ -24,7 +23,7 @@ from bpt_mm.whitening_collect import (apply_whitening, collect_whitening,
                                       whitening_blocks)
 from helpers import ROOT, TESTS, small_vit
 from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyModel, deep_backbone,
-                           distributed_worker, toy_images, toy_runner)
+                           run_two_processes, toy_images, toy_runner)
 
 F64 = torch.float64
 EPS = 1e-3  # keeps W's gains moderate for a random tiny ViT
@@ -352,20 +351,36 @@ def test_file_round_trip_and_refusals(tmp_path):
 # ---------------------------------------------------------------------------
 # Two processes
 # ---------------------------------------------------------------------------
+def _whiten_my_half_then_fail_on_rank_1(rank: int, world: int,
+                                        out_dir: str) -> None:
+    """Each rank whitens its half of the images; then rank 1 fails."""
+    stats = WhiteningStatistics(**DIST_OPTIONS)
+    images = toy_images(16)
+    half = len(images) // world
+    mine = images[rank * half:(rank + 1) * half]
+    results = collect_whitening(deep_backbone(), mine.split(3), stats,
+                                num_images=half)
+    torch.save(results, f'{out_dir}/rank{rank}.pt')
+
+    bad = mine.clone()
+    if rank == 1:
+        bad[1, 0, 0, 0] = float('nan')
+    start = time.monotonic()
+    try:
+        collect_whitening(deep_backbone(), bad.split(3), stats,
+                          num_images=half)
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    torch.save({'message': message, 'seconds': time.monotonic() - start},
+               f'{out_dir}/error{rank}.pt')
+
+
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('dist')
-    ctx = mp.start_processes(
-        distributed_worker, args=(2, str(out / 'pg_init'), str(out)),
-        nprocs=2, join=False, start_method='fork')
-    deadline = time.monotonic() + 90
-    try:
-        while not ctx.join(timeout=1):  # re-raises a child's exception
-            assert time.monotonic() < deadline, 'whitening workers hung'
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_two_processes(_whiten_my_half_then_fail_on_rank_1, str(out),
+                      'whitening', seconds=90)
     return out
 
 

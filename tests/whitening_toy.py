@@ -6,13 +6,15 @@ that a plain mmengine Runner or config can build them; this module is
 imported by the tests and, through ``custom_imports`` or a script, by
 their subprocesses (tests/ is put on PYTHONPATH).
 """
+import os.path as osp
 import time
 import uuid
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModel
@@ -21,8 +23,6 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 from bpt_mm.models import PromptedViT
-from bpt_mm.whitening import WhiteningStatistics
-from bpt_mm.whitening_collect import collect_whitening
 from helpers import IMG, small_vit
 
 
@@ -55,11 +55,14 @@ class BPTWhiteningToyModel(BaseModel):
 
 @DATASETS.register_module(force=True)
 class BPTWhiteningToyDataset(Dataset):
-    """``num_images`` random images in [0, 1] with random labels."""
+    """``num_images`` random images in [0, 1] with random labels, or
+    uniform images of value ``fill`` when it is given."""
 
     def __init__(self, num_images: int = 16, seed: int = 0,
-                 num_classes: int = 3) -> None:
+                 num_classes: int = 3, fill: Optional[float] = None) -> None:
         self.images = toy_images(num_images, seed)
+        if fill is not None:
+            self.images.fill_(fill)
         self.labels = torch.randint(
             num_classes, (num_images, ),
             generator=torch.Generator().manual_seed(seed + 1))
@@ -143,8 +146,58 @@ def toy_runner(work_dir, prompt: Optional[dict] = None, hooks=(), *,
 
 
 # --------------------------------------------------------------------------
-# Two-process worker (forked by the test)
+# Two processes (forked by the test)
 # --------------------------------------------------------------------------
+#: What a rank runs: ``work(rank, world, out_dir)``, inside a gloo group.
+RankWork = Callable[[int, int, str], None]
+
+
+def _gloo_rank(rank: int, world: int, init_file: str, work: RankWork,
+               out_dir: str) -> None:
+    """One forked rank: join the gloo group, run ``work``, leave."""
+    # The parent's OpenMP/MKL thread pool does not survive fork(); a
+    # multi-threaded matmul here would wait on it forever (DataLoader
+    # workers do the same).
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}',
+                            rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        work(rank, world, out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_processes(work: RankWork, out_dir: str, what: str,
+                      seconds: float) -> None:
+    """Run ``work`` in two forked processes of one gloo group, and wait.
+
+    'fork' rather than 'spawn': a spawned child re-imports torch, which
+    takes seconds. A child's exception is raised here; children still
+    running after ``seconds`` fail the test and are killed.
+
+    Args:
+        work: ``work(rank, world, out_dir)``, run by each rank; it writes
+            what the test checks under ``out_dir``.
+        out_dir: a fresh folder (the group's rendezvous file goes there).
+        what: the workers' name in the hang message.
+        seconds: how long they may take (generous: the machine may be
+            busy).
+    """
+    ctx = mp.start_processes(
+        _gloo_rank,
+        args=(2, osp.join(str(out_dir), 'pg_init'), work, str(out_dir)),
+        nprocs=2, join=False, start_method='fork')
+    deadline = time.monotonic() + seconds
+    try:
+        while not ctx.join(timeout=1):  # re-raises a child's exception
+            assert time.monotonic() < deadline, f'{what} workers hung'
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+
+
 DEEP_PROMPT = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
 DIST_OPTIONS = dict(eps=1e-3)
 
@@ -162,37 +215,3 @@ def deep_backbone() -> PromptedViT:
         for block in backbone.blocks:
             block.attn.proj.weight.mul_(10)
     return backbone
-
-
-def distributed_worker(rank: int, world: int, init_file: str,
-                       out_dir: str) -> None:
-    """Each rank whitens its half of the images; then rank 1 fails."""
-    # The parent's OpenMP thread pool does not survive fork().
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}',
-                            rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        stats = WhiteningStatistics(**DIST_OPTIONS)
-        images = toy_images(16)
-        half = len(images) // world
-        mine = images[rank * half:(rank + 1) * half]
-        results = collect_whitening(deep_backbone(), mine.split(3), stats,
-                                    num_images=half)
-        torch.save(results, f'{out_dir}/rank{rank}.pt')
-
-        bad = mine.clone()
-        if rank == 1:
-            bad[1, 0, 0, 0] = float('nan')
-        start = time.monotonic()
-        try:
-            collect_whitening(deep_backbone(), bad.split(3), stats,
-                              num_images=half)
-            message = None
-        except RuntimeError as exc:
-            message = str(exc)
-        torch.save({'message': message,
-                    'seconds': time.monotonic() - start},
-                   f'{out_dir}/error{rank}.pt')
-    finally:
-        dist.destroy_process_group()

@@ -48,11 +48,16 @@ BENCH_VARIANTS=(full_finetune frozen vpt_shallow vpt_deep bpt_fwhiten_shallow
     bpt_twhiten_shallow bpt_bilinear_shallow bpt_fwhiten_deep_top4
     bpt_twhiten_deep_top4 bpt_bilinear_deep_top4 bpt_bilinear_deep)
 
+# The CPU tests with a CUDA case (parametrized over helpers.DEVICES).
+DEVICE_TESTS=(tests/test_attention.py::test_block_with_frozen_patches_equals_plain_block
+    tests/test_vit.py::test_inference_caches_deep_prompt_keys_values_until_weights_change)
+
 # name, time limit (s), command
 STEP_NAMES=(cuda_tests tiny_data mask_rcnn_amp benchmark)
 STEP_LIMITS=(120 30 120 210)
 STEP_COMMANDS=(
-    "$(printf '%q ' "$PYTHON" -m pytest tests/test_cuda.py tests/test_gpu_choices.py -v -rs --durations=10)"
+    "$(printf '%q ' "$PYTHON" -m pytest tests/test_cuda.py tests/test_gpu_choices.py \
+        "${DEVICE_TESTS[@]}" -v -rs --durations=10)"
     "$(printf '%q ' "$PYTHON" tools/make_tiny_data.py)"
     "$(printf '%q ' "$PYTHON" tools/train.py "$TINY_CONFIG" --amp --work-dir "$OUT/mask_rcnn_amp" \
         --cfg-options train_cfg.max_iters=50 train_cfg.val_interval=50 default_hooks.checkpoint.interval=50)"

@@ -206,12 +206,11 @@ def install_atomic_local_backend() -> None:
 def install_checkpoint_loader() -> None:
     """Make :func:`load_local_checkpoint` mmengine's loader for local paths.
 
-    URLs and model-zoo names are resolved to local files and read by this
-    same loader (:func:`bpt_mm.models.checkpoint_source.
-    install_remote_loaders`, installed beside it); other schemes
-    (``s3://``, ``pavi://``, ``petrel://``) keep mmengine's loaders, which
-    call a plain ``torch.load`` (weights-only by default from torch 2.6,
-    without bpt_mm's limits). Idempotent.
+    URLs, model-zoo names and mmengine file-backend names (``s3://``,
+    ``petrel://``...) are turned into local files and read by this same
+    loader; other prefixes (``pavi://``) are refused
+    (:func:`bpt_mm.models.checkpoint_source.install_remote_loaders`,
+    installed beside it). Idempotent.
     """
     CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint,
                                      force=True)

@@ -235,8 +235,9 @@ class PromptedViT(BaseModule):
         init_cfg (dict, optional): ``dict(type='Pretrained',
             checkpoint=PATH)`` loads a timm/DeiT, MAE, MoCo v3, mmpretrain or
             mmseg ViT checkpoint, detecting its layout. ``PATH`` may also be
-            an ``https://`` URL or a model-zoo name as mmengine accepts them
-            (see :mod:`bpt_mm.models.checkpoint_source`).
+            an ``https://`` URL, a model-zoo name or a file-backend name
+            (``s3://``...) as mmengine accepts them (see
+            :mod:`bpt_mm.models.checkpoint_source`).
         pretrained (str, optional): The same as ``init_cfg`` with that
             checkpoint; mmseg's segmentors pass their ``pretrained`` here.
             A model-zoo CNN (an mmseg base's ``'open-mmlab://resnet50_v1c'``)
@@ -468,8 +469,9 @@ class PromptedViT(BaseModule):
         from .checkpoint_source import local_checkpoint
         self._loading_pretrained = True
         try:
-            info = load_pretrained(self, local_checkpoint(checkpoint),
-                                   logger=MMLogger.get_current_instance())
+            with local_checkpoint(checkpoint) as path:
+                info = load_pretrained(self, path,
+                                       logger=MMLogger.get_current_instance())
         finally:
             self._loading_pretrained = False
         self._check_nothing_used_is_missing(info['missing'], checkpoint)
