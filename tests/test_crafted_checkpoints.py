@@ -36,8 +36,8 @@ from bpt_mm.engine.plain_state import TAG, from_plain, to_plain
 from bpt_mm.models.checkpoint import (MAX_TENSOR_FACTOR, CheckpointError,
                                       load_checkpoint_file, load_pretrained)
 from bpt_mm.safe_load import MAX_ZIP_EXPANSION
-from bpt_mm.whitening import WhiteningStatistics
-from bpt_mm.whitening_collect import load_whitening, save_whitening
+from bpt_mm.whitening.io import load_whitening, save_whitening
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import ROOT, small_vit
 from whitening_toy import toy_runner
 
@@ -390,7 +390,7 @@ def whitening_file(tmp_path):
     path = str(tmp_path / 'whitening.pth')
     save_whitening(path, {0: dict(whitening=torch.eye(32), sigma=torch.eye(
         32, dtype=torch.float64), num_tokens=64, num_images=4,
-        condition_number=1.0)}, vit, WhiteningStatistics())
+        condition_number=1.0)}, vit, WhiteningOptions())
     return vit, path
 
 

@@ -1,4 +1,4 @@
-"""SPT prompts: prototypes (bpt_mm/prototypes.py), their collection from a
+"""SPT prompts: prototypes (bpt_mm/whitening/prototypes.py), their collection from a
 backbone (``collect_prototypes``), the hook, two processes, resume, bad
 options, the configs' counts and the tiny SPT config end to end.
 
@@ -18,10 +18,9 @@ from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.launch import check_whitening_source
 from bpt_mm.models import SPTPrompt, WhiteningNotReadyError
 from bpt_mm.param_budget import budget_row, variant_backbone
-from bpt_mm.prototypes import (TokenReservoir, canonical_rows,
+from bpt_mm.whitening.prototypes import (TokenReservoir, canonical_rows,
                                compute_prototypes)
-from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
-                                      prototype_blocks)
+from bpt_mm.whitening.collect import collect_prototypes, prototype_blocks
 from helpers import ROOT, SHORT, last_metrics, run, small_vit, tool
 from whitening_toy import toy_images, toy_runner
 
@@ -167,7 +166,7 @@ def test_deep_kmeans_uses_each_block_input_with_earlier_prompts_in_place():
     for block in range(3):
         assert results[block]['source'] == 'block_input'
         with torch.no_grad():  # the prompts now in place, as in training
-            tokens = torch.cat([block_tokens(backbone, x, [block])[block]
+            tokens = torch.cat([backbone.block_tokens(x, [block])[block]
                                 for x in images.split(4)])
         want = compute_prototypes(tokens.reshape(-1, 32), 4, 'kmeans',
                                   seed=block)
@@ -176,8 +175,8 @@ def test_deep_kmeans_uses_each_block_input_with_earlier_prompts_in_place():
     # block 2's tokens do depend on the prompts of blocks 0 and 1
     fresh = spt_backbone(DEEP_KMEANS).eval()  # prompts not filled: eval
     with torch.no_grad():
-        before = block_tokens(fresh, images, [2])[2]
-        after = block_tokens(backbone, images, [2])[2]
+        before = fresh.block_tokens(images, [2])[2]
+        after = backbone.block_tokens(images, [2])[2]
     assert not torch.allclose(before, after, atol=1e-4)
 
 
@@ -433,7 +432,7 @@ def test_before_test_fills_missing_prototypes_only(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    from bpt_mm import prototypes
+    from bpt_mm.whitening import prototypes
     from bpt_mm.models import prompts
     for module in (prototypes, prompts):
         result = doctest.testmod(module, verbose=False)

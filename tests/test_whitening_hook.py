@@ -17,11 +17,12 @@ from mmengine.hooks import Hook
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.models import WhiteningNotReadyError
-from bpt_mm.whitening import (WhiteningStatistics, whitened_bilinear_basis,
-                              whitening_from_tokens, zca_whitening_matrix)
-from bpt_mm.whitening_collect import (apply_whitening, collect_whitening,
-                                      load_whitening, save_whitening,
-                                      whitening_blocks)
+from bpt_mm.whitening.collect import (apply_whitening, collect_whitening,
+                                      whitening_blocks, whitening_from_tokens)
+from bpt_mm.whitening.io import load_whitening, save_whitening
+from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
+                                     zca_whitening_matrix)
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import ROOT, TESTS, small_vit
 from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyModel, deep_backbone,
                            distributed_worker, toy_images, toy_runner)
@@ -144,7 +145,7 @@ def test_hook_loads_whitening_file(tmp_path):
     runner.train()
     path = tmp_path / 'whitening.pth'
     save_whitening(path, computing.results, runner.model.backbone,
-                   computing.statistics)
+                   computing.options)
 
     loading, probe = BPTWhiteningHook(whitening_file=str(path)), Probe()
     runner = toy_runner(tmp_path / 'b', FWHITEN, [loading, probe],
@@ -212,7 +213,7 @@ def test_hook_rejects_bad_arguments(kwargs, match):
     dict(eps=EPS, source='norm1', tokens='all', center=True),
 ], ids=['paper', 'norm1-all-centered'])
 def test_deep_prompts_see_earlier_whitened_prompts(options):
-    stats = WhiteningStatistics(**options)
+    stats = WhiteningOptions(**options)
     images = toy_images(12)
     backbone = deep_backbone()
     reference = copy.deepcopy(backbone).eval()
@@ -259,7 +260,7 @@ def test_whitening_initialised_bilinear_basis(tmp_path):
     backbone = small_vit(prompt=prompt)
     fresh = copy.deepcopy(backbone)
     xavier = backbone.prompts['0'].basis.detach().clone()
-    stats = WhiteningStatistics(eps=EPS)
+    stats = WhiteningOptions(eps=EPS)
     results = collect_whitening(backbone, toy_images(8).split(4), stats,
                                 num_images=8, seed=5)
     w, basis = results[0]['whitening'], backbone.prompts['0'].basis
@@ -288,7 +289,7 @@ def test_non_finite_features_name_the_block():
     images = toy_images(4)
     images[0, 0, 0, 0] = float('inf')
     with pytest.raises(ValueError, match='block 0'):
-        collect_whitening(backbone, [images], WhiteningStatistics(), 4)
+        collect_whitening(backbone, [images], WhiteningOptions(), 4)
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def _deep_file(tmp_path, name, **kwargs):
     prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
     prompt.update(kwargs.pop('prompt', {}))
     backbone = small_vit(prompt=prompt, **kwargs)
-    stats = WhiteningStatistics(eps=EPS)
+    stats = WhiteningOptions(eps=EPS)
     results = collect_whitening(backbone, toy_images(8).split(4), stats, 8)
     path = tmp_path / name
     save_whitening(path, results, backbone, stats)
@@ -373,7 +374,7 @@ def test_two_processes_match_one_and_agree(two_process_run):
     ranks = [torch.load(two_process_run / f'rank{r}.pt', weights_only=False)
              for r in range(2)]
     single = collect_whitening(deep_backbone(), toy_images(16).split(3),
-                               WhiteningStatistics(**DIST_OPTIONS),
+                               WhiteningOptions(**DIST_OPTIONS),
                                num_images=16)
     for block in range(3):
         got = [r[block] for r in ranks]
@@ -429,7 +430,7 @@ def test_compute_whitening_tool(tmp_path):
     assert 'block' in proc.stdout and 'saved to' in proc.stdout
 
     # The config's hook entry set eps/source, the flag num_images.
-    stats = WhiteningStatistics(eps=EPS, source='norm1')
+    stats = WhiteningOptions(eps=EPS, source='norm1')
     expected = collect_whitening(copy.deepcopy(model.backbone),
                                  toy_images(16)[:8].split(4), stats, 8)
     loaded, info = load_whitening(out, model.backbone, return_info=True)

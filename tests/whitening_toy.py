@@ -21,8 +21,8 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 from bpt_mm.models import PromptedViT
-from bpt_mm.whitening import WhiteningStatistics
-from bpt_mm.whitening_collect import collect_whitening
+from bpt_mm.whitening.collect import collect_whitening
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import IMG, small_vit
 
 
@@ -173,7 +173,7 @@ def distributed_worker(rank: int, world: int, init_file: str,
                             rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        stats = WhiteningStatistics(**DIST_OPTIONS)
+        stats = WhiteningOptions(**DIST_OPTIONS)
         images = toy_images(16)
         half = len(images) // world
         mine = images[rank * half:(rank + 1) * half]
