@@ -1,6 +1,7 @@
-"""SPT prompts: prototypes (bpt_mm/whitening/prototypes.py), their collection from a
-backbone (``collect_prototypes``), the hook, two processes, resume, bad
-options, the configs' counts and the tiny SPT config end to end.
+"""SPT prompts: prototypes (bpt_mm/whitening/prototypes.py), their
+collection from a backbone (``collect_prototypes``), the hook, two
+processes, resume, bad options, the configs' counts and the tiny SPT config
+end to end.
 
 The toy backbone of ``tests/whitening_toy.py``: d = 32, 3 blocks, 32x32
 images with 8x8 patches (16 patch tokens per image).

@@ -23,11 +23,12 @@ from bpt_mm.whitening.accumulators import (FewTokensWarning,
                                            ImageAverageAccumulator,
                                            SecondMomentAccumulator)
 from bpt_mm.whitening.collect import whitening_from_tokens
-from bpt_mm.whitening.linalg import (condition_number, project_tokens,
-                                     query_key_product,
+from bpt_mm.whitening.linalg import (condition_number, effective_rank,
+                                     project_tokens, query_key_product,
                                      whitened_bilinear_basis,
                                      zca_whitening_matrix)
 from bpt_mm.whitening.options import WhiteningOptions
+from helpers import count_calls, previous_whitening
 
 F64 = torch.float64
 
@@ -516,6 +517,32 @@ _W = torch.eye(4)
 def test_bad_arguments_raise_value_error(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+# ---------------------------------------------------------------------------
+# One eigendecomposition of Sigma gives W, condition number and rank
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize('eps, rows', [(1e-5, 300), (1e-3, 5), (0.0, 40)])
+def test_one_eigendecomposition_gives_the_previous_results(monkeypatch, eps,
+                                                           rows):
+    # 5 rows of 8 channels: a rank-deficient Sigma, where the effective
+    # rank is below d; eps=0 with enough rows: no regulariser at all.
+    x = torch.randn(rows, 8, generator=_gen(31), dtype=F64)
+    qkv = torch.randn(24, 8, generator=_gen(32), dtype=F64)
+    calls = count_calls(monkeypatch, 'eigh', module=torch.linalg)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FewTokensWarning)
+        w, info = whitening_from_tokens(x, qkv, WhiteningOptions(eps=eps))
+    assert len(calls) == 1
+    want_w, want_cond, want_rank = previous_whitening(info['sigma'], eps)
+    assert torch.equal(w, want_w)
+    assert info['condition_number'] == want_cond
+    assert info['effective_rank'] == want_rank
+    assert (want_rank < 8) == (rows < 8)
+    # The single-use views agree with the shared decomposition.
+    assert torch.equal(zca_whitening_matrix(info['sigma'], eps), w)
+    assert condition_number(info['sigma'], eps) == want_cond
+    assert effective_rank(info['sigma'], eps) == want_rank
 
 
 def test_docstring_examples():

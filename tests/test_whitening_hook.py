@@ -23,7 +23,8 @@ from bpt_mm.whitening.io import load_whitening, save_whitening
 from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
                                      zca_whitening_matrix)
 from bpt_mm.whitening.options import WhiteningOptions
-from helpers import ROOT, TESTS, small_vit
+from helpers import (ROOT, TESTS, count_calls, previous_whitening,
+                     small_vit)
 from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyModel, deep_backbone,
                            distributed_worker, toy_images, toy_runner)
 
@@ -305,6 +306,26 @@ def _deep_file(tmp_path, name, **kwargs):
     path = tmp_path / name
     save_whitening(path, results, backbone, stats)
     return path, results
+
+
+def test_collect_decomposes_sigma_once_per_block(monkeypatch):
+    # Deep BPT-bilinear ('random' C: no eigenvectors needed for B): one
+    # eigendecomposition per block gives W, the condition number and the
+    # effective rank, which equal those of three separate ones.
+    torch.manual_seed(0)
+    backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
+                                     rank=4, whitening_init=True,
+                                     depth='deep'))
+    calls = count_calls(monkeypatch, 'eigh', module=torch.linalg)
+    results = collect_whitening(backbone, toy_images(8).split(4),
+                                WhiteningOptions(eps=EPS), 8)
+    assert sorted(results) == [0, 1, 2] and len(calls) == 3
+    monkeypatch.undo()
+    for block, result in results.items():
+        w, cond, rank = previous_whitening(result['sigma'], EPS)
+        assert torch.equal(result['whitening'], w), block
+        assert result['condition_number'] == cond
+        assert result['effective_rank'] == rank
 
 
 def test_file_round_trip_and_refusals(tmp_path):

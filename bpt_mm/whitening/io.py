@@ -184,6 +184,12 @@ def _count_field(path: str, key: str, value: Any, minimum: int = 0) -> int:
     return value
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short (a crafted file may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + '...'
+
+
 def _check_header(path: str, payload: Dict[str, Any],
                   stored: Dict[Any, Any]) -> None:
     """Refuse header fields of a wrong type or an impossible value
@@ -207,28 +213,34 @@ def _check_header(path: str, payload: Dict[str, Any],
            or not 0 <= k < num_layers]
     if bad:
         raise ValueError(f'whitening file {path!r}: `blocks` has keys '
-                         f'{bad[:5]!r}, which are not block indices in '
+                         f'{_shown(bad[:5])}, which are not block indices in '
                          f'[0, {num_layers})')
     layers = payload['layers']
     if not isinstance(layers, (list, tuple)) \
             or list(layers) != sorted(stored):
         raise ValueError(f'whitening file {path!r}: `layers` must list the '
                          f'blocks it holds, {sorted(stored)}, got '
-                         f'{layers!r}'[:300])
+                         f'{_shown(layers)}')
     prompt_type = payload['prompt_type']
     if prompt_type is not None and not isinstance(prompt_type, str):
         raise ValueError(f'whitening file {path!r}: `prompt_type` must be a '
-                         f'prompt type name, got {prompt_type!r}'[:300])
+                         f'prompt type name, got {_shown(prompt_type)}')
     depth = payload['prompt_depth']
     if depth not in (None, 'shallow', 'deep'):
         raise ValueError(f'whitening file {path!r}: `prompt_depth` must be '
-                         f"'shallow' or 'deep', got {depth!r}"[:300])
+                         f"'shallow' or 'deep', got {_shown(depth)}")
     statistics = payload['statistics']
     fields = WhiteningOptions().statistic_fields()
-    if not isinstance(statistics, dict) or set(statistics) != set(fields):
+    if not isinstance(statistics, dict):
         raise ValueError(f'whitening file {path!r}: `statistics` must be a '
-                         f'dict with the keys {sorted(fields)}, got '
-                         f'{statistics!r}'[:300])
+                         f'dict of the options {sorted(fields)}, got '
+                         f'{_shown(statistics)}')
+    unknown = sorted(set(statistics) - set(fields), key=str)
+    missing = sorted(set(fields) - set(statistics))
+    if unknown or missing:
+        raise ValueError(f'whitening file {path!r}: `statistics` must hold '
+                         f'the options {sorted(fields)}; unknown: '
+                         f'{_shown(unknown)}, missing: {missing}')
     try:
         WhiteningOptions(**statistics)
     except ValueError as exc:

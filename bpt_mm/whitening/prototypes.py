@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from bpt_mm.models.prompts import PROTOTYPE_INITS
+from .options import check_positive_int
 
 __all__ = ['TokenReservoir', 'canonical_rows',
            'sample_prototypes', 'kmeans_prototypes', 'pooled_prototypes',
@@ -273,10 +274,7 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
     if init not in PROTOTYPE_INITS:
         raise ValueError(f'`init` must be one of {PROTOTYPE_INITS}, got '
                          f'{init!r}')
-    if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) \
-            or kmeans_iters < 1:
-        raise ValueError(f'`kmeans_iters` must be a positive int, got '
-                         f'{kmeans_iters!r}')
+    check_positive_int(kmeans_iters, 'kmeans_iters')
     rows = canonical_rows(rows.detach().cpu())
     generator = torch.Generator().manual_seed(seed)
     if init == 'sample':
