@@ -60,3 +60,21 @@ def test_import_bpt_mm_does_not_load_the_fixtures():
                          env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == '[]'
+
+
+def test_models_do_not_import_the_whitening_wing():
+    # The wing may import models (the token tap, the SPT option values);
+    # models never import the wing, at module level or inside a function.
+    offenders = []
+    for folder, _, files in os.walk(osp.join(PACKAGE, 'models')):
+        for name in files:
+            if name.endswith('.py'):
+                path = osp.join(folder, name)
+                offenders += [(osp.relpath(path, ROOT), module)
+                              for module in imported_modules(path)
+                              if module.startswith('bpt_mm.whitening')]
+    assert offenders == []
+    # the walk resolves the wing's relative imports and sees its edge down
+    wing = imported_modules(osp.join(PACKAGE, 'whitening', 'prototypes.py'))
+    assert 'bpt_mm.models.prompts' in wing
+    assert 'bpt_mm.whitening.options' in wing

@@ -104,7 +104,7 @@ def solve_whitening(acc: TokenAccumulator, options: WhiteningOptions,
         ``condition_number`` (float) and ``effective_rank`` (int).
     """
     sigma = acc.second_moment(center=options.center).cpu()
-    spectrum = whitening_spectrum(sigma, options.eps)
+    spectrum = whitening_spectrum(sigma, options)
     return {
         'whitening': spectrum.whitening(dtype),
         'sigma': sigma,

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .options import (BASIS_MODES, QK_ORDERS, WhiteningOptions, check_choice,
-                      check_eps, check_positive_int)
+                      check_positive_int)
 
 __all__ = ['query_key_product', 'project_tokens', 'WhiteningSpectrum',
            'whitening_spectrum', 'zca_whitening_matrix', 'condition_number',
@@ -208,15 +208,20 @@ class WhiteningSpectrum:
 
 
 def whitening_spectrum(sigma: Tensor,
-                       eps: float = WhiteningOptions.eps) -> WhiteningSpectrum:
+                       options: Optional[WhiteningOptions] = None
+                       ) -> WhiteningSpectrum:
     """Decompose symmetrised ``sigma`` once and add the regulariser.
+
+    The regulariser is relative to the spectrum:
+    ``reg = options.eps * trace(Sigma) / d`` is added to the eigenvalues
+    (clamped at 0 first); ``eps=0`` disables it (then ``Sigma`` must be
+    nonsingular). ``options`` was checked when it was built, so ``eps`` is
+    not checked again here.
 
     Args:
         sigma (Tensor): Second moment ``(d, d)``; symmetrised first.
-        eps (float): Regulariser relative to the spectrum:
-            ``reg = eps * trace(Sigma) / d`` is added to the eigenvalues
-            (clamped at 0 first). 0 disables it (then ``Sigma`` must be
-            nonsingular). Defaults to :attr:`WhiteningOptions.eps`.
+        options (WhiteningOptions, optional): Its ``eps``; default
+            :class:`WhiteningOptions`'s.
 
     Returns:
         WhiteningSpectrum: ``S + reg``, ``U`` and ``reg``.
@@ -224,14 +229,19 @@ def whitening_spectrum(sigma: Tensor,
     Examples:
         >>> import torch
         >>> spectrum = whitening_spectrum(torch.diag(torch.tensor([4., 1.])),
-        ...                               eps=0)
+        ...                               WhiteningOptions(eps=0))
         >>> spectrum.condition_number(), spectrum.effective_rank()
         (4.0, 2)
         >>> spectrum.whitening()
         tensor([[0.5000, 0.0000],
                 [0.0000, 1.0000]])
     """
-    eps = check_eps(eps)
+    options = WhiteningOptions() if options is None else options
+    if not isinstance(options, WhiteningOptions):
+        raise ValueError('`options` must be a WhiteningOptions (e.g. '
+                         'WhiteningOptions(eps=...)), got '
+                         f'{type(options).__name__}')
+    eps = options.eps
     if not isinstance(sigma, Tensor) or sigma.dim() != 2 \
             or sigma.shape[0] != sigma.shape[1] or sigma.shape[0] == 0:
         shape = tuple(sigma.shape) if isinstance(sigma, Tensor) \
@@ -269,7 +279,7 @@ def zca_whitening_matrix(sigma: Tensor, eps: float = WhiteningOptions.eps,
 
     Args:
         sigma (Tensor): Second moment ``(d, d)``; symmetrised first.
-        eps (float): As in :func:`whitening_spectrum`.
+        eps (float): ``eps`` of :class:`WhiteningOptions` (checked by it).
         dtype (torch.dtype): Output dtype. Defaults to float32.
 
     Returns:
@@ -286,7 +296,8 @@ def zca_whitening_matrix(sigma: Tensor, eps: float = WhiteningOptions.eps,
         >>> bool((w == w.T).all())
         True
     """
-    return whitening_spectrum(sigma, eps).whitening(dtype)
+    return whitening_spectrum(sigma, WhiteningOptions(eps=eps)).whitening(
+        dtype)
 
 
 def effective_rank(sigma: Tensor, eps: float = WhiteningOptions.eps) -> int:
@@ -295,7 +306,7 @@ def effective_rank(sigma: Tensor, eps: float = WhiteningOptions.eps) -> int:
 
     Args:
         sigma (Tensor): Second moment ``(d, d)``.
-        eps (float): As in :func:`whitening_spectrum`.
+        eps (float): ``eps`` of :class:`WhiteningOptions` (checked by it).
 
     Returns:
         int: The effective rank, from 0 to ``d``.
@@ -305,7 +316,8 @@ def effective_rank(sigma: Tensor, eps: float = WhiteningOptions.eps) -> int:
         >>> effective_rank(torch.diag(torch.tensor([4., 1., 0.])), eps=1e-3)
         2
     """
-    return whitening_spectrum(sigma, eps).effective_rank()
+    return whitening_spectrum(sigma,
+                              WhiteningOptions(eps=eps)).effective_rank()
 
 
 def condition_number(sigma: Tensor, eps: float = WhiteningOptions.eps
@@ -315,7 +327,7 @@ def condition_number(sigma: Tensor, eps: float = WhiteningOptions.eps
 
     Args:
         sigma (Tensor): Second moment ``(d, d)``.
-        eps (float): As in :func:`whitening_spectrum`.
+        eps (float): ``eps`` of :class:`WhiteningOptions` (checked by it).
 
     Returns:
         float: The condition number (>= 1).
@@ -325,7 +337,8 @@ def condition_number(sigma: Tensor, eps: float = WhiteningOptions.eps
         >>> condition_number(torch.diag(torch.tensor([4., 1.])), eps=0)
         4.0
     """
-    return whitening_spectrum(sigma, eps).condition_number()
+    return whitening_spectrum(sigma,
+                              WhiteningOptions(eps=eps)).condition_number()
 
 
 # ---------------------------------------------------------------------------
