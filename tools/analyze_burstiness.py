@@ -224,7 +224,8 @@ def main(argv=None) -> int:
         'checkpoint': args.checkpoint,
         'pretrained': args.pretrained or (backbone.pretrained_checkpoint),
         'prompts': 'removed (--no-prompts)' if args.no_prompts else
-        (backbone.prompt_cfg or {}).get('type'),
+        None if backbone.prompt_config is None else
+        backbone.prompt_config.type,
         'images': seen,
         'blocks': blocks,
         'token selection': dict(tokens=whitening_options.tokens,
