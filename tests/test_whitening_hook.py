@@ -308,6 +308,43 @@ def _deep_file(tmp_path, name, **kwargs):
     return path, results
 
 
+def test_block_tokens_is_the_models_token_tap():
+    # Shallow prompts sit between CLS and the patches; the tap gives the
+    # patches (or CLS + patches) entering each block, never the prompts,
+    # before or after the block's norm1, and runs no block above the last.
+    torch.manual_seed(0)
+    backbone = small_vit(prompt=dict(type='VPTPrompt', num_tokens=3)).eval()
+    x = toy_images(2)
+    with torch.no_grad():
+        entering = {i: t for i, t, _, _ in backbone.iter_blocks(x)}
+        patches = backbone.block_tokens(x, [2, 0])
+        everything = backbone.block_tokens(x, [1], tokens='all')
+        normed = backbone.block_tokens(x, [1], source='norm1')
+    assert sorted(patches) == [0, 2]
+    for block in (0, 2):
+        assert torch.equal(patches[block], entering[block][:, 1 + 3:])
+    assert torch.equal(everything[1], torch.cat(
+        [entering[1][:, :1], entering[1][:, 1 + 3:]], dim=1))
+    with torch.no_grad():
+        want = backbone.blocks[1].norm1(entering[1][:, 1 + 3:])
+    assert torch.equal(normed[1], want)
+    ran = []
+    handle = backbone.blocks[2].register_forward_pre_hook(
+        lambda module, args: ran.append(2))
+    with torch.no_grad():
+        backbone.block_tokens(x, [1])
+    handle.remove()
+    assert ran == []
+    assert backbone.block_tokens(x, []) == {}
+    for blocks in ([3], [-1], [True]):
+        with pytest.raises(ValueError, match='not block indices'):
+            backbone.block_tokens(x, blocks)
+    with pytest.raises(ValueError, match="`tokens` must be 'patch' or"):
+        backbone.block_tokens(x, [0], tokens='cls')
+    with pytest.raises(ValueError, match="`source`.*'norm2'"):
+        backbone.block_tokens(x, [0], source='norm2')
+
+
 def test_collect_decomposes_sigma_once_per_block(monkeypatch):
     # Deep BPT-bilinear ('random' C: no eigenvectors needed for B): one
     # eigendecomposition per block gives W, the condition number and the
