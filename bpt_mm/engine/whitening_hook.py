@@ -228,9 +228,8 @@ class BPTWhiteningHook(Hook):
     count: a patch enters when it overlaps its image's ``img_shape`` (the
     data sample's; patches of batch padding are left out, see
     :mod:`bpt_mm.whitening.real_tokens`). Per block it logs the tokens kept
-    and the
-    padding tokens dropped, the condition number of ``Sigma + reg`` and the
-    time taken.
+    and the padding tokens dropped, the condition number of ``Sigma + reg``
+    and the time taken.
 
     SPT prompts (``SPTPrompt``) instead get their initial values from the
     same ``num_images`` training images, under the same rules: prototypes

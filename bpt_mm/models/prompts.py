@@ -330,8 +330,8 @@ class SPTPrompt(VPTPrompt):
     training by ``BPTWhiteningHook``, in the same data pass that computes
     whitening (see :func:`bpt_mm.whitening.collect.collect_prototypes` and
     :mod:`bpt_mm.whitening.prototypes`). The persistent buffer
-    ``prototypes_ready``
-    records that this happened, so a resumed run or a loaded checkpoint does
+    ``prototypes_ready`` records that this happened, so a resumed run or a
+    loaded checkpoint does
     not compute them again, and :class:`~bpt_mm.models.PromptedViT` refuses
     to train prompts that never got them (unless
     ``allow_identity_whitening=True``, which trains from the uniform start).
@@ -481,8 +481,7 @@ class BilinearPrompt(BasePrompt):
     code. With ``whitening_init=True``, ``B`` is instead set from data before
     training to ``W @ C`` (``W`` the ZCA matrix, ``C`` orthonormal columns;
     see :func:`bpt_mm.whitening.linalg.whitened_bilinear_basis`), the
-    default of the
-    authors' MAE models.
+    default of the authors' MAE models.
 
     Args:
         num_tokens (int): Number of prompts ``m``.
