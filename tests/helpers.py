@@ -201,3 +201,33 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------ whitening
+def _previous_spectrum(sigma, eps):
+    # The regularised spectrum as zca_whitening_matrix, condition_number
+    # and effective_rank each computed it before they shared one
+    # decomposition (restated here so the comparison cannot follow a
+    # change of the library).
+    s64 = sigma.detach().to(torch.float64)
+    s64 = (s64 + s64.T) / 2
+    dim = s64.shape[0]
+    trace = float(torch.diagonal(s64).sum())
+    evals, evecs = torch.linalg.eigh(s64)
+    return evals.clamp_min(0) + eps * trace / dim, evecs
+
+
+def previous_whitening(sigma, eps):
+    """W, condition number and effective rank by three decompositions."""
+    evals, evecs = _previous_spectrum(sigma, eps)
+    w = (evecs * evals.rsqrt()) @ evecs.T
+    w = ((w + w.T) / 2).to(torch.float32)
+    evals, _ = _previous_spectrum(sigma, eps)
+    cond = float(evals.max() / evals.min())
+    evals, _ = _previous_spectrum(sigma, eps)
+    dim = evals.numel()
+    trace = float(torch.diagonal(sigma.detach().to(torch.float64)).sum())
+    reg = eps * trace / dim
+    noise = dim * torch.finfo(torch.float64).eps * float(evals.max())
+    rank = int(((evals - reg) > max(reg, noise)).sum())
+    return w, cond, rank

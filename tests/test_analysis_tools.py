@@ -13,7 +13,8 @@ from PIL import Image
 from bpt_mm.analysis.report import DPI, FIGURE_SIZE, plot_block
 from bpt_mm.analysis.token_statistics import (QUANTITIES, analyse_backbone,
                                               resolve_blocks)
-from bpt_mm.whitening import WhiteningStatistics, query_key_product
+from bpt_mm.whitening.linalg import query_key_product
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import ROOT, load_tool, run, small_vit, tool
 from whitening_toy import toy_images
 
@@ -99,7 +100,7 @@ def test_bad_layers_and_arguments_are_named():
         analyse_backbone(backbone, [], [0], num_images=4)
     with pytest.raises(ValueError, match="statistic"):
         analyse_backbone(backbone, toy_images(4).split(4), [0],
-                         statistics=WhiteningStatistics(statistic='authors'))
+                         options=WhiteningOptions(statistic='authors'))
     # one image: 16 tokens for 32 channels, Sigma is singular
     with pytest.warns(UserWarning, match='tokens'), \
             pytest.raises(ValueError, match=r'block 0: .*--eps'):

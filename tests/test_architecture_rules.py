@@ -67,8 +67,8 @@ def test_import_bpt_mm_does_not_load_the_fixtures():
 
 # ---------------------------------------------------------------- the parts
 #: Module-name prefix -> part (the longest prefix wins; ``bpt_mm`` itself is
-#: the package root). ``bpt_mm.whitening`` is the whitening wing, as one
-#: module or as a subpackage; the other names of that wing are listed too.
+#: the package root). ``bpt_mm.whitening`` is the whitening wing, a
+#: subpackage like ``bpt_mm.models``.
 PART_OF_PREFIX = {
     'bpt_mm.compat': 'base',
     'bpt_mm.data_check': 'base',
@@ -81,9 +81,6 @@ PART_OF_PREFIX = {
     'bpt_mm.version': 'base',
     'bpt_mm.models': 'models',
     'bpt_mm.whitening': 'whitening',
-    'bpt_mm.whitening_collect': 'whitening',
-    'bpt_mm.prototypes': 'whitening',
-    'bpt_mm.real_tokens': 'whitening',
     'bpt_mm.analysis': 'analysis',
     'bpt_mm.engine': 'engine',
     'bpt_mm.mmengine_patches': 'runtime adaptations',
@@ -106,15 +103,6 @@ MAY_IMPORT: Dict[str, Set[str]] = {
                'whitening', 'models', 'base'},
     'fixtures': {'models', 'base'},
 }
-
-#: Edges (importer, imported module) that break a rule for now, each with
-#: why. The test fails when one no longer occurs, so the list only shrinks.
-EXCEPTIONS = {
-    ('bpt_mm.models.prompts', 'bpt_mm.prototypes'):
-        "the SPT options' checks still live in prototypes.py (issue 18 "
-        'item 2 moves them into models/prompts.py)',
-}
-
 
 def part_of(module: str) -> Optional[str]:
     """The part of a ``bpt_mm`` module name, or None if the table lacks it.
@@ -242,8 +230,8 @@ def all_edges() -> List[Tuple[str, str, str]]:
 
 
 def rule_breaks(edges) -> List[str]:
-    """The edges of ``edges`` that :data:`MAY_IMPORT` does not allow
-    (:data:`EXCEPTIONS` aside), as readable lines."""
+    """The edges of ``edges`` that :data:`MAY_IMPORT` does not allow, as
+    readable lines."""
     breaks = []
     for importer, imported, when in edges:
         source, target = part_of(importer), part_of(imported)
@@ -252,8 +240,7 @@ def rule_breaks(edges) -> List[str]:
             breaks.append(f'{unknown}: not in PART_OF_PREFIX (give the '
                           f'module a part here and in '
                           f'docs/architecture.md)')
-        elif source != target and target not in MAY_IMPORT[source] \
-                and (importer, imported) not in EXCEPTIONS:
+        elif source != target and target not in MAY_IMPORT[source]:
             breaks.append(f'{importer} ({source}) imports {imported} '
                           f'({target}) {when}')
     return breaks
@@ -291,16 +278,9 @@ def test_the_rules_refuse_an_upward_import():
         ('bpt_mm.analysis.report', 'bpt_mm.testing.tiny_data', IN_FUNCTION),
         ('bpt_mm.newpart', 'bpt_mm.base', AT_IMPORT)])) == 7
     assert part_of('bpt_mm.whitening.collect') == 'whitening'
-    assert part_of('bpt_mm.whitening_collect') == 'whitening'
     assert part_of('bpt_mm.analysis') == 'analysis'
     assert part_of('bpt_mm.models.vit') == 'models'
     assert part_of('bpt_mm.engine.trainable_state') == 'engine'
-
-
-def test_every_exception_still_occurs():
-    # An exception whose edge is gone must leave the list (and the page).
-    edges = {(importer, imported) for importer, imported, _ in all_edges()}
-    assert sorted(set(EXCEPTIONS) - edges) == []
 
 
 def module_level_cycles(edges) -> List[List[str]]:

@@ -34,10 +34,11 @@ from bpt_mm.models import PromptedViT, WhiteningNotReadyError
 from bpt_mm.models.checkpoint import CheckpointError, load_pretrained
 from bpt_mm.testing.tiny_data import ensure_tiny_data
 from bpt_mm.engine.trainable_state import restore_frozen_backbone
-from bpt_mm.whitening import (SecondMomentAccumulator, WhiteningStatistics,
-                              zca_whitening_matrix)
-from bpt_mm.whitening_collect import (collect_whitening, load_whitening,
-                                      save_whitening)
+from bpt_mm.whitening.accumulators import SecondMomentAccumulator
+from bpt_mm.whitening.collect import collect_whitening
+from bpt_mm.whitening.io import load_whitening, save_whitening
+from bpt_mm.whitening.linalg import zca_whitening_matrix
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import ROOT, TOOLS, load_tool, small_vit
 from whitening_toy import BPTWhiteningToyModel, toy_images, toy_runner
 
@@ -92,7 +93,7 @@ def whitening_file(tmp: str, name: str, **kwargs) -> str:
     prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
     prompt.update(kwargs.pop('prompt', {}))
     backbone = small_vit(prompt=prompt, **kwargs)
-    stats = WhiteningStatistics(eps=1e-3)
+    stats = WhiteningOptions(eps=1e-3)
     results = collect_whitening(backbone, toy_images(8).split(4), stats, 8)
     path = osp.join(tmp, name)
     save_whitening(path, results, backbone, stats)
@@ -452,7 +453,7 @@ CASES = [
              deep_toy(),
              [toy_images(4).index_put_((torch.tensor(1), ),
                                        torch.tensor(float('nan')))],
-             WhiteningStatistics(), 4), ValueError,
+             WhiteningOptions(), 4), ValueError,
          [r'block 0', r'non-finite value']),
     Case('whitening-tokens-with-inf',
          lambda t: SecondMomentAccumulator(4, name='block 3').update(
@@ -465,10 +466,10 @@ CASES = [
          lambda t: zca_whitening_matrix(torch.eye(4)[:3]), ValueError,
          [r'`sigma`', r'square \(d, d\) matrix']),
     Case('whitening-tokens-option-unknown',
-         lambda t: WhiteningStatistics(tokens='cls'), ValueError,
+         lambda t: WhiteningOptions(tokens='cls'), ValueError,
          [r'`tokens`', r"one of \('patch', 'all'\), got 'cls'"]),
     Case('whitening-eps-negative',
-         lambda t: WhiteningStatistics(eps=-1.0), ValueError,
+         lambda t: WhiteningOptions(eps=-1.0), ValueError,
          [r'`eps`', r'finite float >= 0']),
     Case('whitening-file-for-another-arch',
          lambda t: load_whitening(

@@ -25,7 +25,7 @@ from mmengine.registry import DefaultScope
 import bpt_mm  # noqa: F401  registers bpt_mm's modules
 from bpt_mm.models import PromptedViT
 from bpt_mm.utils import trainable_parameters
-from bpt_mm.whitening_collect import prototype_blocks, whitening_blocks
+from bpt_mm.whitening.collect import prototype_blocks, whitening_blocks
 
 # A rank above the narrow ViT's min(m, d) would be warned about; the
 # counts are what is tested here.
@@ -641,7 +641,7 @@ def test_lsj_padding_keeps_img_shape_real(det):
     from mmengine.registry import DefaultScope
     from mmengine.structures import InstanceData
 
-    from bpt_mm.real_tokens import img_shapes_of, real_patch_mask
+    from bpt_mm.whitening.real_tokens import img_shapes_of, real_patch_mask
     cfg = load(f'{det}_bpt')
     types = [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
     assert 'Pad' not in types, types

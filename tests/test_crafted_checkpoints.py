@@ -36,8 +36,8 @@ from bpt_mm.engine.plain_state import TAG, from_plain, to_plain
 from bpt_mm.models.checkpoint import (MAX_TENSOR_FACTOR, CheckpointError,
                                       load_checkpoint_file, load_pretrained)
 from bpt_mm.safe_load import MAX_ZIP_EXPANSION
-from bpt_mm.whitening import WhiteningStatistics
-from bpt_mm.whitening_collect import load_whitening, save_whitening
+from bpt_mm.whitening.io import load_whitening, save_whitening
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import ROOT, small_vit
 from whitening_toy import toy_runner
 
@@ -390,7 +390,7 @@ def whitening_file(tmp_path):
     path = str(tmp_path / 'whitening.pth')
     save_whitening(path, {0: dict(whitening=torch.eye(32), sigma=torch.eye(
         32, dtype=torch.float64), num_tokens=64, num_images=4,
-        condition_number=1.0)}, vit, WhiteningStatistics())
+        condition_number=1.0)}, vit, WhiteningOptions())
     return vit, path
 
 
@@ -419,6 +419,39 @@ def whitening_file(tmp_path):
         qkv_fingerprint='x'), ['`blocks[0].qkv_fingerprint`']),
     ('block-not-dict', lambda p: p['blocks'].update({0: [1, 2]}),
      ['blocks[0]', 'dict']),
+    # Header fields: a wrong type or a value no whitening file can have.
+    ('num-images-string', lambda p: p.update(num_images='8'),
+     ['`num_images`', "'8'"]),
+    ('num-images-zero', lambda p: p.update(num_images=0),
+     ['`num_images`', '>= 1, got 0']),
+    ('num-heads-tensor', lambda p: p.update(num_heads=torch.tensor(2)),
+     ['`num_heads`', 'tensor']),
+    ('num-heads-not-dividing', lambda p: p.update(num_heads=5),
+     ['`num_heads`=5', 'divide']),
+    ('header-key-missing', lambda p: p.pop('prompt_depth'),
+     ['lacks `prompt_depth`']),
+    ('layers-not-the-blocks', lambda p: p.update(layers=[0, 1]),
+     ['`layers`', '[0]', '[0, 1]']),
+    ('layers-string', lambda p: p.update(layers='all'),
+     ['`layers`', "'all'"]),
+    ('prompt-type-int', lambda p: p.update(prompt_type=3),
+     ['`prompt_type`', '3']),
+    ('prompt-depth-unknown', lambda p: p.update(prompt_depth='middle'),
+     ['`prompt_depth`', "'middle'"]),
+    ('statistics-not-dict', lambda p: p.update(statistics='paper'),
+     ['`statistics`', "'paper'"]),
+    ('statistics-unknown-key', lambda p: p['statistics'].update(mode='x'),
+     ['`statistics`', "'mode'"]),
+    ('statistics-bad-eps', lambda p: p['statistics'].update(eps=-1.0),
+     ['`statistics`', '`eps`', '-1.0']),
+    ('statistics-bad-product', lambda p: p['statistics'].update(
+        product='vq'), ['`statistics`', '`product`', "'vq'"]),
+    ('block-key-string', lambda p: p['blocks'].update(x=p['blocks'][0]),
+     ['`blocks`', "'x'"]),
+    ('block-key-out-of-range', lambda p: p['blocks'].update(
+        {7: p['blocks'][0]}), ['`blocks`', '7']),
+    ('num-tokens-negative', lambda p: p['blocks'][0].update(num_tokens=-4),
+     ['`blocks[0].num_tokens`', '>= 0, got -4']),
     # Values no ZCA whitening (U diag(s^-1/2) U^T) has: they became the
     # prompts' projection without an error.
     ('zero-matrix', lambda p: p['blocks'][0].update(

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from bpt_mm.models import attention
 from bpt_mm.models.attention import (attention_frozen_self_keys,
                                      attention_with_logsumexp)
-from bpt_mm.whitening import (WhiteningStatistics, project_tokens,
-                              query_key_product, whitening_from_tokens,
-                              zca_whitening_matrix)
-from bpt_mm.whitening_collect import collect_whitening
+from bpt_mm.whitening.collect import collect_whitening, whitening_from_tokens
+from bpt_mm.whitening.linalg import (project_tokens, query_key_product,
+                                     zca_whitening_matrix)
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import (ROOT, assert_same_outputs_and_grads, count_calls,
                      small_vit)
 from whitening_toy import deep_backbone, toy_images
@@ -128,7 +128,7 @@ def test_amp_train_steps_of_each_prompt_type(prompt, dtype):
     # the data-driven step of whitened prompts, on CUDA
     if any(p.needs_whitening for p in backbone.prompts.values()):
         collect_whitening(backbone, [x], num_images=2, distributed=False,
-                          statistics=WhiteningStatistics(eps=1e-3))
+                          options=WhiteningOptions(eps=1e-3))
     backbone.train()
     params = [p for p in list(backbone.parameters()) + list(head.parameters())
               if p.requires_grad]
@@ -184,7 +184,7 @@ def test_whitening_on_cuda_equals_cpu(statistic):
     torch.manual_seed(0)
     tokens = torch.randn(6, 20, 32) * torch.linspace(0.1, 3.0, 32)
     qkv = torch.randn(96, 32) * 0.2
-    options = WhiteningStatistics(statistic=statistic, eps=1e-4)
+    options = WhiteningOptions(statistic=statistic, eps=1e-4)
     # CUDA inputs: projected on CUDA, accumulated where the accumulator is
     w_cpu, info_cpu = whitening_from_tokens(tokens, qkv, options)
     w_cuda, info_cuda = whitening_from_tokens(tokens.to(CUDA), qkv.to(CUDA),
@@ -214,7 +214,7 @@ def test_collected_whitening_on_cuda_equals_cpu():
     images = toy_images(6).double()
     on_cpu = deep_backbone().double()
     on_cuda = copy.deepcopy(on_cpu).to(CUDA)
-    stats = WhiteningStatistics(eps=1e-3)
+    stats = WhiteningOptions(eps=1e-3)
     expected = collect_whitening(on_cpu, images.split(4), stats,
                                  num_images=6, distributed=False)
     got = collect_whitening(on_cuda, images.to(CUDA).split(4), stats,

@@ -20,8 +20,9 @@ from mmengine.runner.checkpoint import load_state_dict
 from bpt_mm.engine import BPTWhiteningHook, FiniteCheckHook
 from bpt_mm.launch import set_finite_check
 from bpt_mm.testing.tiny_data import ensure_tiny_data
-from bpt_mm.whitening import RankDeficientWarning, WhiteningStatistics
-from bpt_mm.whitening_collect import collect_whitening
+from bpt_mm.whitening.accumulators import RankDeficientWarning
+from bpt_mm.whitening.collect import collect_whitening
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import small_vit
 from whitening_toy import toy_images, toy_runner
 
@@ -342,7 +343,7 @@ def test_rank_deficient_sigma_is_reported():
     black = torch.zeros(16, 3, 16, 16)
     with pytest.warns(RankDeficientWarning) as caught:
         results = collect_whitening(backbone, black.split(4),
-                                    WhiteningStatistics(), 16)
+                                    WhiteningOptions(), 16)
     message = str(caught[0].message)
     rank = results[0]['effective_rank']
     assert rank <= 4, rank
@@ -352,7 +353,7 @@ def test_rank_deficient_sigma_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter('error', RankDeficientWarning)
         results = collect_whitening(backbone, toy_images(8).split(4),
-                                    WhiteningStatistics(), 8)
+                                    WhiteningOptions(), 8)
     assert results[0]['effective_rank'] > 16
 
 

@@ -9,7 +9,7 @@ from bpt_mm.models import PromptedViT, WhitenedPrompt
 from bpt_mm.models.prompt_config import PromptConfig, prompt_type_options
 from bpt_mm.models.prompts import VPTPrompt, WhitenedOptions
 from bpt_mm.registry import PROMPTS
-from bpt_mm.whitening_collect import apply_whitening, whitening_blocks
+from bpt_mm.whitening.collect import apply_whitening, whitening_blocks
 
 ARCH = dict(embed_dims=16, num_layers=3, num_heads=2, mlp_ratio=2.0)
 

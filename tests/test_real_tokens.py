@@ -8,10 +8,10 @@ from bpt_mm.analysis.burstiness import kurtosis
 from bpt_mm.analysis.token_statistics import analyse_backbone
 from bpt_mm.engine.prompt_stats_hook import prompt_statistics
 from bpt_mm.models import PromptedViT
-from bpt_mm.real_tokens import ImageBatch, real_patch_mask
-from bpt_mm.whitening import WhiteningStatistics, query_key_product
-from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
-                                      collect_whitening)
+from bpt_mm.whitening.real_tokens import ImageBatch, real_patch_mask
+from bpt_mm.whitening.collect import collect_prototypes, collect_whitening
+from bpt_mm.whitening.linalg import query_key_product
+from bpt_mm.whitening.options import WhiteningOptions
 from helpers import small_vit
 
 PATCH = 8
@@ -55,7 +55,7 @@ def test_whitening_of_padded_batch_equals_unpadded(tokens, one_thread):
     # Sizes that are not patch multiples: the partial patches are real.
     images = [torch.randn(3, 28, 20), torch.randn(3, 20, 28),
               torch.randn(3, 28, 20), torch.randn(3, 20, 28)]
-    statistics = WhiteningStatistics(tokens=tokens, eps=1e-6)
+    statistics = WhiteningOptions(tokens=tokens, eps=1e-6)
 
     unpadded_model = whitened_vit()
     unpadded = collect_whitening(
@@ -127,7 +127,8 @@ def test_burstiness_and_prompt_statistics_drop_padding(one_thread):
     batch = padded(images, (48, 48))
     model = whitened_vit()
 
-    results = analyse_backbone(model, [batch], [0], num_images=4, eps=1e-3)
+    results = analyse_backbone(model, [batch], [0], num_images=4,
+                               options=WhiteningOptions(eps=1e-3))
     assert results[0]['num_tokens'] == 4 * 6
     assert results[0]['num_dropped_tokens'] == 4 * (36 - 6)
 
@@ -138,7 +139,7 @@ def test_burstiness_and_prompt_statistics_drop_padding(one_thread):
     prompt = model.prompts['0']().detach()
     product = query_key_product(model.blocks[0].attn.qkv.weight.detach())
     with torch.no_grad():
-        rows = torch.cat([block_tokens(model, im.unsqueeze(0), [0])[0][0]
+        rows = torch.cat([model.block_tokens(im.unsqueeze(0), [0])[0][0]
                           for im in images])
     assert rows.shape[0] == 4 * 6
     assert stats['prompt_logit_kurtosis/block0'] == pytest.approx(
@@ -216,7 +217,7 @@ def test_pipeline_pad_is_refused_before_statistics():
     from mmcv.transforms import RandomChoice
     from mmdet.datasets.transforms import Pad, RandomFlip
     from bpt_mm.engine.whitening_hook import preprocessed_batches
-    from bpt_mm.real_tokens import pipeline_padding
+    from bpt_mm.whitening.real_tokens import pipeline_padding
 
     flip = RandomFlip(prob=0.5)
     plain = _Listed([flip])

@@ -1,6 +1,7 @@
-"""SPT prompts: prototypes (bpt_mm/prototypes.py), their collection from a
-backbone (``collect_prototypes``), the hook, two processes, resume, bad
-options, the configs' counts and the tiny SPT config end to end.
+"""SPT prompts: prototypes (bpt_mm/whitening/prototypes.py), their
+collection from a backbone (``collect_prototypes``), the hook, two
+processes, resume, bad options, the configs' counts and the tiny SPT config
+end to end.
 
 The toy backbone of ``tests/whitening_toy.py``: d = 32, 3 blocks, 32x32
 images with 8x8 patches (16 patch tokens per image).
@@ -15,10 +16,10 @@ from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.launch import check_whitening_source
 from bpt_mm.models import SPTPrompt, WhiteningNotReadyError
 from bpt_mm.analysis.param_budget import budget_row, variant_backbone
-from bpt_mm.prototypes import (TokenReservoir, canonical_rows,
-                               compute_prototypes, kmeans_prototypes)
-from bpt_mm.whitening_collect import (block_tokens, collect_prototypes,
-                                      prototype_blocks)
+from bpt_mm.whitening.collect import collect_prototypes, prototype_blocks
+from bpt_mm.whitening.prototypes import (TokenReservoir, canonical_rows,
+                                         compute_prototypes,
+                                         kmeans_prototypes)
 from helpers import ROOT, SHORT, last_metrics, run, small_vit, tool
 from whitening_toy import run_two_processes, toy_images, toy_runner
 
@@ -222,7 +223,7 @@ def test_deep_kmeans_uses_each_block_input_with_earlier_prompts_in_place():
     for block in range(3):
         assert results[block]['source'] == 'block_input'
         with torch.no_grad():  # the prompts now in place, as in training
-            tokens = torch.cat([block_tokens(backbone, x, [block])[block]
+            tokens = torch.cat([backbone.block_tokens(x, [block])[block]
                                 for x in images.split(4)])
         want = compute_prototypes(tokens.reshape(-1, 32), 4, 'kmeans',
                                   seed=block)
@@ -231,8 +232,8 @@ def test_deep_kmeans_uses_each_block_input_with_earlier_prompts_in_place():
     # block 2's tokens do depend on the prompts of blocks 0 and 1
     fresh = spt_backbone(DEEP_KMEANS).eval()  # prompts not filled: eval
     with torch.no_grad():
-        before = block_tokens(fresh, images, [2])[2]
-        after = block_tokens(backbone, images, [2])[2]
+        before = fresh.block_tokens(images, [2])[2]
+        after = backbone.block_tokens(images, [2])[2]
     assert not torch.allclose(before, after, atol=1e-4)
 
 
@@ -523,7 +524,7 @@ def test_before_test_fills_missing_prototypes_only(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    from bpt_mm import prototypes
+    from bpt_mm.whitening import prototypes
     from bpt_mm.models import prompts
     for module in (prototypes, prompts):
         result = doctest.testmod(module, verbose=False)

@@ -1,4 +1,4 @@
-"""Tests of bpt_mm.whitening: second moments, ZCA, query-key products, bases.
+"""Tests of the whitening wing: second moments, ZCA, query-key products, bases.
 
 Small dimensions keep the file fast; the checks are exact or tight where the
 algebra is exact and statistical (with a stated margin) where sampling enters.
@@ -15,12 +15,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import bpt_mm.whitening as whitening_module
-from bpt_mm.whitening import (FewTokensWarning, ImageAverageAccumulator,
-                              SecondMomentAccumulator, WhiteningStatistics,
-                              condition_number, project_tokens,
-                              query_key_product, whitened_bilinear_basis,
-                              whitening_from_tokens, zca_whitening_matrix)
+import bpt_mm.whitening.accumulators
+import bpt_mm.whitening.collect
+import bpt_mm.whitening.linalg
+import bpt_mm.whitening.options
+from bpt_mm.whitening.accumulators import (FewTokensWarning,
+                                           ImageAverageAccumulator,
+                                           SecondMomentAccumulator)
+from bpt_mm.whitening.collect import whitening_from_tokens
+from bpt_mm.whitening.linalg import (condition_number, effective_rank,
+                                     project_tokens, query_key_product,
+                                     whitened_bilinear_basis,
+                                     zca_whitening_matrix)
+from bpt_mm.whitening.options import WhiteningOptions
+from helpers import count_calls, previous_whitening
 
 F64 = torch.float64
 
@@ -363,7 +371,7 @@ def test_authors_statistic_matches_numpy():
     q, k, xn = qkv[:d].numpy(), qkv[d:2 * d].numpy(), x.numpy()
     qkx = (q @ k.T @ xn.transpose(0, 2, 1)).mean(axis=0)  # d x n
     sigma_np = qkx @ qkx.T / qkx.shape[0]  # divides by d
-    opts = WhiteningStatistics(statistic='authors', product='authors',
+    opts = WhiteningOptions(statistic='authors', product='authors',
                                tokens='all', eps=1e-3)
     with pytest.warns(FewTokensWarning, match='block 0'):  # n = 3 < d = 4
         w, info = whitening_from_tokens([x[:3], x[3], x[4:]], qkv, opts,
@@ -382,7 +390,7 @@ def test_whitening_from_tokens_paper_statistic():
     g = _gen(11)
     qkv = torch.randn(3 * d, d, generator=g)
     x = torch.randn(4, 50, d, generator=g) + 1.0
-    w, info = whitening_from_tokens(x, qkv, WhiteningStatistics(eps=1e-9))
+    w, info = whitening_from_tokens(x, qkv, WhiteningOptions(eps=1e-9))
     m = query_key_product(qkv.double())
     xt = (x.double().reshape(-1, d) @ m.T)
     torch.testing.assert_close(info['sigma'], xt.T @ xt / 200, rtol=1e-12,
@@ -396,21 +404,21 @@ def test_whitening_from_tokens_paper_statistic():
     assert _rel_err(xw.T @ xw / 200, _eye(d)) < 1e-4
     # An iterable of batches gives the same result; centring changes it.
     w_it, _ = whitening_from_tokens(iter(x), qkv,
-                                    WhiteningStatistics(eps=1e-9))
+                                    WhiteningOptions(eps=1e-9))
     torch.testing.assert_close(w_it, w)
     _, info_c = whitening_from_tokens(
-        x, qkv, WhiteningStatistics(center=True, eps=1e-9))
+        x, qkv, WhiteningOptions(center=True, eps=1e-9))
     xc = xt - xt.mean(0)
     torch.testing.assert_close(info_c['sigma'], xc.T @ xc / 200)
 
 
 def test_options_make_matching_accumulators():
-    assert isinstance(WhiteningStatistics().make_accumulator(4),
+    assert isinstance(WhiteningOptions().make_accumulator(4),
                       SecondMomentAccumulator)
-    acc = WhiteningStatistics(statistic='authors').make_accumulator(
+    acc = WhiteningOptions(statistic='authors').make_accumulator(
         4, name='block 9')
     assert isinstance(acc, ImageAverageAccumulator) and acc.name == 'block 9'
-    opts = WhiteningStatistics()
+    opts = WhiteningOptions()
     assert (opts.tokens, opts.source, opts.center, opts.statistic,
             opts.product) == ('patch', 'block_input', False, 'paper', 'qk')
 
@@ -486,18 +494,18 @@ _W = torch.eye(4)
     (lambda: zca_whitening_matrix(_W, eps=-1e-3), 'eps'),
     (lambda: zca_whitening_matrix(torch.zeros(4, 4)), 'trace'),
     (lambda: condition_number(_W, eps=float('nan')), 'eps'),
-    (lambda: WhiteningStatistics(statistic='mean'),
+    (lambda: WhiteningOptions(statistic='mean'),
      r"`statistic`.*'paper'"),
-    (lambda: WhiteningStatistics(product='vq'), '`product`'),
-    (lambda: WhiteningStatistics(tokens='cls'), '`tokens`'),
-    (lambda: WhiteningStatistics(source='norm2'), '`source`'),
-    (lambda: WhiteningStatistics(center=True, statistic='authors'),
+    (lambda: WhiteningOptions(product='vq'), '`product`'),
+    (lambda: WhiteningOptions(tokens='cls'), '`tokens`'),
+    (lambda: WhiteningOptions(source='norm2'), '`source`'),
+    (lambda: WhiteningOptions(center=True, statistic='authors'),
      '`center`'),
-    (lambda: WhiteningStatistics(eps=-1.0), '`eps`'),
+    (lambda: WhiteningOptions(eps=-1.0), '`eps`'),
     (lambda: whitened_bilinear_basis(_W, 5), '`rank`'),
     (lambda: whitened_bilinear_basis(_W, 0), '`rank`'),
-    (lambda: whitened_bilinear_basis(_W, 2, mode='pca'),
-     r"`mode`.*'random'.*'eigen'.*'identity'"),
+    (lambda: whitened_bilinear_basis(_W, 2, bilinear_init='pca'),
+     r"`bilinear_init`.*'random'.*'eigen'.*'identity'"),
     (lambda: whitened_bilinear_basis(_W, 2, 'eigen', sigma=torch.eye(3)),
      '`sigma`'),
     (lambda: SecondMomentAccumulator(0), '`dim`'),
@@ -511,13 +519,43 @@ def test_bad_arguments_raise_value_error(call, pattern):
         call()
 
 
+# ---------------------------------------------------------------------------
+# One eigendecomposition of Sigma gives W, condition number and rank
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize('eps, rows', [(1e-5, 300), (1e-3, 5), (0.0, 40)])
+def test_one_eigendecomposition_gives_the_previous_results(monkeypatch, eps,
+                                                           rows):
+    # 5 rows of 8 channels: a rank-deficient Sigma, where the effective
+    # rank is below d; eps=0 with enough rows: no regulariser at all.
+    x = torch.randn(rows, 8, generator=_gen(31), dtype=F64)
+    qkv = torch.randn(24, 8, generator=_gen(32), dtype=F64)
+    calls = count_calls(monkeypatch, 'eigh', module=torch.linalg)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FewTokensWarning)
+        w, info = whitening_from_tokens(x, qkv, WhiteningOptions(eps=eps))
+    assert len(calls) == 1
+    want_w, want_cond, want_rank = previous_whitening(info['sigma'], eps)
+    assert torch.equal(w, want_w)
+    assert info['condition_number'] == want_cond
+    assert info['effective_rank'] == want_rank
+    assert (want_rank < 8) == (rows < 8)
+    # The single-use views agree with the shared decomposition.
+    assert torch.equal(zca_whitening_matrix(info['sigma'], eps), w)
+    assert condition_number(info['sigma'], eps) == want_cond
+    assert effective_rank(info['sigma'], eps) == want_rank
+
+
 def test_docstring_examples():
     # The Examples sections are runnable; keep them honest.
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FewTokensWarning)
-        result = doctest.testmod(whitening_module, verbose=False)
-    assert result.attempted > 10 and result.failed == 0
+        results = [doctest.testmod(module, verbose=False) for module in (
+            bpt_mm.whitening.linalg, bpt_mm.whitening.accumulators,
+            bpt_mm.whitening.options, bpt_mm.whitening.collect)]
+    attempted = sum(r.attempted for r in results)
+    failed = sum(r.failed for r in results)
+    assert attempted > 10 and failed == 0
 
 
 if __name__ == '__main__':
@@ -536,6 +574,6 @@ def test_authors_mae_product_is_their_product_with_query_weights_as_keys():
         mae, query_key_product(as_loaded, order='authors'), rtol=0, atol=0)
     torch.testing.assert_close(mae, mae.T, rtol=0, atol=0)
     assert not torch.allclose(mae, query_key_product(qkv, order='authors'))
-    assert WhiteningStatistics(product='authors_mae').product == 'authors_mae'
+    assert WhiteningOptions(product='authors_mae').product == 'authors_mae'
     with pytest.raises(ValueError, match='authors_mae'):
-        WhiteningStatistics(product='mae')
+        WhiteningOptions(product='mae')

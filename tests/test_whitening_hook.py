@@ -16,12 +16,14 @@ from mmengine.hooks import Hook
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.models import WhiteningNotReadyError
-from bpt_mm.whitening import (WhiteningStatistics, whitened_bilinear_basis,
-                              whitening_from_tokens, zca_whitening_matrix)
-from bpt_mm.whitening_collect import (apply_whitening, collect_whitening,
-                                      load_whitening, save_whitening,
-                                      whitening_blocks)
-from helpers import ROOT, TESTS, small_vit
+from bpt_mm.whitening.collect import (apply_whitening, collect_whitening,
+                                      whitening_blocks, whitening_from_tokens)
+from bpt_mm.whitening.io import load_whitening, save_whitening
+from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
+                                     zca_whitening_matrix)
+from bpt_mm.whitening.options import WhiteningOptions
+from helpers import (ROOT, TESTS, count_calls, previous_whitening,
+                     small_vit)
 from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyModel, deep_backbone,
                            run_two_processes, toy_images, toy_runner)
 
@@ -143,7 +145,7 @@ def test_hook_loads_whitening_file(tmp_path):
     runner.train()
     path = tmp_path / 'whitening.pth'
     save_whitening(path, computing.results, runner.model.backbone,
-                   computing.statistics)
+                   computing.options)
 
     loading, probe = BPTWhiteningHook(whitening_file=str(path)), Probe()
     runner = toy_runner(tmp_path / 'b', FWHITEN, [loading, probe],
@@ -211,7 +213,7 @@ def test_hook_rejects_bad_arguments(kwargs, match):
     dict(eps=EPS, source='norm1', tokens='all', center=True),
 ], ids=['paper', 'norm1-all-centered'])
 def test_deep_prompts_see_earlier_whitened_prompts(options):
-    stats = WhiteningStatistics(**options)
+    stats = WhiteningOptions(**options)
     images = toy_images(12)
     backbone = deep_backbone()
     reference = copy.deepcopy(backbone).eval()
@@ -258,7 +260,7 @@ def test_whitening_initialised_bilinear_basis(tmp_path):
     backbone = small_vit(prompt=prompt)
     fresh = copy.deepcopy(backbone)
     xavier = backbone.prompts['0'].basis.detach().clone()
-    stats = WhiteningStatistics(eps=EPS)
+    stats = WhiteningOptions(eps=EPS)
     results = collect_whitening(backbone, toy_images(8).split(4), stats,
                                 num_images=8, seed=5)
     w, basis = results[0]['whitening'], backbone.prompts['0'].basis
@@ -287,7 +289,7 @@ def test_non_finite_features_name_the_block():
     images = toy_images(4)
     images[0, 0, 0, 0] = float('inf')
     with pytest.raises(ValueError, match='block 0'):
-        collect_whitening(backbone, [images], WhiteningStatistics(), 4)
+        collect_whitening(backbone, [images], WhiteningOptions(), 4)
 
 
 # ---------------------------------------------------------------------------
@@ -298,11 +300,68 @@ def _deep_file(tmp_path, name, **kwargs):
     prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep')
     prompt.update(kwargs.pop('prompt', {}))
     backbone = small_vit(prompt=prompt, **kwargs)
-    stats = WhiteningStatistics(eps=EPS)
+    stats = WhiteningOptions(eps=EPS)
     results = collect_whitening(backbone, toy_images(8).split(4), stats, 8)
     path = tmp_path / name
     save_whitening(path, results, backbone, stats)
     return path, results
+
+
+def test_block_tokens_is_the_models_token_tap():
+    # Shallow prompts sit between CLS and the patches; the tap gives the
+    # patches (or CLS + patches) entering each block, never the prompts,
+    # before or after the block's norm1, and runs no block above the last.
+    torch.manual_seed(0)
+    backbone = small_vit(prompt=dict(type='VPTPrompt', num_tokens=3)).eval()
+    x = toy_images(2)
+    with torch.no_grad():
+        entering = {i: t for i, t, _, _ in backbone.iter_blocks(x)}
+        patches = backbone.block_tokens(x, [2, 0])
+        everything = backbone.block_tokens(x, [1], tokens='all')
+        normed = backbone.block_tokens(x, [1], source='norm1')
+    assert sorted(patches) == [0, 2]
+    for block in (0, 2):
+        assert torch.equal(patches[block], entering[block][:, 1 + 3:])
+    assert torch.equal(everything[1], torch.cat(
+        [entering[1][:, :1], entering[1][:, 1 + 3:]], dim=1))
+    with torch.no_grad():
+        want = backbone.blocks[1].norm1(entering[1][:, 1 + 3:])
+    assert torch.equal(normed[1], want)
+    ran = []
+    handle = backbone.blocks[2].register_forward_pre_hook(
+        lambda module, args: ran.append(2))
+    with torch.no_grad():
+        backbone.block_tokens(x, [1])
+    handle.remove()
+    assert ran == []
+    assert backbone.block_tokens(x, []) == {}
+    for blocks in ([3], [-1], [True]):
+        with pytest.raises(ValueError, match='not block indices'):
+            backbone.block_tokens(x, blocks)
+    with pytest.raises(ValueError, match="`tokens` must be 'patch' or"):
+        backbone.block_tokens(x, [0], tokens='cls')
+    with pytest.raises(ValueError, match="`source`.*'norm2'"):
+        backbone.block_tokens(x, [0], source='norm2')
+
+
+def test_collect_decomposes_sigma_once_per_block(monkeypatch):
+    # Deep BPT-bilinear ('random' C: no eigenvectors needed for B): one
+    # eigendecomposition per block gives W, the condition number and the
+    # effective rank, which equal those of three separate ones.
+    torch.manual_seed(0)
+    backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
+                                     rank=4, whitening_init=True,
+                                     depth='deep'))
+    calls = count_calls(monkeypatch, 'eigh', module=torch.linalg)
+    results = collect_whitening(backbone, toy_images(8).split(4),
+                                WhiteningOptions(eps=EPS), 8)
+    assert sorted(results) == [0, 1, 2] and len(calls) == 3
+    monkeypatch.undo()
+    for block, result in results.items():
+        w, cond, rank = previous_whitening(result['sigma'], EPS)
+        assert torch.equal(result['whitening'], w), block
+        assert result['condition_number'] == cond
+        assert result['effective_rank'] == rank
 
 
 def test_file_round_trip_and_refusals(tmp_path):
@@ -354,7 +413,7 @@ def test_file_round_trip_and_refusals(tmp_path):
 def _whiten_my_half_then_fail_on_rank_1(rank: int, world: int,
                                         out_dir: str) -> None:
     """Each rank whitens its half of the images; then rank 1 fails."""
-    stats = WhiteningStatistics(**DIST_OPTIONS)
+    stats = WhiteningOptions(**DIST_OPTIONS)
     images = toy_images(16)
     half = len(images) // world
     mine = images[rank * half:(rank + 1) * half]
@@ -388,7 +447,7 @@ def test_two_processes_match_one_and_agree(two_process_run):
     ranks = [torch.load(two_process_run / f'rank{r}.pt', weights_only=False)
              for r in range(2)]
     single = collect_whitening(deep_backbone(), toy_images(16).split(3),
-                               WhiteningStatistics(**DIST_OPTIONS),
+                               WhiteningOptions(**DIST_OPTIONS),
                                num_images=16)
     for block in range(3):
         got = [r[block] for r in ranks]
@@ -444,7 +503,7 @@ def test_compute_whitening_tool(tmp_path):
     assert 'block' in proc.stdout and 'saved to' in proc.stdout
 
     # The config's hook entry set eps/source, the flag num_images.
-    stats = WhiteningStatistics(eps=EPS, source='norm1')
+    stats = WhiteningOptions(eps=EPS, source='norm1')
     expected = collect_whitening(copy.deepcopy(model.backbone),
                                  toy_images(16)[:8].split(4), stats, 8)
     loaded, info = load_whitening(out, model.backbone, return_info=True)

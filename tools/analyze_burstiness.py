@@ -50,7 +50,7 @@ def _positive_int(name):
 
 def build_parser() -> argparse.ArgumentParser:
     from bpt_mm.analysis.token_statistics import DEFAULT_EPS
-    from bpt_mm.whitening import QK_ORDERS, TOKEN_SETS, TOKEN_SOURCES
+    from bpt_mm.whitening.options import QK_ORDERS, TOKEN_SETS, TOKEN_SOURCES
     parser = argparse.ArgumentParser(
         description='Burstiness of X, W_q^T W_k, X~ and whitened X~ per '
         'ViT block, with plots.')
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     from bpt_mm.engine.whitening_hook import (hook_options_from_config,
                                               preprocessed_batches)
     from bpt_mm.launch import build_prompted_model, resolve_device
-    from bpt_mm.whitening import WhiteningStatistics
+    from bpt_mm.whitening.options import WhiteningOptions
 
     MMLogger.get_instance('analyze_burstiness', log_level='WARNING')
     cfg = Config.fromfile(args.config)
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     try:
-        statistics = WhiteningStatistics(**options)
+        # Built once here; the analysis uses it as it is.
+        whitening_options = WhiteningOptions(eps=args.eps, **options)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -204,8 +205,8 @@ def main(argv=None) -> int:
         blocks = resolve_blocks(backbone, args.layers)
         results = analyse_backbone(
             backbone, preprocessed_batches(model, loader), blocks,
-            num_images=args.num_images, statistics=statistics,
-            eps=args.eps, max_values=args.max_values, seed=args.seed)
+            num_images=args.num_images, options=whitening_options,
+            max_values=args.max_values, seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -225,14 +226,15 @@ def main(argv=None) -> int:
         'checkpoint': args.checkpoint,
         'pretrained': args.pretrained or (backbone.pretrained_checkpoint),
         'prompts': 'removed (--no-prompts)' if args.no_prompts else
-        (backbone.prompt_cfg or {}).get('type'),
+        None if backbone.prompt_config is None else
+        backbone.prompt_config.type,
         'images': seen,
         'blocks': blocks,
-        'token selection': dict(tokens=statistics.tokens,
-                                source=statistics.source,
-                                product=statistics.product,
-                                center=statistics.center),
-        'whitening eps (relative)': args.eps,
+        'token selection': dict(tokens=whitening_options.tokens,
+                                source=whitening_options.source,
+                                product=whitening_options.product,
+                                center=whitening_options.center),
+        'whitening eps (relative)': whitening_options.eps,
         'seconds': round(seconds, 1),
     }
     with open(osp.join(args.out, 'burstiness.json'), 'w') as f:

@@ -235,7 +235,7 @@ def run_whitening_worker(args: argparse.Namespace) -> Dict[str, Any]:
 
     import bpt_mm  # noqa: F401
     from bpt_mm.models import PromptedViT
-    from bpt_mm.whitening_collect import collect_whitening
+    from bpt_mm.whitening.collect import collect_whitening
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')

@@ -3,7 +3,8 @@
 Builds the model of an mmengine/mmdet/mmseg config (pretrained weights from
 its ``init_cfg``, or ``--checkpoint``), runs ``--num-images`` images of the
 config's ``train_dataloader`` through its PromptedViT backbone and saves the
-per-block ZCA matrices (see :mod:`bpt_mm.whitening_collect`). Options are
+per-block ZCA matrices (see :mod:`bpt_mm.whitening.collect` and
+:mod:`bpt_mm.whitening.io`). Options are
 those of the config's ``BPTWhiteningHook`` entry in ``custom_hooks`` when
 there is one; command-line flags override them. Use the file with
 ``custom_hooks=[dict(type='BPTWhiteningHook', whitening_file=FILE)]``.
@@ -32,8 +33,8 @@ OPTIONS = ('num_images', 'eps', 'source', 'tokens', 'center', 'statistic',
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
-    from bpt_mm.whitening import (BASIS_MODES, QK_ORDERS, STATISTICS,
-                                  TOKEN_SETS, TOKEN_SOURCES)
+    from bpt_mm.whitening.options import (BASIS_MODES, QK_ORDERS, STATISTICS,
+                                          TOKEN_SETS, TOKEN_SOURCES)
     parser = argparse.ArgumentParser(
         description='Compute BPT whitening matrices and save them.')
     parser.add_argument('config', help='config file')
@@ -58,11 +59,7 @@ def parse_args(argv=None):
                         help="default: 'cuda' when available, else 'cpu'")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, KEY=VALUE')
-    args = parser.parse_args(argv)
-    if args.num_images is not None and args.num_images < 1:
-        parser.error(f'--num-images must be a positive int, got '
-                     f'{args.num_images}')
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -79,9 +76,10 @@ def main(argv=None) -> int:
                                               preprocessed_batches)
     from bpt_mm.launch import (build_prompted_model, check_whitening_output,
                                resolve_device)
-    from bpt_mm.whitening_collect import (collect_whitening,
+    from bpt_mm.whitening.collect import (collect_whitening,
                                           format_whitening_table,
-                                          save_whitening, whitening_blocks)
+                                          whitening_blocks)
+    from bpt_mm.whitening.io import save_whitening
 
     # The current logger: init_weights' per-parameter report stays quiet.
     MMLogger.get_instance('compute_whitening', log_level='WARNING')
@@ -96,8 +94,13 @@ def main(argv=None) -> int:
         value = getattr(args, key)
         if value is not None:
             options[key] = value
-    # The hook validates the options exactly as a config would.
-    hook = BPTWhiteningHook(**options)
+    try:
+        # The hook validates the options exactly as a config would, and
+        # holds them as one WhiteningOptions.
+        hook = BPTWhiteningHook(**options)
+    except (TypeError, ValueError) as exc:
+        print(f'compute_whitening: error: {exc}', file=sys.stderr)
+        return 2
 
     try:
         device = resolve_device(args.device)
@@ -111,8 +114,9 @@ def main(argv=None) -> int:
         print(f'{args.config}: {exc}', file=sys.stderr)
         return 1
     if not whitening_blocks(backbone):
+        config = backbone.prompt_config
         print(f'{args.config}: no prompt of this model needs whitening '
-              f"(prompt type {(backbone.prompt_cfg or {}).get('type')})",
+              f'(prompt type {None if config is None else config.type})',
               file=sys.stderr)
         return 1
     if not cfg.get('train_dataloader'):
@@ -130,14 +134,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         num_images = distinct
     results = collect_whitening(
-        backbone, preprocessed_batches(model, loader), hook.statistics,
-        num_images, distributed=False,
-        bilinear_mode=hook.bilinear_init, seed=hook.seed,
+        backbone, preprocessed_batches(model, loader), hook.options,
+        num_images, distributed=False, seed=hook.seed,
         allow_few_tokens=hook.allow_few_tokens)
-    save_whitening(args.out, results, backbone, hook.statistics)
+    save_whitening(args.out, results, backbone, hook.options)
     print(f'whitening of {len(results)} block(s) from '
           f"{min(r['num_images'] for r in results.values())} images, "
-          f'{hook.statistics}, saved to {args.out}')
+          f'{hook.options}, saved to {args.out}')
     print(format_whitening_table(results))
     return 0
 

@@ -5,15 +5,16 @@ measures, with :mod:`bpt_mm.analysis.burstiness`, the distributions of
 
 * ``x``: the tokens ``X`` entering the block (those the whitening statistic
   uses: patches, before ``norm1`` by default; see
-  :class:`~bpt_mm.whitening.WhiteningStatistics`);
+  :class:`~bpt_mm.whitening.options.WhiteningOptions`);
 * ``qk_product``: the entries of ``M = W_q^T W_k``
-  (:func:`~bpt_mm.whitening.query_key_product`);
+  (:func:`~bpt_mm.whitening.linalg.query_key_product`);
 * ``projected``: the entries of ``X~ = M X^T``
-  (:func:`~bpt_mm.whitening.project_tokens`), whose values a prompt's
-  logits are linear in;
+  (:func:`~bpt_mm.whitening.linalg.project_tokens`), whose values a
+  prompt's logits are linear in;
 * ``whitened``: the entries of ``X~`` whitened by ``W = Sigma^{-1/2}``,
-  the ZCA of the second moment of the same tokens
-  (:func:`~bpt_mm.whitening.zca_whitening_matrix`).
+  the ZCA of the second moment of the same tokens, by the pipeline of
+  :mod:`bpt_mm.whitening.collect` (:func:`~bpt_mm.whitening.collect.
+  accumulate_tokens`, :func:`~bpt_mm.whitening.collect.solve_whitening`).
 
 ``Sigma`` is accumulated in float64 over every token of every image; the
 distributions are measured on a seeded random subset of the tokens (at most
@@ -22,10 +23,10 @@ whitening check ``W Sigma W^T = I`` is exact algebra on the accumulated
 ``Sigma``, i.e. it is the second moment of the whitened ``X~`` over all the
 tokens it was computed from.
 
-The whitening here is the analysis' own, with its own ``eps`` (default
-:data:`DEFAULT_EPS`: none, so that the whitened data really have an identity
-second moment); the prompts' whitening in a model is whatever its hook or
-checkpoint gave it.
+The whitening here is the analysis' own, with the ``eps`` of its options
+(:data:`DEFAULT_OPTIONS`: none, so that the whitened data really have an
+identity second moment); the prompts' whitening in a model is whatever its
+hook or checkpoint gave it.
 """
 import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -34,16 +35,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bpt_mm.real_tokens import as_image_batch
-from bpt_mm.whitening import (WhiteningStatistics, condition_number,
-                              project_tokens, query_key_product,
-                              zca_whitening_matrix)
-from bpt_mm.whitening_collect import block_token_rows
+from bpt_mm.whitening.collect import (accumulate_tokens, block_product,
+                                     block_token_rows, solve_whitening)
+from bpt_mm.whitening.linalg import project_tokens
+from bpt_mm.whitening.options import WhiteningOptions
+from bpt_mm.whitening.real_tokens import as_image_batch
 
 from .burstiness import describe
 
-__all__ = ['QUANTITIES', 'QUANTITY_LABELS', 'DEFAULT_EPS', 'resolve_blocks',
-           'analyse_backbone']
+__all__ = ['QUANTITIES', 'QUANTITY_LABELS', 'DEFAULT_EPS', 'DEFAULT_OPTIONS',
+           'resolve_blocks', 'analyse_backbone']
 
 #: Measured quantities, in the order of the plot panels.
 QUANTITIES = ('x', 'qk_product', 'projected', 'whitened')
@@ -61,6 +62,9 @@ QUANTITY_LABELS = {
 #: visibly bends the weakest direction. A singular Sigma (fewer tokens than
 #: channels) needs ``eps > 0``, and the error says so.
 DEFAULT_EPS = 0.0
+#: The analysis' options: the paper's token selection and statistic, with
+#: :data:`DEFAULT_EPS`.
+DEFAULT_OPTIONS = WhiteningOptions(eps=DEFAULT_EPS)
 
 
 def resolve_blocks(backbone: Any, layers: Optional[Sequence[int]]
@@ -114,8 +118,7 @@ def analyse_backbone(backbone: Any,
                      batches: Iterable[Tensor],
                      blocks: Sequence[int],
                      num_images: int = 100,
-                     statistics: Optional[WhiteningStatistics] = None,
-                     eps: float = DEFAULT_EPS,
+                     options: Optional[WhiteningOptions] = None,
                      max_values: int = 1_000_000,
                      seed: int = 0,
                      fraction: float = 0.01) -> Dict[int, Dict[str, Any]]:
@@ -125,16 +128,16 @@ def analyse_backbone(backbone: Any,
         backbone (PromptedViT): The backbone, run in eval mode without
             gradients (its mode is restored afterwards).
         batches (Iterable[Tensor | ImageBatch]): Preprocessed image batches
-            ``(B, C, H, W)``, or :class:`~bpt_mm.real_tokens.ImageBatch`
+            ``(B, C, H, W)``, or :class:`~bpt_mm.whitening.real_tokens.
+            ImageBatch`
             with each image's real size (padding patches are then left
             out); read until ``num_images`` images are seen.
         blocks (Sequence[int]): Block indices (see :func:`resolve_blocks`).
         num_images (int): Images to use. Defaults to 100 (the paper).
-        statistics (WhiteningStatistics, optional): Token selection
-            (``tokens``, ``source``), ``product`` and ``center``; its ``eps``
-            is not used (``eps`` below is). Default: the paper's.
-        eps (float): Relative regulariser of the analysis' ZCA. Defaults to
-            :data:`DEFAULT_EPS` (none).
+        options (WhiteningOptions, optional): Token selection (``tokens``,
+            ``source``), ``product``, ``center`` and the ``eps`` of the
+            analysis' ZCA; its ``statistic`` must be the paper's. Defaults
+            to :data:`DEFAULT_OPTIONS` (no regulariser).
         max_values (int): At most this many values per quantity enter the
             distribution statistics (a seeded random subset of tokens, then
             of values for ``M``). Defaults to 10^6.
@@ -155,28 +158,21 @@ def analyse_backbone(backbone: Any,
     Raises:
         ValueError: No image came out of ``batches``, or a bad argument.
     """
-    statistics = WhiteningStatistics() if statistics is None else statistics
+    options = DEFAULT_OPTIONS if options is None else options
     _check_positive_int(num_images, '--num-images')
     _check_positive_int(max_values, '--max-values')
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) \
-            or eps < 0:
-        raise ValueError(f'--eps must be a finite float >= 0, got {eps!r}')
-    if statistics.statistic != 'paper':
+    if options.statistic != 'paper':
         raise ValueError("the analysis uses the paper's statistic "
                          f"(Sigma = X~ X~^T / N), got statistic="
-                         f'{statistics.statistic!r}')
+                         f'{options.statistic!r}')
     blocks = sorted(set(blocks))
     if not blocks:
         raise ValueError('no block to analyse')
     dim = backbone.embed_dims
     device = next(backbone.parameters()).device
-    products = {
-        i: query_key_product(backbone.blocks[i].attn.qkv.weight.detach().to(
-            torch.float64), order=statistics.product)
-        for i in blocks
-    }
-    accs = {i: statistics.make_accumulator(dim, name=f'block {i}',
-                                           device=device) for i in blocks}
+    products = {i: block_product(backbone, i, options) for i in blocks}
+    accs = {i: options.make_accumulator(dim, name=f'block {i}',
+                                        device=device) for i in blocks}
     kept: Dict[int, List[Tensor]] = {i: [] for i in blocks}
     generator = torch.Generator().manual_seed(seed)
     keep = None
@@ -193,11 +189,11 @@ def analyse_backbone(backbone: Any,
                 x = batch.images
                 # Real image tokens only: padding patches are left out.
                 tokens, padding = block_token_rows(backbone, batch, blocks,
-                                                   statistics)
+                                                   options)
                 dropped += padding
                 for i in blocks:
                     rows = tokens[i].to(torch.float64)
-                    accs[i].update(project_tokens(rows, products[i]))
+                    accumulate_tokens(accs[i], rows, products[i])
                     if keep is None:
                         # Tokens per image are known from the first batch;
                         # keep the same share of every batch.
@@ -213,21 +209,20 @@ def analyse_backbone(backbone: Any,
     rng = np.random.default_rng(seed)
     results: Dict[int, Dict[str, Any]] = {}
     for i in blocks:
-        sigma = accs[i].second_moment(center=statistics.center).cpu()
         try:
-            whitening = zca_whitening_matrix(sigma, eps=eps,
-                                             dtype=torch.float64)
+            solved = solve_whitening(accs[i], options, dtype=torch.float64)
         except ValueError as exc:
             raise ValueError(
                 f'block {i}: cannot whiten X~ from {accs[i].num_tokens} '
                 f'tokens ({exc}); use more images or a regulariser, e.g. '
                 '--eps 1e-9') from exc
+        sigma, whitening = solved['sigma'], solved['whitening']
         moment = whitening @ sigma @ whitening.T
         eye = torch.eye(dim, dtype=torch.float64)
         rows = torch.cat(kept[i])
         product = products[i].cpu()
         projected = project_tokens(rows, product)
-        centred = projected - accs[i].mean().cpu() if statistics.center \
+        centred = projected - accs[i].mean().cpu() if options.center \
             else projected
         whitened = centred @ whitening.T
         values = {
@@ -242,8 +237,8 @@ def analyse_backbone(backbone: Any,
             'num_tokens': accs[i].num_tokens,
             'num_dropped_tokens': dropped,
             'num_tokens_sampled': int(rows.shape[0]),
-            'eps': float(eps),
-            'condition_number': condition_number(sigma, eps),
+            'eps': options.eps,
+            'condition_number': solved['condition_number'],
             'whitening_identity_error': float(
                 torch.linalg.norm(moment - eye) / math.sqrt(dim)),
             'whitening_identity_max_error': float(

@@ -11,7 +11,7 @@ scalars, so they appear in the text log and every visualiser backend
 * ``prompt_logit_kurtosis/block<i>``: Pearson's kurtosis (3 for a Gaussian)
   of the prompt logits ``P~ M X^T`` against the patch tokens ``X`` entering
   block ``i`` in the current batch (only patches of the real image, by each
-  data sample's ``img_shape``; see :mod:`bpt_mm.real_tokens`),
+  data sample's ``img_shape``; see :mod:`bpt_mm.whitening.real_tokens`),
   ``M = W_q^T W_k`` (biases, LayerNorm and the head scale aside, as the
   paper's ``X~``): how bursty the logits the prompts learn from are;
 * ``whitening_drift/block<i>``: for a trained whitening (BPT-tWhiten),
@@ -35,11 +35,12 @@ from torch import Tensor
 from bpt_mm.analysis.burstiness import kurtosis
 from bpt_mm.models.vit import find_prompted_backbone
 from bpt_mm.registry import register_hook
-from bpt_mm.whitening import (QK_ORDERS, TOKEN_SOURCES, WhiteningStatistics,
-                              query_key_product)
-from bpt_mm.real_tokens import (ImageBatch, check_no_pipeline_padding,
-                                img_shapes_of)
-from bpt_mm.whitening_collect import block_token_rows
+from bpt_mm.whitening.collect import block_token_rows
+from bpt_mm.whitening.linalg import query_key_product
+from bpt_mm.whitening.options import WhiteningOptions
+from bpt_mm.whitening.real_tokens import (ImageBatch,
+                                          check_no_pipeline_padding,
+                                          img_shapes_of)
 
 #: Checkpoint key of the initial trained whitening matrices.
 CHECKPOINT_KEY = 'bpt_mm_prompt_stats'
@@ -53,7 +54,7 @@ def _trained_whitening(prompt: torch.nn.Module) -> Optional[Tensor]:
 
 def prompt_statistics(backbone: Any, images: Tensor,
                       initial_whitening: Dict[int, Tensor],
-                      statistics: Optional[WhiteningStatistics] = None,
+                      options: Optional[WhiteningOptions] = None,
                       img_shapes: Optional[Sequence[Tuple[int, int]]] = None
                       ) -> Dict[str, float]:
     """The hook's scalars for one batch of preprocessed images.
@@ -64,16 +65,16 @@ def prompt_statistics(backbone: Any, images: Tensor,
         images (Tensor): ``(B, C, H, W)`` as the backbone received them.
         initial_whitening (dict[int, Tensor]): ``W_0`` per block with a
             trained whitening (blocks without an entry get no drift).
-        statistics (WhiteningStatistics, optional): Token source and
-            product; default the paper's.
+        options (WhiteningOptions, optional): Token source and product;
+            default the paper's.
         img_shapes (Sequence[tuple[int, int]], optional): Real ``(h, w)``
             of each image; patches that cover only padding are then left
-            out of the logits (see :mod:`bpt_mm.real_tokens`).
+            out of the logits (see :mod:`bpt_mm.whitening.real_tokens`).
 
     Returns:
         dict[str, float]: ``{'prompt_norm/block<i>': ..., ...}``.
     """
-    statistics = WhiteningStatistics() if statistics is None else statistics
+    options = WhiteningOptions() if options is None else options
     prompts = backbone.prompt_modules()
     out: Dict[str, float] = {}
     was_training = backbone.training
@@ -82,14 +83,14 @@ def prompt_statistics(backbone: Any, images: Tensor,
         with torch.no_grad():
             tokens, _ = block_token_rows(
                 backbone, ImageBatch(images, img_shapes), sorted(prompts),
-                statistics)
+                options)
             for block, prompt in sorted(prompts.items()):
                 effective = prompt().detach()  # P~, no dropout
                 out[f'prompt_norm/block{block}'] = float(
                     effective.double().norm())
                 product = query_key_product(
                     backbone.blocks[block].attn.qkv.weight.detach(),
-                    order=statistics.product)
+                    order=options.product)
                 x = tokens[block]
                 # (m, d) @ (d, d) @ (d, N): one logit per prompt and token
                 logits = (effective @ product.to(effective.dtype)) @ x.to(
@@ -124,7 +125,7 @@ class PromptStatsHook(Hook):
             block, as the whitening) or ``'norm1'``.
         product (str): ``'qk'`` (default), ``'kq'``, ``'authors'`` or
             ``'authors_mae'``
-            (see :func:`bpt_mm.whitening.query_key_product`).
+            (see :func:`bpt_mm.whitening.linalg.query_key_product`).
     """
 
     # before_train: after BPTWhiteningHook (ABOVE_NORMAL) has written W_0;
@@ -137,14 +138,12 @@ class PromptStatsHook(Hook):
                 or interval < 1:
             raise ValueError('PromptStatsHook `interval` must be a positive '
                              f'int, got {interval!r}')
-        if source not in TOKEN_SOURCES:
-            raise ValueError(f'PromptStatsHook `source` must be one of '
-                             f'{TOKEN_SOURCES}, got {source!r}')
-        if product not in QK_ORDERS:
-            raise ValueError(f'PromptStatsHook `product` must be one of '
-                             f'{QK_ORDERS}, got {product!r}')
+        try:
+            # WhiteningOptions checks `source` and `product`.
+            self.options = WhiteningOptions(source=source, product=product)
+        except ValueError as exc:
+            raise ValueError(f'PromptStatsHook {exc}') from None
         self.interval = interval
-        self.statistics = WhiteningStatistics(source=source, product=product)
         self.initial_whitening: Dict[int, Tensor] = {}
         self._backbone = None
         self._handle = None
@@ -232,7 +231,7 @@ class PromptStatsHook(Hook):
                            for h, w in shapes)
         self.last = prompt_statistics(self._backbone, images,
                                       self.initial_whitening,
-                                      self.statistics, shapes)
+                                      self.options, shapes)
         for key, value in self.last.items():
             runner.message_hub.update_scalar(f'train/{key}', value)
 

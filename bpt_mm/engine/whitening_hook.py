@@ -5,12 +5,15 @@ mmengine's ``Runner.train`` builds and wraps the model, runs ``before_run``,
 there, so it sees the pretrained (or resumed) weights, and a resumed run or a
 ``load_from`` checkpoint whose prompts already hold their whitening (the
 persistent buffer ``whitening_ready``) skips the computation. The work itself
-is :func:`bpt_mm.whitening_collect.collect_whitening`; SPT prompts get their
+is :func:`bpt_mm.whitening.collect.collect_whitening`; SPT prompts get their
 prototypes from the same images, count and rules through
-:func:`bpt_mm.whitening_collect.collect_prototypes` (ready flag:
-``prototypes_ready``).
+:func:`bpt_mm.whitening.collect.collect_prototypes` (ready flag:
+``prototypes_ready``). The whitening options are one
+:class:`~bpt_mm.whitening.options.WhiteningOptions`, built here once and
+passed down.
 """
 import copy
+import dataclasses
 import difflib
 import inspect
 import math
@@ -26,27 +29,28 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bpt_mm.models.vit import find_prompted_backbone, unwrap_model
-from bpt_mm.real_tokens import (ImageBatch, as_image_batch,
-                                check_no_pipeline_padding, img_shapes_of)
 from bpt_mm.registry import register_hook
 from bpt_mm.utils import find_hook_entry
-from bpt_mm.whitening import (BASIS_MODES, FewTokensWarning,
-                              WhiteningStatistics)
-from bpt_mm.whitening_collect import (apply_whitening, collect_prototypes,
+from bpt_mm.whitening.accumulators import FewTokensWarning
+from bpt_mm.whitening.collect import (apply_whitening, collect_prototypes,
                                       collect_whitening,
                                       format_prototype_table,
                                       format_whitening_table,
-                                      load_whitening,
                                       missing_prototype_blocks,
                                       missing_whitening_blocks,
-                                      prototype_blocks, synchronise_errors,
-                                      whitening_blocks)
+                                      prototype_blocks, whitening_blocks)
+from bpt_mm.whitening.distributed import synchronise_errors
+from bpt_mm.whitening.io import load_whitening
+from bpt_mm.whitening.options import WhiteningOptions, check_positive_int
+from bpt_mm.whitening.real_tokens import (ImageBatch, as_image_batch,
+                                          check_no_pipeline_padding,
+                                          img_shapes_of)
 
 #: Names under which the hook can appear in ``custom_hooks``.
 HOOK_TYPES = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
 #: Options only whitening uses, and options only SPT prototypes use.
-WHITENING_OPTIONS = ('eps', 'source', 'tokens', 'center', 'statistic',
-                     'product', 'bilinear_init', 'allow_few_tokens')
+WHITENING_OPTIONS = tuple(field.name for field in dataclasses.fields(
+    WhiteningOptions)) + ('allow_few_tokens', )
 PROTOTYPE_OPTIONS = ('prototype_tokens', 'kmeans_iters')
 
 
@@ -55,7 +59,8 @@ def preprocessed_batches(model: torch.nn.Module,
     """Image batches of ``dataloader`` as the model's data preprocessor
     gives them in test mode (``data_preprocessor(data, False)``), with the
     real size of each image (its data sample's ``img_shape``), so that
-    statistics can leave the padding out (see :mod:`bpt_mm.real_tokens`).
+    statistics can leave the padding out (see
+    :mod:`bpt_mm.whitening.real_tokens`).
 
     A list of images (a preprocessor that does not stack) is stacked when the
     sizes agree and yielded one image at a time otherwise.
@@ -222,9 +227,9 @@ class BPTWhiteningHook(Hook):
     the prompt (``B = W C`` for a bilinear one). Only real image tokens
     count: a patch enters when it overlaps its image's ``img_shape`` (the
     data sample's; patches of batch padding are left out, see
-    :mod:`bpt_mm.real_tokens`). Per block it logs the tokens kept and the
-    padding tokens dropped, the condition number of ``Sigma + reg`` and the
-    time taken.
+    :mod:`bpt_mm.whitening.real_tokens`). Per block it logs the tokens kept
+    and the padding tokens dropped, the condition number of ``Sigma + reg``
+    and the time taken.
 
     SPT prompts (``SPTPrompt``) instead get their initial values from the
     same ``num_images`` training images, under the same rules: prototypes
@@ -248,18 +253,12 @@ class BPTWhiteningHook(Hook):
     Args:
         num_images (int): Training images for the statistics, over all
             processes. Defaults to 100 (the paper).
-        eps (float): Relative regulariser of the ZCA (see
-            :func:`bpt_mm.whitening.zca_whitening_matrix`). Defaults to 1e-5.
-        source (str): ``'block_input'`` (default, as the authors) or
-            ``'norm1'``.
-        tokens (str): ``'patch'`` (default) or ``'all'`` (CLS too).
-        center (bool): Centre the tokens. Defaults to False.
-        statistic (str): ``'paper'`` (default) or ``'authors'``.
-        product (str): ``'qk'`` (default), ``'kq'``, ``'authors'`` or
-            ``'authors_mae'`` (see :func:`bpt_mm.whitening.query_key_product`).
-        bilinear_init (str): ``C`` of ``B = W C`` for whitening-initialised
-            bilinear prompts: ``'random'`` (default), ``'eigen'`` or
-            ``'identity'``.
+        eps, source, tokens, center, statistic, product, bilinear_init:
+            The whitening options, with the defaults and meanings of
+            :class:`~bpt_mm.whitening.options.WhiteningOptions` (the
+            paper's statistic; ``bilinear_init`` chooses ``C`` of
+            ``B = W C`` for whitening-initialised bilinear prompts); they
+            are checked there and kept as :attr:`options`.
         whitening_file (str, optional): Load the matrices from a file written
             by ``tools/compute_whitening.py`` instead of computing them.
         seed (int): Seed of the random ``C`` and of the SPT token draws
@@ -277,6 +276,7 @@ class BPTWhiteningHook(Hook):
             iterations. Defaults to 50.
 
     Attributes:
+        options (WhiteningOptions): The whitening options.
         status (str): What the last call did: ``'not_run'``,
             ``'no_backbone'``, ``'not_needed'``, ``'restored'``, ``'file'``
             or ``'computed'`` (whitening or prototypes alike).
@@ -289,13 +289,13 @@ class BPTWhiteningHook(Hook):
 
     def __init__(self,
                  num_images: int = 100,
-                 eps: float = 1e-5,
-                 source: str = 'block_input',
-                 tokens: str = 'patch',
-                 center: bool = False,
-                 statistic: str = 'paper',
-                 product: str = 'qk',
-                 bilinear_init: str = 'random',
+                 eps: float = WhiteningOptions.eps,
+                 source: str = WhiteningOptions.source,
+                 tokens: str = WhiteningOptions.tokens,
+                 center: bool = WhiteningOptions.center,
+                 statistic: str = WhiteningOptions.statistic,
+                 product: str = WhiteningOptions.product,
+                 bilinear_init: str = WhiteningOptions.bilinear_init,
                  whitening_file: Optional[str] = None,
                  seed: int = 0,
                  allow_few_tokens: bool = False,
@@ -317,18 +317,15 @@ class BPTWhiteningHook(Hook):
         if not isinstance(allow_few_tokens, bool):
             raise ValueError('BPTWhiteningHook `allow_few_tokens` must be a '
                              f'bool, got {allow_few_tokens!r}')
-        if isinstance(num_images, bool) or not isinstance(num_images, int) \
-                or num_images < 1:
-            raise ValueError('BPTWhiteningHook `num_images` must be a '
-                             f'positive int, got {num_images!r}')
-        # WhiteningStatistics checks eps/source/tokens/center/statistic/
-        # product and names the argument.
-        self.statistics = WhiteningStatistics(
-            tokens=tokens, source=source, center=center, statistic=statistic,
-            product=product, eps=eps)
-        if bilinear_init not in BASIS_MODES:
-            raise ValueError('BPTWhiteningHook `bilinear_init` must be one of '
-                             f'{BASIS_MODES}, got {bilinear_init!r}')
+        check_positive_int(num_images, 'BPTWhiteningHook `num_images`')
+        try:
+            # WhiteningOptions checks the whitening options and names each.
+            self.options = WhiteningOptions(
+                tokens=tokens, source=source, center=center,
+                statistic=statistic, product=product, eps=eps,
+                bilinear_init=bilinear_init)
+        except ValueError as exc:
+            raise ValueError(f'BPTWhiteningHook {exc}') from None
         if whitening_file is not None and not isinstance(
                 whitening_file, (str, os.PathLike)):
             raise ValueError('BPTWhiteningHook `whitening_file` must be None '
@@ -338,10 +335,7 @@ class BPTWhiteningHook(Hook):
                              f'{seed!r}')
         for key, value in (('prototype_tokens', prototype_tokens),
                            ('kmeans_iters', kmeans_iters)):
-            if isinstance(value, bool) or not isinstance(value, int) \
-                    or value < 1:
-                raise ValueError(f'BPTWhiteningHook `{key}` must be a '
-                                 f'positive int, got {value!r}')
+            check_positive_int(value, f'BPTWhiteningHook `{key}`')
         self.prototype_tokens = prototype_tokens
         self.kmeans_iters = kmeans_iters
         defaults = {name: p.default for name, p in inspect.signature(
@@ -355,7 +349,6 @@ class BPTWhiteningHook(Hook):
         # Options away from their defaults, to name those that go unused.
         self._set_options = {k for k, v in given.items() if v != defaults[k]}
         self.num_images = num_images
-        self.bilinear_init = bilinear_init
         self.whitening_file = whitening_file
         self.seed = seed
         self.allow_few_tokens = allow_few_tokens
@@ -435,8 +428,9 @@ class BPTWhiteningHook(Hook):
             return
         if not needing:
             self.status = 'not_needed'
+            config = backbone.prompt_config
             logger.info('BPTWhiteningHook: no prompt needs whitening '
-                        f"({(backbone.prompt_cfg or {}).get('type')}); "
+                        f'({None if config is None else config.type}); '
                         'nothing to do')
             self._confirmed = True
             return
@@ -515,12 +509,12 @@ class BPTWhiteningHook(Hook):
             results, info = load_whitening(self.whitening_file, backbone,
                                            return_info=True)
             results = {i: results[i] for i in missing}
-            apply_whitening(backbone, results, self.bilinear_init, self.seed)
+            apply_whitening(backbone, results, self.options, self.seed)
         except Exception as exc:  # noqa: BLE001 (re-raised on every rank)
             error = exc
         synchronise_errors(error, f'loading {self.whitening_file!r}')
         stored = info.get('statistics', {})
-        mine = {k: getattr(self.statistics, k, None) for k in stored}
+        mine = {k: getattr(self.options, k, None) for k in stored}
         if stored != mine:
             runner.logger.warning(
                 f'BPTWhiteningHook: {self.whitening_file!r} was computed '
@@ -573,13 +567,12 @@ class BPTWhiteningHook(Hook):
         runner.logger.info(
             f'BPTWhiteningHook: computing whitening {when} for blocks '
             f'{missing} from {asked} training images '
-            f'({per_rank} per process) with {self.statistics}')
+            f'({per_rank} per process) with {self.options}')
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always', FewTokensWarning)
             results = collect_whitening(
-                backbone, batches, self.statistics, per_rank,
-                distributed=True, blocks=missing,
-                bilinear_mode=self.bilinear_init, seed=self.seed,
+                backbone, batches, self.options, per_rank,
+                distributed=True, blocks=missing, seed=self.seed,
                 allow_few_tokens=self.allow_few_tokens)
         for warning in caught:
             if issubclass(warning.category, FewTokensWarning):

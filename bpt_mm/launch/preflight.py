@@ -31,7 +31,7 @@ def check_whitening_output(path: str, flag: str = '--out') -> None:
         raise ValueError(f'{flag} {path!r}: {parent!r} is a file, not a '
                          f'folder')
     if osp.lexists(path):
-        from bpt_mm.whitening_collect import FILE_FORMAT
+        from bpt_mm.whitening.io import FILE_FORMAT
         try:
             existing = torch.load(path, map_location='cpu', weights_only=True)
         except Exception:  # noqa: BLE001 (anything else is not ours)

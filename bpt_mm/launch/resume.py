@@ -102,7 +102,7 @@ def _model_state_of(checkpoint: Any) -> Dict[str, Any]:
 
 
 def _what_the_file_looks_like(checkpoint: Any) -> str:
-    from bpt_mm.whitening_collect import FILE_FORMAT
+    from bpt_mm.whitening.io import FILE_FORMAT
     if isinstance(checkpoint, dict) and checkpoint.get('format') == \
             FILE_FORMAT:
         return 'a whitening file (tools/compute_whitening.py)'
@@ -230,7 +230,7 @@ def check_load_from_checkpoint(model: torch.nn.Module, path: str) -> None:
             belongs instead.
     """
     from bpt_mm.models.vit import unwrap_model
-    from bpt_mm.whitening_collect import FILE_FORMAT
+    from bpt_mm.whitening.io import FILE_FORMAT
     checkpoint = _read_checkpoint(path)
     if isinstance(checkpoint, dict) and \
             checkpoint.get('format') == FILE_FORMAT:

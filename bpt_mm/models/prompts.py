@@ -19,7 +19,7 @@ reaches an optimizer or DDP, yet it keeps the same state-dict key as when it is
 a parameter: checkpoints load whichever way a config sets trainability.
 
 Whitening matrices start as the identity and are filled from data before
-training (see :mod:`bpt_mm.whitening` and ``BPTWhiteningHook``). The
+training (see :mod:`bpt_mm.whitening.linalg` and ``BPTWhiteningHook``). The
 persistent buffer ``whitening_ready`` records that this happened, so a
 resumed run or a loaded checkpoint does not compute them again.
 """
@@ -31,7 +31,6 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 
-from bpt_mm.prototypes import check_prototype_init, check_prototype_source
 from bpt_mm.registry import PROMPTS
 
 
@@ -97,17 +96,35 @@ class PromptOptions:
         """
 
 
+#: How SPT prototypes are made from the tokens (see
+#: :mod:`bpt_mm.whitening.prototypes`).
+PROTOTYPE_INITS = ('sample', 'kmeans', 'mean_pool', 'max_pool')
+#: Which tokens of a prompted block they are made of: the patch embedding
+#: before the position embedding is added (``'patch_embed'``, the authors'
+#: shallow SPT), or the patch tokens entering the block (``'block_input'``,
+#: the authors' deep SPT).
+PROTOTYPE_SOURCES = ('patch_embed', 'block_input')
+
+
 @dataclass(frozen=True)
 class SPTOptions(PromptOptions):
-    """Options of :class:`SPTPrompt`: ``init`` and ``source``."""
+    """Options of :class:`SPTPrompt`: ``init`` (one of
+    :data:`PROTOTYPE_INITS`) and ``source`` (None: by depth, or one of
+    :data:`PROTOTYPE_SOURCES`)."""
 
     init: str = 'sample'
     source: Optional[str] = None
     needs_prototypes: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_prototype_init(self.init, 'prompt.init')
-        check_prototype_source(self.source, 'prompt.source')
+        if self.init not in PROTOTYPE_INITS:
+            raise ValueError(f'`prompt.init` must be one of '
+                             f'{PROTOTYPE_INITS}, got {self.init!r}')
+        if self.source is not None \
+                and self.source not in PROTOTYPE_SOURCES:
+            raise ValueError(f'`prompt.source` must be None (by depth) or '
+                             f'one of {PROTOTYPE_SOURCES}, got '
+                             f'{self.source!r}')
 
 
 @dataclass(frozen=True)
@@ -311,9 +328,10 @@ class SPTPrompt(VPTPrompt):
 
     ``P`` starts as VPT's uniform initialisation and is overwritten before
     training by ``BPTWhiteningHook``, in the same data pass that computes
-    whitening (see :func:`bpt_mm.whitening_collect.collect_prototypes` and
-    :mod:`bpt_mm.prototypes`). The persistent buffer ``prototypes_ready``
-    records that this happened, so a resumed run or a loaded checkpoint does
+    whitening (see :func:`bpt_mm.whitening.collect.collect_prototypes` and
+    :mod:`bpt_mm.whitening.prototypes`). The persistent buffer
+    ``prototypes_ready`` records that this happened, so a resumed run or a
+    loaded checkpoint does
     not compute them again, and :class:`~bpt_mm.models.PromptedViT` refuses
     to train prompts that never got them (unless
     ``allow_identity_whitening=True``, which trains from the uniform start).
@@ -462,8 +480,8 @@ class BilinearPrompt(BasePrompt):
     from ``N(0, init_std**2)`` and ``B`` is Xavier-uniform, as in the authors'
     code. With ``whitening_init=True``, ``B`` is instead set from data before
     training to ``W @ C`` (``W`` the ZCA matrix, ``C`` orthonormal columns;
-    see :func:`bpt_mm.whitening.whitened_bilinear_basis`), the default of the
-    authors' MAE models.
+    see :func:`bpt_mm.whitening.linalg.whitened_bilinear_basis`), the
+    default of the authors' MAE models.
 
     Args:
         num_tokens (int): Number of prompts ``m``.

@@ -786,6 +786,63 @@ class PromptedViT(BaseModule):
                 return
             x = out
 
+    def block_tokens(self, x: Tensor, blocks: Sequence[int],
+                     tokens: str = 'patch', source: str = 'block_input'
+                     ) -> Dict[int, Tensor]:
+        """The tokens entering each of ``blocks`` (the token tap).
+
+        Runs ``x`` through :meth:`iter_blocks` up to the highest of
+        ``blocks`` (not beyond) and selects, per block, the tokens entering
+        it. Gradients follow the caller's grad mode and the backbone's own
+        rules (the whitening statistics run under ``torch.no_grad()``).
+
+        Args:
+            x (Tensor): Preprocessed images ``(B, C, H, W)``.
+            blocks (Sequence[int]): Block indices in ``[0, num_layers)``.
+            tokens (str): ``'patch'`` (default: patches only) or ``'all'``
+                (class token and patches); prompts never count.
+            source (str): ``'block_input'`` (default: the tokens entering
+                the block) or ``'norm1'`` (after the block's ``norm1``).
+
+        Returns:
+            dict[int, Tensor]: ``(B, n, d)`` tokens per block.
+        """
+        wanted = sorted(set(blocks))
+        if not wanted:
+            return {}
+        bad = [i for i in wanted if isinstance(i, bool)
+               or not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f'blocks {bad} are not block indices of this '
+                             f'{self.num_layers}-block backbone (allowed: '
+                             f'0 to {self.num_layers - 1})')
+        if tokens not in ('patch', 'all') \
+                or source not in ('block_input', 'norm1'):
+            raise ValueError("`tokens` must be 'patch' or 'all' and `source`"
+                             " 'block_input' or 'norm1', got "
+                             f'{tokens!r} and {source!r}')
+        num_cls = self.num_prefix_tokens
+        start = self.num_sequence_prefix_tokens
+        out: Dict[int, Tensor] = {}
+        steps = self.iter_blocks(x)
+        try:
+            for index, tokens_in, _, _ in steps:
+                if index in wanted:
+                    # [CLS, shallow prompts, patches]: prompts never count.
+                    selected = tokens_in[:, start:]
+                    if tokens == 'all' and num_cls:
+                        selected = torch.cat([tokens_in[:, :num_cls],
+                                              selected], dim=1)
+                    if source == 'norm1':
+                        # per token: selecting first is exact
+                        selected = self.blocks[index].norm1(selected)
+                    out[index] = selected
+                if index == wanted[-1]:
+                    break
+        finally:
+            steps.close()  # do not run the blocks above
+        return out
+
     def _cached_prompt_kv(self, index: int, block: nn.Module):
         """Keys and values of block ``index``'s deep prompts, at inference.
 

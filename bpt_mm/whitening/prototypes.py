@@ -32,42 +32,16 @@ while nothing was dropped the prototypes depend neither on the order of the
 images nor on how they were split over processes.
 """
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ['PROTOTYPE_INITS', 'PROTOTYPE_SOURCES', 'check_prototype_init',
-           'check_prototype_source', 'TokenReservoir', 'canonical_rows',
+from bpt_mm.models.prompts import PROTOTYPE_INITS
+from .options import check_positive_int
+
+__all__ = ['TokenReservoir', 'canonical_rows',
            'sample_prototypes', 'kmeans_prototypes', 'pooled_prototypes',
            'compute_prototypes', 'per_rank_capacity']
-
-#: How prototypes are made from the tokens (see the module docstring).
-PROTOTYPE_INITS = ('sample', 'kmeans', 'mean_pool', 'max_pool')
-#: Which tokens of a prompted block they are made of: the patch embedding
-#: before the position embedding is added (``'patch_embed'``, the authors'
-#: shallow SPT), or the patch tokens entering the block (``'block_input'``,
-#: the authors' deep SPT).
-PROTOTYPE_SOURCES = ('patch_embed', 'block_input')
-
-
-def check_prototype_init(value, key: str = 'prompt.init') -> str:
-    """Return ``value`` if it is one of :data:`PROTOTYPE_INITS`, else raise
-    a ValueError naming ``key``."""
-    if value not in PROTOTYPE_INITS:
-        raise ValueError(f'`{key}` must be one of {PROTOTYPE_INITS}, got '
-                         f'{value!r}')
-    return value
-
-
-def check_prototype_source(value, key: str = 'prompt.source'
-                           ) -> Optional[str]:
-    """Return ``value`` if it is None or one of :data:`PROTOTYPE_SOURCES`,
-    else raise a ValueError naming ``key``."""
-    if value is not None and value not in PROTOTYPE_SOURCES:
-        raise ValueError(f'`{key}` must be None (by depth) or one of '
-                         f'{PROTOTYPE_SOURCES}, got {value!r}')
-    return value
 
 
 class TokenReservoir:
@@ -320,7 +294,9 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
     Args:
         rows (Tensor): Tokens ``(N, d)``.
         num (int): Prototypes ``m`` (the prompt's ``num_tokens``).
-        init (str): One of :data:`PROTOTYPE_INITS`.
+        init (str): One of
+            :data:`~bpt_mm.models.prompts.PROTOTYPE_INITS` (an SPT prompt's
+            ``init``, checked by its options).
         seed (int): Seed of the draws.
         kmeans_iters (int): Most Lloyd iterations of ``'kmeans'``.
         name (str): Where the rows come from (e.g. ``'block 3'``), for the
@@ -334,11 +310,10 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
         >>> compute_prototypes(rows, 2, 'kmeans', seed=0).sum(1).sort().values
         tensor([0., 2.])
     """
-    check_prototype_init(init, 'init')
-    if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) \
-            or kmeans_iters < 1:
-        raise ValueError(f'`kmeans_iters` must be a positive int, got '
-                         f'{kmeans_iters!r}')
+    if init not in PROTOTYPE_INITS:
+        raise ValueError(f'`init` must be one of {PROTOTYPE_INITS}, got '
+                         f'{init!r}')
+    check_positive_int(kmeans_iters, 'kmeans_iters')
     rows = canonical_rows(rows.detach().cpu())
     distinct = _num_distinct(rows)
     # (fewer rows than prompts: each init's own count check says so)
