@@ -275,6 +275,28 @@ def test_file_backend_checkpoint_as_load_from(memtest, tmp_path,
     assert not (tmp_path / 'PWNED').exists()
 
 
+def test_file_backend_returning_other_than_bytes(memtest, one_thread):
+    """A registered backend whose ``get`` returns text or None is refused
+    naming the checkpoint and the type; bytearray/memoryview are bytes."""
+    files, scratch = memtest
+    data = saved_bytes({'state_dict': vit().state_dict(), 'meta': {}})
+    files.update({'memtest://b/none.pth': None, 'memtest://b/text.pth': 'x',
+                  'memtest://b/array.pth': bytearray(data),
+                  'memtest://b/view.pth': memoryview(data)})
+    routes = [lambda name: vit(dict(type='Pretrained',
+                                    checkpoint=name)).init_weights(),
+              lambda name: load_checkpoint(vit(), name)]
+    for load in routes:
+        for name, kind in (('none', 'NoneType'), ('text', 'str')):
+            with pytest.raises(CheckpointError, match=(
+                    rf"'memtest://b/{name}\.pth': mmengine's _MemoryBackend"
+                    rf'\.get returned a {kind}, not bytes')):
+                load(f'memtest://b/{name}.pth')
+        load('memtest://b/array.pth')
+        load('memtest://b/view.pth')
+    assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+
 @pytest.mark.parametrize('name', ['pavi://models/vit.pth',
                                   'nosuch://bucket/vit.pth'])
 def test_prefix_without_a_file_backend_is_refused_by_name(name):

@@ -92,7 +92,7 @@ def _backend_bytes(name: str, prefix: str) -> bytes:
             f'{prefix + "://"!r} cannot be used here '
             f'({type(exc).__name__}: {exc})') from exc
     try:
-        return backend.get(name)
+        data = backend.get(name)
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -100,6 +100,14 @@ def _backend_bytes(name: str, prefix: str) -> bytes:
             f'cannot read checkpoint {name!r} through mmengine\'s '
             f'{type(backend).__name__} ({type(exc).__name__}: {exc})'
         ) from exc
+    # A registered backend is the project's code: its `get` may return
+    # text or None, which would otherwise fail unnamed in the write.
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CheckpointError(
+            f'cannot read checkpoint {name!r}: mmengine\'s '
+            f'{type(backend).__name__}.get returned a '
+            f'{type(data).__name__}, not bytes')
+    return data
 
 
 def _zoo_url(name: str) -> str:
