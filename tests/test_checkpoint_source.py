@@ -30,7 +30,7 @@ from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.models.checkpoint_source import local_checkpoint
 from bpt_mm.models.frozen_state import parse_extra_state
-from helpers import small_vit
+from helpers import TINY, load_tool, no_val, small_vit, write_config
 from whitening_toy import BPTWhiteningToyModel, toy_runner
 
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
@@ -295,6 +295,50 @@ def test_file_backend_returning_other_than_bytes(memtest, one_thread):
         load('memtest://b/array.pth')
         load('memtest://b/view.pth')
     assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+
+def test_tools_take_file_backend_checkpoints(memtest, tiny_workspace,
+                                             tmp_path, monkeypatch):
+    """tools/test.py CONFIG NAME and tools/train.py --resume NAME read a
+    file-backend name like load_from does (they used to refuse it as a
+    missing local file); a prefix nothing serves is refused by name before
+    anything is built."""
+    files, scratch = memtest
+    monkeypatch.chdir(tiny_workspace)
+
+    def edit(cfg):
+        cfg.train_cfg.max_iters = 2
+        cfg.default_hooks.checkpoint.interval = 1
+        no_val(cfg)
+
+    config = str(write_config(tmp_path, TINY['mask_rcnn'], edit))
+    load_tool('train').main([config, '--work-dir', str(tmp_path / 'w'),
+                             '--cfg-options', 'train_cfg.max_iters=1'])
+    local = tmp_path / 'w' / 'iter_1.pth'
+    files['memtest://runs/iter_1.pth'] = local.read_bytes()
+
+    test = load_tool('test')
+    expected = test.main([config, str(local),
+                          '--work-dir', str(tmp_path / 'test_local')])
+    got = test.main([config, 'memtest://runs/iter_1.pth',
+                     '--work-dir', str(tmp_path / 'test_remote')])
+    assert got and got == expected
+    load_tool('train').main([config, '--work-dir', str(tmp_path / 'w2'),
+                             '--resume', 'memtest://runs/iter_1.pth'])
+    resumed = torch.load(tmp_path / 'w2' / 'iter_2.pth', weights_only=False)
+    assert resumed['meta']['iter'] == 2
+    assert not (tmp_path / 'w2' / 'iter_1.pth').exists()  # it resumed
+    assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+    refused = r"no mmengine file backend serves the prefix 'pavi://'"
+    with pytest.raises(ValueError, match=refused):
+        test.main([config, 'pavi://runs/iter_1.pth',
+                   '--work-dir', str(tmp_path / 'pavi')])
+    with pytest.raises(ValueError, match=refused):
+        load_tool('train').main([config, '--work-dir', str(tmp_path / 'w3'),
+                                 '--resume', 'pavi://runs/iter_1.pth'])
+    assert not (tmp_path / 'pavi').exists()
+    assert not (tmp_path / 'w3').exists()
 
 
 @pytest.mark.parametrize('name', ['pavi://models/vit.pth',

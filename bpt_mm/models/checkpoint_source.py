@@ -78,6 +78,19 @@ def file_backend_prefix(name: str) -> Optional[str]:
     return prefix
 
 
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` is a local path (the tools check that it is a file
+    before building anything) rather than a name read through a download
+    or a file backend (checked when read: the download or the backend
+    names a missing file).
+
+    Raises:
+        ValueError: A ``prefix://`` that nothing serves, as
+            :func:`file_backend_prefix` says.
+    """
+    return not is_remote(name) and file_backend_prefix(name) is None
+
+
 def _backend_bytes(name: str, prefix: str) -> bytes:
     """The bytes of ``name``, read by mmengine's file backend of
     ``prefix``."""
