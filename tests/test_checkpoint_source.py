@@ -225,8 +225,11 @@ def test_file_backend_checkpoint_read_like_a_local_file(memtest, tmp_path,
     # mmengine's load_checkpoint (what load_from and tools/test.py use),
     # also with a cluster name before the prefix, as mmengine allows
     for name in ('memtest://bucket/ckpt.pth',
-                 'cluster:memtest://bucket/ckpt.pth'):
-        if name.startswith('cluster:'):
+                 'cluster:memtest://bucket/ckpt.pth',
+                 # a key ending in a folder-like name (a file name here)
+                 'memtest://bucket/..', 'memtest://bucket/.',
+                 'memtest://bucket/'):
+        if name != 'memtest://bucket/ckpt.pth':
             files[name] = files['memtest://bucket/ckpt.pth']
         model = vit()
         load_checkpoint(model, name, map_location='cpu')

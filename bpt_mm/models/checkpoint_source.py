@@ -208,7 +208,10 @@ def local_checkpoint(name: str) -> Iterator[str]:
     if prefix is not None:
         data = _backend_bytes(name, prefix)
         with tempfile.TemporaryDirectory(prefix='bpt_mm_ckpt_') as folder:
-            copy = osp.join(folder, osp.basename(name) or 'checkpoint.pth')
+            # ('.' and '..' name folders: a name ending so gets a file.)
+            base = osp.basename(name)
+            copy = osp.join(folder, base if base.strip('.') else
+                            'checkpoint.pth')
             with open(copy, 'wb') as f:
                 f.write(data)
             del data
