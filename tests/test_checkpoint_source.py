@@ -344,6 +344,22 @@ def test_tools_take_file_backend_checkpoints(memtest, tiny_workspace,
     assert not (tmp_path / 'w3').exists()
 
 
+def test_auto_resume_takes_a_file_backend_name_in_the_marker(memtest,
+                                                             tmp_path):
+    """A CheckpointHook with out_dir='s3://...' writes the remote name into
+    the local last_checkpoint marker; --resume without a path resumes from
+    it, as mmengine's own auto-resume does (it used to refuse it as a
+    missing file)."""
+    from bpt_mm.launch import latest_checkpoint
+    files, _ = memtest
+    (tmp_path / 'last_checkpoint').write_text('memtest://runs/iter_2.pth')
+    files['memtest://runs/iter_2.pth'] = b'not read here'
+    assert latest_checkpoint(str(tmp_path)) == 'memtest://runs/iter_2.pth'
+    (tmp_path / 'last_checkpoint').write_text('pavi://runs/iter_2.pth')
+    with pytest.raises(ValueError, match="prefix 'pavi://'"):
+        latest_checkpoint(str(tmp_path))
+
+
 @pytest.mark.parametrize('name', ['pavi://models/vit.pth',
                                   'nosuch://bucket/vit.pth'])
 def test_prefix_without_a_file_backend_is_refused_by_name(name):
