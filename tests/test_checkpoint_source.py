@@ -118,6 +118,19 @@ def test_downloads_are_read_weights_only(served, tmp_path):
     assert torch.equal(ckpt['state_dict']['w'], weights['w'])
 
 
+def test_a_failed_download_names_the_url(served):
+    """A URL the server does not have (404): the error names the URL
+    (urllib's own message does not)."""
+    _, base = served
+    url = f'{base}/missing.pth'
+    for load in (lambda: CheckpointLoader.load_checkpoint(url),
+                 lambda: vit(dict(type='Pretrained',
+                                  checkpoint=url)).init_weights()):
+        with pytest.raises(OSError, match=(
+                rf"cannot download checkpoint '{url}' .*HTTP Error 404")):
+            load()
+
+
 def test_model_zoo_names_resolve_through_mmengines_tables(
         tmp_path, monkeypatch):
     home = tmp_path / 'mmengine_home'

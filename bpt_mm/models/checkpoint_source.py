@@ -168,7 +168,11 @@ def _download(url: str) -> str:
         os.makedirs(folder, exist_ok=True)
         # Written to a temporary file and renamed by torch: never a
         # partial file under the cached name.
-        torch.hub.download_url_to_file(url, target, progress=False)
+        try:
+            torch.hub.download_url_to_file(url, target, progress=False)
+        except OSError as exc:  # urllib's errors do not name the URL
+            raise OSError(f'cannot download checkpoint {url!r} '
+                          f'({type(exc).__name__}: {exc})') from exc
     if distributed:
         dist.barrier()
     return target
@@ -196,7 +200,8 @@ def local_checkpoint(name: str) -> Iterator[str]:
         ValueError: A prefix no file backend serves (``pavi://``...), or a
             file backend that cannot be made here (its client missing).
         FileNotFoundError: The backend has no such file.
-        OSError: The download failed (the message of urllib names why).
+        OSError: The download failed (naming the URL and urllib's
+            reason).
 
     Examples:
         >>> with local_checkpoint('work_dirs/iter_4.pth') as path:
