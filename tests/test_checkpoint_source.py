@@ -373,6 +373,29 @@ def test_auto_resume_takes_a_file_backend_name_in_the_marker(memtest,
         latest_checkpoint(str(tmp_path))
 
 
+def test_a_projects_own_scheme_survives_the_install():
+    """A loader a project registers with CheckpointLoader.register_scheme
+    before bpt_mm installs its loaders (custom_imports=['myproj',
+    'bpt_mm']) keeps its scheme, as one registered after does; it used to
+    be replaced, and then refused as an unknown prefix."""
+    from bpt_mm.mmengine_patches import (install_mmengine_patches,
+                                         installed_patches)
+
+    def load_from_myzoo(filename, map_location=None):
+        return {'state_dict': {'from': filename}}
+
+    CheckpointLoader.register_scheme('myzoo://', load_from_myzoo)
+    try:
+        install_mmengine_patches()  # what `import bpt_mm` does
+        assert CheckpointLoader.load_checkpoint('myzoo://m/1') == {
+            'state_dict': {'from': 'myzoo://m/1'}}
+        assert installed_patches()['remote_loaders']
+        with pytest.raises(ValueError, match="prefix 'pavi://'"):
+            CheckpointLoader.load_checkpoint('pavi://m/1')
+    finally:
+        CheckpointLoader._schemes.pop('myzoo://')
+
+
 @pytest.mark.parametrize('name', ['pavi://models/vit.pth',
                                   'nosuch://bucket/vit.pth'])
 def test_prefix_without_a_file_backend_is_refused_by_name(name):

@@ -254,13 +254,18 @@ def install_remote_loaders(read_local: Callable) -> None:
     ``s3://``, ``petrel://`` and ``pavi://``, and any other prefix) into a
     local file with :func:`local_checkpoint` and read it with
     ``read_local`` (its local loader), instead of mmengine's loaders, which
-    unpickle with ``weights_only=False``. Idempotent."""
+    unpickle with ``weights_only=False``. A scheme a project registered
+    itself (``CheckpointLoader.register_scheme``), before or after this,
+    keeps its loader. Idempotent."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
     # mmengine's own keys are replaced (the same keys, so that its loader
-    # cannot match first), whatever this mmengine version registers.
-    others = [p for p in CheckpointLoader._schemes
-              if p and p not in REMOTE_PREFIXES]
+    # cannot match first), whatever this mmengine version registers; a
+    # project's own loaders stay, whether imported before bpt_mm or after.
+    replaced = ('mmengine.runner.checkpoint', __name__)
+    others = [p for p, loader in CheckpointLoader._schemes.items()
+              if p and p not in REMOTE_PREFIXES
+              and getattr(loader, '__module__', None) in replaced]
     CheckpointLoader.register_scheme(
         prefixes=list(REMOTE_PREFIXES) + others + [ANY_PREFIX_SCHEME],
         loader=_remote_loader(read_local), force=True)
