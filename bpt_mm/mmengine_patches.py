@@ -15,7 +15,9 @@ its modules, which imports the package first):
   and for every other ``prefix://``: a prefix served by an
   ``mmengine.fileio`` backend (``s3://``, ``petrel://``, a registered one)
   is read by that backend into a temporary file and then by the same
-  local loader, any other (``pavi://``) is refused naming it
+  local loader, any other (``pavi://``) is refused naming it; a scheme a
+  project registers itself with ``CheckpointLoader.register_scheme`` keeps
+  its loader, whether registered before ``import bpt_mm`` or after
   (:func:`bpt_mm.models.checkpoint_source.install_remote_loaders`);
 * ``save_checkpoint`` as the Runner calls it: the message hub's history
   buffers and numpy values are written as plain tensors and numbers, so the
@@ -49,7 +51,8 @@ from .engine.checkpoint_io import (AtomicLocalBackend,
                                    install_plain_checkpoint_saver,
                                    load_local_checkpoint,
                                    save_plain_checkpoint)
-from .models.checkpoint_source import install_remote_loaders
+from .models.checkpoint_source import (ANY_PREFIX_SCHEME,
+                                        install_remote_loaders)
 
 __all__ = ['OPT_OUT_VARIABLE', 'patching_enabled',
            'install_mmengine_patches', 'installed_patches']
@@ -96,11 +99,14 @@ def installed_patches() -> Dict[str, bool]:
     local = schemes.get('')
     return {
         'local_loader': local is load_local_checkpoint,
-        # every prefixed scheme (https://, s3://, pavi://...) is bpt_mm's
+        # no prefixed scheme (https://, s3://, pavi://...) is left to
+        # mmengine's loaders (a project's own ones may be there too)
         'remote_loaders': all(
-            getattr(loader, '__module__', '') ==
-            'bpt_mm.models.checkpoint_source'
-            for prefix, loader in schemes.items() if prefix),
+            getattr(loader, '__module__', '') !=
+            'mmengine.runner.checkpoint'
+            for prefix, loader in schemes.items() if prefix) and getattr(
+                schemes.get(ANY_PREFIX_SCHEME), '__module__', '') ==
+        'bpt_mm.models.checkpoint_source',
         'plain_saver': runner_module.save_checkpoint is save_plain_checkpoint,
         'atomic_local_backend': backends.get('local') is AtomicLocalBackend,
     }

@@ -30,7 +30,7 @@ from bpt_mm.models import PromptedViT
 from bpt_mm.models.checkpoint import CheckpointError
 from bpt_mm.models.checkpoint_source import local_checkpoint
 from bpt_mm.models.frozen_state import parse_extra_state
-from helpers import small_vit
+from helpers import TINY, load_tool, no_val, small_vit, write_config
 from whitening_toy import BPTWhiteningToyModel, toy_runner
 
 ARCH = dict(embed_dims=32, num_layers=2, num_heads=2, mlp_ratio=1.0)
@@ -116,6 +116,19 @@ def test_downloads_are_read_weights_only(served, tmp_path):
     torch.save({'state_dict': weights}, folder / 'fine.pth')
     ckpt = CheckpointLoader.load_checkpoint(f'{url}/fine.pth')
     assert torch.equal(ckpt['state_dict']['w'], weights['w'])
+
+
+def test_a_failed_download_names_the_url(served):
+    """A URL the server does not have (404): the error names the URL
+    (urllib's own message does not)."""
+    _, base = served
+    url = f'{base}/missing.pth'
+    for load in (lambda: CheckpointLoader.load_checkpoint(url),
+                 lambda: vit(dict(type='Pretrained',
+                                  checkpoint=url)).init_weights()):
+        with pytest.raises(OSError, match=(
+                rf"cannot download checkpoint '{url}' .*HTTP Error 404")):
+            load()
 
 
 def test_model_zoo_names_resolve_through_mmengines_tables(
@@ -225,8 +238,11 @@ def test_file_backend_checkpoint_read_like_a_local_file(memtest, tmp_path,
     # mmengine's load_checkpoint (what load_from and tools/test.py use),
     # also with a cluster name before the prefix, as mmengine allows
     for name in ('memtest://bucket/ckpt.pth',
-                 'cluster:memtest://bucket/ckpt.pth'):
-        if name.startswith('cluster:'):
+                 'cluster:memtest://bucket/ckpt.pth',
+                 # a key ending in a folder-like name (a file name here)
+                 'memtest://bucket/..', 'memtest://bucket/.',
+                 'memtest://bucket/'):
+        if name != 'memtest://bucket/ckpt.pth':
             files[name] = files['memtest://bucket/ckpt.pth']
         model = vit()
         load_checkpoint(model, name, map_location='cpu')
@@ -273,6 +289,111 @@ def test_file_backend_checkpoint_as_load_from(memtest, tmp_path,
             r"refusing to execute code from .*'memtest://runs/evil\.pth'")):
         runner.load_or_resume()
     assert not (tmp_path / 'PWNED').exists()
+
+
+def test_file_backend_returning_other_than_bytes(memtest, one_thread):
+    """A registered backend whose ``get`` returns text or None is refused
+    naming the checkpoint and the type; bytearray/memoryview are bytes."""
+    files, scratch = memtest
+    data = saved_bytes({'state_dict': vit().state_dict(), 'meta': {}})
+    files.update({'memtest://b/none.pth': None, 'memtest://b/text.pth': 'x',
+                  'memtest://b/array.pth': bytearray(data),
+                  'memtest://b/view.pth': memoryview(data)})
+    routes = [lambda name: vit(dict(type='Pretrained',
+                                    checkpoint=name)).init_weights(),
+              lambda name: load_checkpoint(vit(), name)]
+    for load in routes:
+        for name, kind in (('none', 'NoneType'), ('text', 'str')):
+            with pytest.raises(CheckpointError, match=(
+                    rf"'memtest://b/{name}\.pth': mmengine's _MemoryBackend"
+                    rf'\.get returned a {kind}, not bytes')):
+                load(f'memtest://b/{name}.pth')
+        load('memtest://b/array.pth')
+        load('memtest://b/view.pth')
+    assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+
+def test_tools_take_file_backend_checkpoints(memtest, tiny_workspace,
+                                             tmp_path, monkeypatch):
+    """tools/test.py CONFIG NAME and tools/train.py --resume NAME read a
+    file-backend name like load_from does (they used to refuse it as a
+    missing local file); a prefix nothing serves is refused by name before
+    anything is built."""
+    files, scratch = memtest
+    monkeypatch.chdir(tiny_workspace)
+
+    def edit(cfg):
+        cfg.train_cfg.max_iters = 2
+        cfg.default_hooks.checkpoint.interval = 1
+        no_val(cfg)
+
+    config = str(write_config(tmp_path, TINY['mask_rcnn'], edit))
+    load_tool('train').main([config, '--work-dir', str(tmp_path / 'w'),
+                             '--cfg-options', 'train_cfg.max_iters=1'])
+    local = tmp_path / 'w' / 'iter_1.pth'
+    files['memtest://runs/iter_1.pth'] = local.read_bytes()
+
+    test = load_tool('test')
+    expected = test.main([config, str(local),
+                          '--work-dir', str(tmp_path / 'test_local')])
+    got = test.main([config, 'memtest://runs/iter_1.pth',
+                     '--work-dir', str(tmp_path / 'test_remote')])
+    assert got and got == expected
+    load_tool('train').main([config, '--work-dir', str(tmp_path / 'w2'),
+                             '--resume', 'memtest://runs/iter_1.pth'])
+    resumed = torch.load(tmp_path / 'w2' / 'iter_2.pth', weights_only=False)
+    assert resumed['meta']['iter'] == 2
+    assert not (tmp_path / 'w2' / 'iter_1.pth').exists()  # it resumed
+    assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+    refused = r"no mmengine file backend serves the prefix 'pavi://'"
+    with pytest.raises(ValueError, match=refused):
+        test.main([config, 'pavi://runs/iter_1.pth',
+                   '--work-dir', str(tmp_path / 'pavi')])
+    with pytest.raises(ValueError, match=refused):
+        load_tool('train').main([config, '--work-dir', str(tmp_path / 'w3'),
+                                 '--resume', 'pavi://runs/iter_1.pth'])
+    assert not (tmp_path / 'pavi').exists()
+    assert not (tmp_path / 'w3').exists()
+
+
+def test_auto_resume_takes_a_file_backend_name_in_the_marker(memtest,
+                                                             tmp_path):
+    """A CheckpointHook with out_dir='s3://...' writes the remote name into
+    the local last_checkpoint marker; --resume without a path resumes from
+    it, as mmengine's own auto-resume does (it used to refuse it as a
+    missing file)."""
+    from bpt_mm.launch import latest_checkpoint
+    files, _ = memtest
+    (tmp_path / 'last_checkpoint').write_text('memtest://runs/iter_2.pth')
+    files['memtest://runs/iter_2.pth'] = b'not read here'
+    assert latest_checkpoint(str(tmp_path)) == 'memtest://runs/iter_2.pth'
+    (tmp_path / 'last_checkpoint').write_text('pavi://runs/iter_2.pth')
+    with pytest.raises(ValueError, match="prefix 'pavi://'"):
+        latest_checkpoint(str(tmp_path))
+
+
+def test_a_projects_own_scheme_survives_the_install():
+    """A loader a project registers with CheckpointLoader.register_scheme
+    before bpt_mm installs its loaders (custom_imports=['myproj',
+    'bpt_mm']) keeps its scheme, as one registered after does; it used to
+    be replaced, and then refused as an unknown prefix."""
+    from bpt_mm.mmengine_patches import (install_mmengine_patches,
+                                         installed_patches)
+
+    def load_from_myzoo(filename, map_location=None):
+        return {'state_dict': {'from': filename}}
+
+    CheckpointLoader.register_scheme('myzoo://', load_from_myzoo)
+    try:
+        install_mmengine_patches()  # what `import bpt_mm` does
+        assert CheckpointLoader.load_checkpoint('myzoo://m/1') == {
+            'state_dict': {'from': 'myzoo://m/1'}}
+        assert installed_patches()['remote_loaders']
+        with pytest.raises(ValueError, match="prefix 'pavi://'"):
+            CheckpointLoader.load_checkpoint('pavi://m/1')
+    finally:
+        CheckpointLoader._schemes.pop('myzoo://')
 
 
 @pytest.mark.parametrize('name', ['pavi://models/vit.pth',

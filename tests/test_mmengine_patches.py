@@ -77,3 +77,32 @@ def test_patching_enabled_reads_the_variable(monkeypatch, value, expected):
     from bpt_mm.mmengine_patches import patching_enabled
     monkeypatch.setenv('BPT_MM_PATCH_MMENGINE', value)
     assert patching_enabled() is expected
+
+
+def test_saves_write_through_a_symbolic_link(tmp_path):
+    """A checkpoint path that is the user's symbolic link: the atomic save
+    replaces the link's target, as mmengine's stock backend writes through
+    it, and the link stays (the rename used to replace the link itself)."""
+    import torch
+    import mmengine.runner.runner as runner_module
+    from mmengine.fileio import put_text
+
+    import bpt_mm  # noqa: F401
+    storage = tmp_path / 'storage'
+    storage.mkdir()
+    (storage / 'latest.pth').write_bytes(b'old')
+    (storage / 'marker').write_text('old')
+    work = tmp_path / 'work'
+    work.mkdir()
+    (work / 'latest.pth').symlink_to(storage / 'latest.pth')
+    (work / 'marker').symlink_to(storage / 'marker')
+    runner_module.save_checkpoint({'state_dict': {'w': torch.ones(2)}},
+                                  str(work / 'latest.pth'))
+    put_text('new', str(work / 'marker'))
+    for name in ('latest.pth', 'marker'):
+        assert (work / name).is_symlink(), name
+    assert sorted(p.name for p in storage.iterdir()) == ['latest.pth',
+                                                         'marker']
+    assert (storage / 'marker').read_text() == 'new'
+    saved = torch.load(storage / 'latest.pth', weights_only=True)
+    assert saved['state_dict']['w'].tolist() == [1.0, 1.0]

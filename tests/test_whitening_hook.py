@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from mmengine.hooks import Hook
+from torch.utils.data import DataLoader
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.models import WhiteningNotReadyError
@@ -24,7 +25,8 @@ from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
 from bpt_mm.whitening.options import WhiteningOptions
 from helpers import (ROOT, TESTS, count_calls, previous_whitening,
                      small_vit)
-from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyModel, deep_backbone,
+from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyDataset,
+                           BPTWhiteningToyModel, deep_backbone,
                            run_two_processes, toy_images, toy_runner)
 
 F64 = torch.float64
@@ -114,6 +116,38 @@ def test_hook_fills_whitening_before_first_step(tmp_path, tunable):
     else:
         assert not probe.first['requires_grad'] and not in_optimizer
         assert torch.equal(probe.last['whitening'], probe.first['whitening'])
+
+
+@pytest.mark.parametrize('sampler', ['InfiniteSampler', 'DefaultSampler'])
+def test_hook_with_a_runner_given_a_built_dataloader(tmp_path, sampler):
+    """A Runner given a DataLoader object (not its config): whitening is
+    computed from the data set in order, the same as from the config's
+    unshuffled loader, and training goes on to max_iters (with an
+    InfiniteSampler it used to stop with StopIteration: the hook's pass
+    closed the sampler's one generator)."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import DATA_SAMPLERS
+    from mmengine.runner import Runner
+    torch.manual_seed(0)
+    model = BPTWhiteningToyModel(backbone=dict(prompt=dict(FWHITEN)))
+    dataset = BPTWhiteningToyDataset(num_images=16)
+    loader = DataLoader(dataset, batch_size=4, collate_fn=pseudo_collate,
+                        sampler=DATA_SAMPLERS.get(sampler)(dataset,
+                                                           shuffle=False))
+    hook, probe = BPTWhiteningHook(num_images=8, eps=EPS), Probe()
+    runner = Runner(
+        model=model, work_dir=str(tmp_path), train_dataloader=loader,
+        train_cfg=dict(by_epoch=False, max_iters=6),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.5)),
+        custom_hooks=[hook, probe], log_level='WARNING',
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
+                                           interval=1000)),
+        experiment_name=f'built_{sampler}_{os.getpid()}_{time.time_ns()}')
+    runner.train()
+    assert runner.iter == 6 and hook.status == 'computed'
+    expected = manual_block0_whitening(runner.model.backbone,
+                                       toy_images(16)[:8], EPS)
+    assert_close_rel(probe.first['whitening'], expected, 1e-5)
 
 
 def test_resume_skips_computation_and_restores_bits(tmp_path):

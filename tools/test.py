@@ -29,6 +29,7 @@ from bpt_mm.launch import (add_common_arguments,  # noqa: E402
                            build_runner, check_checkpoint_covers_model,
                            check_data_paths, config_from_args,
                            enable_visualization)
+from bpt_mm.models.checkpoint_source import is_local_path  # noqa: E402
 from bpt_mm.test_options import add_prediction_output, enable_tta  # noqa
 from bpt_mm.utils import find_hook_entry  # noqa: E402
 
@@ -38,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Test a bpt_mm model',
                                      allow_abbrev=False)
     parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        'checkpoint', help='checkpoint file, URL or file-backend name '
+        '(s3://...), read as load_from reads it')
     add_common_arguments(parser, 'test_dataloader.batch_size=1')
     parser.add_argument(
         '--out', help='keep the predictions: mmdet, a .pkl file for offline '
@@ -59,10 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not osp.isfile(args.checkpoint):
+    # After the config: its custom_imports may register file backends.
+    cfg = config_from_args(args)
+    if is_local_path(args.checkpoint) and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint file not found: '
                                 f'{args.checkpoint!r}')
-    cfg = config_from_args(args)
     cfg.load_from = args.checkpoint
     cfg.resume = False
     if find_hook_entry(cfg, TRAINABLE_CHECKPOINT_HOOK_TYPES) is None:

@@ -24,6 +24,7 @@ from bpt_mm.launch import (AMP_DTYPES, add_common_arguments,  # noqa: E402
                            check_whitening_source, config_from_args,
                            enable_amp, resolve_auto_resume,
                            set_finite_check)
+from bpt_mm.models.checkpoint_source import is_local_path  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         'FiniteCheckHook; by default the run stops at the first one)')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
-        help='resume from CKPT, or without a value from the latest '
-        'checkpoint in the work dir')
+        help='resume from CKPT (a file, URL or file-backend name such as '
+        's3://...), or without a value from the latest checkpoint in the '
+        'work dir')
     return parser.parse_args(argv)
 
 
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
         # as the path ''; without a checkpoint the config's load_from stays.
         print(resolve_auto_resume(cfg), file=sys.stderr)
     elif args.resume is not None:
-        if not osp.isfile(args.resume):
+        if is_local_path(args.resume) and not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume: no checkpoint file '
                                     f'{args.resume!r}')
         cfg.resume, cfg.load_from = True, args.resume

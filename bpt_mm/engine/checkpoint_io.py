@@ -146,10 +146,14 @@ def atomic_write_bytes(data: bytes, path: Union[str, os.PathLike]) -> None:
     file system, so the rename is atomic), are flushed and fsynced, and the
     temporary file is then renamed over ``path``; the directory is fsynced
     so the rename survives a power cut. A process killed at any point
-    leaves at most a ``.tmp-<pid>`` file beside an intact ``path``.
+    leaves at most a ``.tmp-<pid>`` file beside an intact ``path``. A
+    ``path`` that is a symbolic link is written through (its target is
+    replaced; the link stays).
     """
-    path = os.fspath(path)
-    parent = osp.dirname(osp.abspath(path))
+    # Through a symbolic link, as mmengine's own backend writes: the rename
+    # would otherwise replace the user's link by a file.
+    path = osp.realpath(os.fspath(path))
+    parent = osp.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}'
     try:

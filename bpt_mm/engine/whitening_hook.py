@@ -388,7 +388,19 @@ class BPTWhiteningHook(Hook):
         cfg = runner.cfg.get('train_dataloader', None) or getattr(
             runner, '_train_dataloader', None)
         if not isinstance(cfg, dict):
-            return runner.train_dataloader
+            # A DataLoader built by the caller: its sampler cannot be
+            # rebuilt, and mmengine's InfiniteSampler serves every iterator
+            # from its one generator, which this pass would close (training
+            # then stops with StopIteration). The data set is read in
+            # order instead, split over the ranks as training splits it.
+            from mmengine.dataset import DefaultSampler
+            loader = runner.train_dataloader
+            batch_size = loader.batch_size or getattr(
+                loader.batch_sampler, 'batch_size', 1)
+            return DataLoader(loader.dataset, batch_size=batch_size,
+                              sampler=DefaultSampler(loader.dataset,
+                                                     shuffle=False),
+                              collate_fn=loader.collate_fn)
         cfg = copy.deepcopy(cfg)
         cfg['dataset'] = runner.train_dataloader.dataset
         return runner.build_dataloader(cfg, seed=runner.seed)

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.config import Config
 
+from bpt_mm.models.checkpoint_source import is_local_path
 
 _CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
 
@@ -18,7 +19,10 @@ _CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
 def latest_checkpoint(work_dir: str) -> Optional[str]:
     """The checkpoint ``--resume`` (without a path) continues from.
 
-    mmengine's ``last_checkpoint`` marker when it names an existing file.
+    mmengine's ``last_checkpoint`` marker when it names an existing file
+    (or a name of a file backend, as a ``CheckpointHook`` with
+    ``out_dir='s3://...'`` writes: as mmengine's own auto-resume, that
+    backend reports a missing file when the checkpoint is read).
     The marker is rewritten in place after each save, so a job killed at
     that moment can leave it empty; then (or when it names a file that is
     gone) the newest ``iter_N.pth``/``epoch_N.pth`` of ``work_dir`` is used
@@ -39,7 +43,9 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
         return None
     with open(marker) as f:
         named = f.read().strip()
-    if named and osp.isfile(named):
+    # A CheckpointHook `out_dir` of a file backend (s3://...) names its
+    # checkpoints there; that backend says whether one is missing.
+    if named and (not is_local_path(named) or osp.isfile(named)):
         return named
     found = []
     for name in os.listdir(work_dir):

@@ -78,6 +78,19 @@ def file_backend_prefix(name: str) -> Optional[str]:
     return prefix
 
 
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` is a local path (the tools check that it is a file
+    before building anything) rather than a name read through a download
+    or a file backend (checked when read: the download or the backend
+    names a missing file).
+
+    Raises:
+        ValueError: A ``prefix://`` that nothing serves, as
+            :func:`file_backend_prefix` says.
+    """
+    return not is_remote(name) and file_backend_prefix(name) is None
+
+
 def _backend_bytes(name: str, prefix: str) -> bytes:
     """The bytes of ``name``, read by mmengine's file backend of
     ``prefix``."""
@@ -92,7 +105,7 @@ def _backend_bytes(name: str, prefix: str) -> bytes:
             f'{prefix + "://"!r} cannot be used here '
             f'({type(exc).__name__}: {exc})') from exc
     try:
-        return backend.get(name)
+        data = backend.get(name)
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -100,6 +113,14 @@ def _backend_bytes(name: str, prefix: str) -> bytes:
             f'cannot read checkpoint {name!r} through mmengine\'s '
             f'{type(backend).__name__} ({type(exc).__name__}: {exc})'
         ) from exc
+    # A registered backend is the project's code: its `get` may return
+    # text or None, which would otherwise fail unnamed in the write.
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CheckpointError(
+            f'cannot read checkpoint {name!r}: mmengine\'s '
+            f'{type(backend).__name__}.get returned a '
+            f'{type(data).__name__}, not bytes')
+    return data
 
 
 def _zoo_url(name: str) -> str:
@@ -147,7 +168,11 @@ def _download(url: str) -> str:
         os.makedirs(folder, exist_ok=True)
         # Written to a temporary file and renamed by torch: never a
         # partial file under the cached name.
-        torch.hub.download_url_to_file(url, target, progress=False)
+        try:
+            torch.hub.download_url_to_file(url, target, progress=False)
+        except OSError as exc:  # urllib's errors do not name the URL
+            raise OSError(f'cannot download checkpoint {url!r} '
+                          f'({type(exc).__name__}: {exc})') from exc
     if distributed:
         dist.barrier()
     return target
@@ -175,7 +200,8 @@ def local_checkpoint(name: str) -> Iterator[str]:
         ValueError: A prefix no file backend serves (``pavi://``...), or a
             file backend that cannot be made here (its client missing).
         FileNotFoundError: The backend has no such file.
-        OSError: The download failed (the message of urllib names why).
+        OSError: The download failed (naming the URL and urllib's
+            reason).
 
     Examples:
         >>> with local_checkpoint('work_dirs/iter_4.pth') as path:
@@ -187,7 +213,10 @@ def local_checkpoint(name: str) -> Iterator[str]:
     if prefix is not None:
         data = _backend_bytes(name, prefix)
         with tempfile.TemporaryDirectory(prefix='bpt_mm_ckpt_') as folder:
-            copy = osp.join(folder, osp.basename(name) or 'checkpoint.pth')
+            # ('.' and '..' name folders: a name ending so gets a file.)
+            base = osp.basename(name)
+            copy = osp.join(folder, base if base.strip('.') else
+                            'checkpoint.pth')
             with open(copy, 'wb') as f:
                 f.write(data)
             del data
@@ -225,13 +254,18 @@ def install_remote_loaders(read_local: Callable) -> None:
     ``s3://``, ``petrel://`` and ``pavi://``, and any other prefix) into a
     local file with :func:`local_checkpoint` and read it with
     ``read_local`` (its local loader), instead of mmengine's loaders, which
-    unpickle with ``weights_only=False``. Idempotent."""
+    unpickle with ``weights_only=False``. A scheme a project registered
+    itself (``CheckpointLoader.register_scheme``), before or after this,
+    keeps its loader. Idempotent."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
     # mmengine's own keys are replaced (the same keys, so that its loader
-    # cannot match first), whatever this mmengine version registers.
-    others = [p for p in CheckpointLoader._schemes
-              if p and p not in REMOTE_PREFIXES]
+    # cannot match first), whatever this mmengine version registers; a
+    # project's own loaders stay, whether imported before bpt_mm or after.
+    replaced = ('mmengine.runner.checkpoint', __name__)
+    others = [p for p, loader in CheckpointLoader._schemes.items()
+              if p and p not in REMOTE_PREFIXES
+              and getattr(loader, '__module__', None) in replaced]
     CheckpointLoader.register_scheme(
         prefixes=list(REMOTE_PREFIXES) + others + [ANY_PREFIX_SCHEME],
         loader=_remote_loader(read_local), force=True)

@@ -14,6 +14,7 @@ after the position embedding is added, so they have none.
   dropped. A deep prompt therefore only ever gives keys and values, which is
   how it is computed (see :mod:`bpt_mm.models.attention`).
 """
+import os
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -453,7 +454,13 @@ class PromptedViT(BaseModule):
             if 'checkpoint' not in self.init_cfg:
                 raise ValueError("`init_cfg=dict(type='Pretrained')` needs "
                                  '`checkpoint`: the path of the weights')
-            self.load_pretrained_file(self.init_cfg['checkpoint'])
+            checkpoint = self.init_cfg['checkpoint']
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise TypeError(
+                    '`init_cfg.checkpoint` of PromptedViT must be a path, '
+                    'URL or model-zoo name (str), got '
+                    f'{checkpoint!r} ({type(checkpoint).__name__})')
+            self.load_pretrained_file(checkpoint)
             self._is_init = True
             return
         super().init_weights()
