@@ -364,6 +364,36 @@ def test_collect_decomposes_sigma_once_per_block(monkeypatch):
         assert result['effective_rank'] == rank
 
 
+def test_eigen_basis_reuses_the_one_decomposition_and_checks_nothing_again(
+        monkeypatch):
+    # bilinear_init='eigen': B takes the eigenvectors of the spectrum that
+    # gave W (one eigh per block, not two), and rank / bilinear_init, checked
+    # by the prompt's options and WhiteningOptions, are not checked again on
+    # the way; B equals what the checked public function gives, bit for bit.
+    import bpt_mm.whitening.linalg as linalg
+    torch.manual_seed(0)
+    backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
+                                     rank=3, whitening_init=True,
+                                     depth='deep'))
+    eighs = count_calls(monkeypatch, 'eigh', module=torch.linalg)
+    rank_checks = count_calls(monkeypatch, 'check_positive_int',
+                              module=linalg)
+    choice_checks = count_calls(monkeypatch, 'check_choice', module=linalg)
+    results = collect_whitening(backbone, toy_images(8).split(4),
+                                WhiteningOptions(eps=EPS,
+                                                 bilinear_init='eigen'), 8)
+    assert sorted(results) == [0, 1, 2] and len(eighs) == 3
+    # query_key_product checks its `order` once per block; nothing else.
+    assert rank_checks == [] and len(choice_checks) == 3
+    monkeypatch.undo()
+    for block, result in results.items():
+        expected = whitened_bilinear_basis(
+            result['whitening'], 3, 'eigen', sigma=result['sigma'],
+            generator=torch.Generator().manual_seed(block))
+        assert torch.equal(result['basis'], expected), block
+        assert torch.equal(backbone.prompts[str(block)].basis, expected)
+
+
 def test_file_round_trip_and_refusals(tmp_path):
     path, results = _deep_file(tmp_path, 'deep.pth')
     target = deep_backbone()  # same weights, whitening not computed

@@ -47,8 +47,8 @@ from torch import Tensor
 from .accumulators import (ImageAverageAccumulator, RankDeficientWarning,
                            TokenAccumulator, as_float64_rows)
 from .distributed import comm_device, dist_ready, synchronise_errors
-from .linalg import (project_tokens, query_key_product,
-                     whitened_bilinear_basis, whitening_spectrum)
+from .linalg import (WhiteningSpectrum, bilinear_basis, project_tokens,
+                     query_key_product, whitening_spectrum)
 from .options import WhiteningOptions, check_positive_int, label_prefix
 from .prototypes import TokenReservoir, compute_prototypes, per_rank_capacity
 from .real_tokens import ImageBatch, as_image_batch, real_patch_mask, real_rows
@@ -103,6 +103,14 @@ def solve_whitening(acc: TokenAccumulator, options: WhiteningOptions,
         dict: ``sigma`` (float64 CPU), ``whitening`` (``W``, CPU),
         ``condition_number`` (float) and ``effective_rank`` (int).
     """
+    return _solve(acc, options, dtype)[0]
+
+
+def _solve(acc: TokenAccumulator, options: WhiteningOptions,
+           dtype: torch.dtype = torch.float32
+           ) -> Tuple[Dict[str, Any], WhiteningSpectrum]:
+    """:func:`solve_whitening`'s dict, and the spectrum it came from (its
+    eigenvectors also give a bilinear prompt's ``'eigen'`` basis)."""
     sigma = acc.second_moment(center=options.center).cpu()
     spectrum = whitening_spectrum(sigma, options)
     return {
@@ -110,7 +118,7 @@ def solve_whitening(acc: TokenAccumulator, options: WhiteningOptions,
         'sigma': sigma,
         'condition_number': spectrum.condition_number(),
         'effective_rank': spectrum.effective_rank(),
-    }
+    }, spectrum
 
 
 def whitening_from_tokens(
@@ -415,15 +423,16 @@ def _block_by_block(backbone: 'PromptedViT',
 # ---------------------------------------------------------------------------
 # Whitening
 # ---------------------------------------------------------------------------
-def _bilinear_basis(whitening: Tensor, sigma: Optional[Tensor],
+def _bilinear_basis(whitening: Tensor, eigenvectors: Optional[Tensor],
                     prompt: torch.nn.Module, block: int, bilinear_init: str,
                     seed: int) -> Tensor:
     # From the float32 W that is stored, on the CPU, with a generator seeded
-    # per block: a file gives back the same B bit for bit.
+    # per block: a file gives back the same B bit for bit. The prompt's
+    # options checked `basis_rank` (p <= d with whitening_init) and
+    # WhiteningOptions `bilinear_init`: the unchecked body serves.
     generator = torch.Generator().manual_seed(seed + block)
-    return whitened_bilinear_basis(whitening.cpu(), prompt.basis_rank,
-                                   bilinear_init, sigma=sigma,
-                                   generator=generator)
+    return bilinear_basis(whitening.cpu(), prompt.basis_rank, bilinear_init,
+                          eigenvectors, generator)
 
 
 class _WhiteningStep(_BlockStep):
@@ -492,11 +501,11 @@ class _WhiteningStep(_BlockStep):
               counts: List[int]) -> Dict[str, Any]:
         """``Sigma``, ``W``, condition number, effective rank (and ``B``),
         on the CPU."""
-        solved = solve_whitening(acc, self.options)
+        solved, spectrum = _solve(acc, self.options)
         prompt = self.prompts[block]
         if prompt.basis_rank is not None:
             solved['basis'] = _bilinear_basis(
-                solved['whitening'], solved['sigma'], prompt, block,
+                solved['whitening'], spectrum.eigenvectors, prompt, block,
                 self.options.bilinear_init, self.seed)
         return solved
 
@@ -667,10 +676,17 @@ def apply_whitening(backbone: 'PromptedViT',
     for block in sorted(results):
         prompt, result = prompts[block], dict(results[block])
         if prompt.basis_rank is not None and 'basis' not in result:
+            eigenvectors = None
+            if options.bilinear_init == 'eigen':
+                if result.get('sigma') is None:
+                    raise ValueError(
+                        f"block {block}: `bilinear_init`='eigen' needs the "
+                        "second moment `sigma`, which these results lack")
+                eigenvectors = whitening_spectrum(result['sigma'],
+                                                  options).eigenvectors
             result['basis'] = _bilinear_basis(result['whitening'],
-                                              result.get('sigma'), prompt,
-                                              block, options.bilinear_init,
-                                              seed)
+                                              eigenvectors, prompt, block,
+                                              options.bilinear_init, seed)
         prompt.apply_whitening(result)
     return sorted(results)
 
