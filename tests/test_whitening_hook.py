@@ -16,7 +16,8 @@ from mmengine.hooks import Hook
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.models import WhiteningNotReadyError
-from bpt_mm.whitening.collect import (apply_whitening, collect_whitening,
+from bpt_mm.whitening.collect import (apply_whitening, collect_prototypes,
+                                      collect_whitening,
                                       whitening_blocks, whitening_from_tokens)
 from bpt_mm.whitening.io import load_whitening, save_whitening
 from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
@@ -392,6 +393,54 @@ def test_eigen_basis_reuses_the_one_decomposition_and_checks_nothing_again(
             generator=torch.Generator().manual_seed(block))
         assert torch.equal(result['basis'], expected), block
         assert torch.equal(backbone.prompts[str(block)].basis, expected)
+
+
+@pytest.mark.parametrize('prompt, done', [
+    (FWHITEN, 'whitening_ready'),
+    (dict(type='SPTPrompt', num_tokens=4, depth='deep'), 'prototypes_ready'),
+])
+def test_hook_options_are_checked_once_on_the_way_to_the_tensors(
+        tmp_path, monkeypatch, prompt, done):
+    # The hook checks num_images, seed, tokens, source (and the prototype
+    # options) when it is built; on the way to the prompts nothing checks
+    # them again: the collectors' checked entry points and the model's
+    # checked token tap are not called, only their bodies.
+    import bpt_mm.whitening.collect as collect
+    from bpt_mm.models import PromptedViT
+    hook = BPTWhiteningHook(num_images=4, eps=EPS, tokens='all',
+                            source='norm1', seed=3)
+    runner = toy_runner(tmp_path, prompt, [hook])
+    checks = [count_calls(monkeypatch, name, module=collect)
+              for name in ('check_positive_int', 'check_seed')]
+
+    def checked_tap(*args, **kwargs):
+        raise AssertionError('block_tokens re-checks tokens/source')
+
+    if done == 'whitening_ready':
+        monkeypatch.setattr(PromptedViT, 'block_tokens', checked_tap)
+    hook.before_train(runner)
+    assert hook.status == 'computed'
+    assert all(bool(getattr(p, done)) for p in
+               runner.model.backbone.prompt_modules().values())
+    assert checks == [[], []]
+
+
+def test_hook_refuses_an_empty_training_set_by_name(tmp_path):
+    # Before, the empty set surfaced as "`num_images` must be a positive
+    # int, got 0", a value the user never gave.
+    hook = BPTWhiteningHook(num_images=4, eps=EPS)
+    runner = toy_runner(tmp_path, FWHITEN, [hook], num_images=0)
+    with pytest.raises(ValueError, match='training set has no images'):
+        hook.before_train(runner)
+
+
+def test_direct_collector_calls_still_check(tmp_path):
+    backbone = small_vit(prompt=dict(FWHITEN))
+    for call in (collect_whitening, collect_prototypes):
+        with pytest.raises(ValueError, match='`num_images`.*got 0'):
+            call(backbone, [toy_images(4)], num_images=0)
+        with pytest.raises(ValueError, match="`seed` must be an int.*'1'"):
+            call(backbone, [toy_images(4)], num_images=4, seed='1')
 
 
 def test_file_round_trip_and_refusals(tmp_path):

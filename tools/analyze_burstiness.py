@@ -50,7 +50,8 @@ def _positive_int(name):
 
 def build_parser() -> argparse.ArgumentParser:
     from bpt_mm.analysis.token_statistics import DEFAULT_EPS
-    from bpt_mm.whitening.options import QK_ORDERS, TOKEN_SETS, TOKEN_SOURCES
+    from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
+    from bpt_mm.whitening.options import NUM_IMAGES, QK_ORDERS, SEED
     parser = argparse.ArgumentParser(
         description='Burstiness of X, W_q^T W_k, X~ and whitened X~ per '
         'ViT block, with plots.')
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='analyse the backbone without its prompts (the '
                         'pretrained ViT as the paper measured it)')
     parser.add_argument('--num-images', type=_positive_int('--num-images'),
-                        default=100, help='training images (default 100)')
+                        default=NUM_IMAGES,
+                        help=f'training images (default {NUM_IMAGES})')
     parser.add_argument('--layers', type=int, nargs='+', help='blocks to '
                         'analyse (negative: from the end); default the '
                         'prompted blocks, or block 0 without prompts')
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=1_000_000, help='values per quantity in the '
                         'statistics (a seeded random subset; default 10^6)')
     parser.add_argument('--bins', type=_positive_int('--bins'), default=120)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=SEED)
     parser.add_argument('--device', default=None,
                         help="default: 'cuda' when available, else 'cpu'")
     from mmengine.config import DictAction

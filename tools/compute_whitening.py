@@ -33,8 +33,8 @@ OPTIONS = ('num_images', 'eps', 'source', 'tokens', 'center', 'statistic',
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
-    from bpt_mm.whitening.options import (BASIS_MODES, QK_ORDERS, STATISTICS,
-                                          TOKEN_SETS, TOKEN_SOURCES)
+    from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
+    from bpt_mm.whitening.options import BASIS_MODES, QK_ORDERS, STATISTICS
     parser = argparse.ArgumentParser(
         description='Compute BPT whitening matrices and save them.')
     parser.add_argument('config', help='config file')
@@ -76,9 +76,8 @@ def main(argv=None) -> int:
                                               preprocessed_batches)
     from bpt_mm.launch import (build_prompted_model, check_whitening_output,
                                resolve_device)
-    from bpt_mm.whitening.collect import (collect_whitening,
-                                          format_whitening_table,
-                                          whitening_blocks)
+    from bpt_mm.whitening.collect import (format_whitening_table,
+                                          run_whitening, whitening_blocks)
     from bpt_mm.whitening.io import save_whitening
 
     # The current logger: init_weights' per-parameter report stays quiet.
@@ -127,15 +126,20 @@ def main(argv=None) -> int:
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
     num_images = hook.num_images
     distinct = distinct_images_available(loader)
+    if distinct == 0:
+        print(f'{args.config}: the training set has no images',
+              file=sys.stderr)
+        return 1
     if distinct is not None and distinct < num_images:
         # An InfiniteSampler would repeat images: each is used once.
         print(f'compute_whitening: warning: {num_images} images asked for, '
               f'the training set has {distinct}; using each once',
               file=sys.stderr)
         num_images = distinct
-    results = collect_whitening(
+    # The hook checked every option when it was built.
+    results = run_whitening(
         backbone, preprocessed_batches(model, loader), hook.options,
-        num_images, distributed=False, seed=hook.seed,
+        num_images, distributed=False, blocks=None, seed=hook.seed,
         allow_few_tokens=hook.allow_few_tokens)
     save_whitening(args.out, results, backbone, hook.options)
     print(f'whitening of {len(results)} block(s) from '

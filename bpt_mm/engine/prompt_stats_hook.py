@@ -132,8 +132,9 @@ class PromptStatsHook(Hook):
     # after_train_iter: before LoggerHook (BELOW_NORMAL) reads the hub.
     priority = 'NORMAL'
 
-    def __init__(self, interval: int = 50, source: str = 'block_input',
-                 product: str = 'qk') -> None:
+    def __init__(self, interval: int = 50,
+                 source: str = WhiteningOptions.source,
+                 product: str = WhiteningOptions.product) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) \
                 or interval < 1:
             raise ValueError('PromptStatsHook `interval` must be a positive '

@@ -49,8 +49,10 @@ from .accumulators import (ImageAverageAccumulator, RankDeficientWarning,
 from .distributed import comm_device, dist_ready, synchronise_errors
 from .linalg import (WhiteningSpectrum, bilinear_basis, project_tokens,
                      query_key_product, whitening_spectrum)
-from .options import WhiteningOptions, check_positive_int, label_prefix
-from .prototypes import TokenReservoir, compute_prototypes, per_rank_capacity
+from .options import (NUM_IMAGES, SEED, WhiteningOptions, check_positive_int,
+                      check_seed, label_prefix)
+from .prototypes import (KMEANS_ITERS, PROTOTYPE_TOKENS, TokenReservoir,
+                         compute_prototypes, per_rank_capacity)
 from .real_tokens import ImageBatch, as_image_batch, real_patch_mask, real_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,9 +61,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     'accumulate_tokens', 'solve_whitening', 'whitening_from_tokens',
     'block_token_rows', 'whitening_blocks', 'missing_whitening_blocks',
-    'collect_whitening', 'apply_whitening', 'format_whitening_table',
+    'collect_whitening', 'run_whitening', 'apply_whitening',
+    'format_whitening_table',
     'prototype_blocks', 'missing_prototype_blocks', 'prototype_source',
-    'prototype_tokens', 'collect_prototypes', 'format_prototype_table'
+    'prototype_tokens', 'collect_prototypes', 'run_prototypes',
+    'format_prototype_table'
 ]
 
 
@@ -273,9 +277,9 @@ def block_token_rows(backbone: 'PromptedViT', batch: Union[Tensor,
     """
     options = WhiteningOptions() if options is None else options
     batch = as_image_batch(batch)
-    tokens = backbone.block_tokens(batch.images, blocks,
-                                   tokens=options.tokens,
-                                   source=options.source)
+    # Options checked when built: the tap's unchecked body serves.
+    tokens = backbone.tap_tokens(batch.images, blocks, options.tokens,
+                                 options.source)
     mask = _patch_mask(backbone, batch)
     leading = backbone.num_prefix_tokens if options.tokens == 'all' else 0
     rows = {i: real_rows(t, mask, leading) for i, t in tokens.items()}
@@ -368,8 +372,6 @@ def _block_by_block(backbone: 'PromptedViT',
         dict[int, dict]: ``step.write``'s result per block, with
         ``seconds`` (this process's wall time).
     """
-    # The one check of the image count of both collectors.
-    check_positive_int(num_images, 'num_images')
     if not blocks:
         return {}
     use_dist = distributed and dist_ready()
@@ -464,9 +466,9 @@ class _WhiteningStep(_BlockStep):
                 # Their per-position image average needs every position of
                 # every image: padding patches stay in, and the user is
                 # told.
-                tokens = backbone.block_tokens(
-                    batch.images, [block], tokens=options.tokens,
-                    source=options.source)[block]
+                tokens = backbone.tap_tokens(
+                    batch.images, [block], options.tokens,
+                    options.source)[block]
                 padding = int((~_patch_mask(backbone, batch)).sum())
                 if padding:
                     warnings.warn(
@@ -564,10 +566,10 @@ class _WhiteningStep(_BlockStep):
 def collect_whitening(backbone: 'PromptedViT',
                       batches: Iterable[Tensor],
                       options: Optional[WhiteningOptions] = None,
-                      num_images: int = 100,
+                      num_images: int = NUM_IMAGES,
                       distributed: bool = True,
                       blocks: Optional[Sequence[int]] = None,
-                      seed: int = 0,
+                      seed: int = SEED,
                       allow_few_tokens: bool = True
                       ) -> Dict[int, Dict[str, Any]]:
     """Compute (and write) the whitening of every prompt that needs it.
@@ -630,8 +632,24 @@ def collect_whitening(backbone: 'PromptedViT',
     if not isinstance(options, WhiteningOptions):
         raise ValueError('`options` must be a WhiteningOptions, got '
                          f'{type(options).__name__}')
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f'`seed` must be an int, got {seed!r}')
+    check_seed(seed)
+    check_positive_int(num_images, 'num_images')
+    return run_whitening(backbone, batches, options, num_images, distributed,
+                         blocks, seed, allow_few_tokens)
+
+
+def run_whitening(backbone: 'PromptedViT',
+                  batches: Iterable[Union[Tensor, ImageBatch]],
+                  options: WhiteningOptions, num_images: int,
+                  distributed: bool, blocks: Optional[Sequence[int]],
+                  seed: int, allow_few_tokens: bool
+                  ) -> Dict[int, Dict[str, Any]]:
+    """The body of :func:`collect_whitening`, for arguments already
+    checked: ``BPTWhiteningHook`` checks its options once, when it is
+    built, and passes them here. Direct callers use
+    :func:`collect_whitening`, which checks ``options``, ``num_images``
+    and ``seed`` and calls this (same arguments, same results).
+    """
     blocks = _chosen_blocks(whitening_blocks(backbone), blocks,
                             'prompt that needs whitening')
     step = _WhiteningStep(backbone, options, seed, allow_few_tokens)
@@ -642,7 +660,7 @@ def collect_whitening(backbone: 'PromptedViT',
 def apply_whitening(backbone: 'PromptedViT',
                     results: Dict[int, Dict[str, Any]],
                     options: Optional[WhiteningOptions] = None,
-                    seed: int = 0) -> List[int]:
+                    seed: int = SEED) -> List[int]:
     """Write whitening results (e.g. from
     :func:`~bpt_mm.whitening.io.load_whitening`) into prompts.
 
@@ -848,12 +866,12 @@ class _PrototypeStep(_BlockStep):
 
 def collect_prototypes(backbone: 'PromptedViT',
                        batches: Iterable[Union[Tensor, ImageBatch]],
-                       num_images: int = 100,
+                       num_images: int = NUM_IMAGES,
                        distributed: bool = True,
                        blocks: Optional[Sequence[int]] = None,
-                       seed: int = 0,
-                       max_tokens: int = 20000,
-                       kmeans_iters: int = 50
+                       seed: int = SEED,
+                       max_tokens: int = PROTOTYPE_TOKENS,
+                       kmeans_iters: int = KMEANS_ITERS
                        ) -> Dict[int, Dict[str, Any]]:
     """Compute (and write) the prototypes of every SPT prompt.
 
@@ -897,8 +915,22 @@ def collect_prototypes(backbone: 'PromptedViT',
     """
     check_positive_int(max_tokens, 'max_tokens')
     check_positive_int(kmeans_iters, 'kmeans_iters')
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f'`seed` must be an int, got {seed!r}')
+    check_seed(seed)
+    check_positive_int(num_images, 'num_images')
+    return run_prototypes(backbone, batches, num_images, distributed, blocks,
+                          seed, max_tokens, kmeans_iters)
+
+
+def run_prototypes(backbone: 'PromptedViT',
+                   batches: Iterable[Union[Tensor, ImageBatch]],
+                   num_images: int, distributed: bool,
+                   blocks: Optional[Sequence[int]], seed: int,
+                   max_tokens: int, kmeans_iters: int
+                   ) -> Dict[int, Dict[str, Any]]:
+    """The body of :func:`collect_prototypes`, for arguments already
+    checked (by ``BPTWhiteningHook`` when it is built). Direct callers use
+    :func:`collect_prototypes`, which checks and calls this.
+    """
     blocks = _chosen_blocks(prototype_blocks(backbone), blocks,
                             'SPT prompt')
     world = dist.get_world_size() if distributed and dist_ready() else 1

@@ -49,7 +49,7 @@ __all__ = ['query_key_product', 'project_tokens', 'WhiteningSpectrum',
 # ---------------------------------------------------------------------------
 def query_key_product(qkv_weight: Tensor,
                       num_heads: Optional[int] = None,
-                      order: str = 'qk') -> Tensor:
+                      order: str = WhiteningOptions.product) -> Tensor:
     """The ``d x d`` query-key product of a fused ``qkv`` weight.
 
     Summed over heads, the attention logit between row vectors ``u`` (the
