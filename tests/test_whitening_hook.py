@@ -594,6 +594,40 @@ def test_compute_whitening_tool(tmp_path):
                          expected[block]['whitening'], 1e-6)
 
 
+def test_compute_whitening_tool_builds_the_model_training_starts_from(
+        tmp_path):
+    # Without a checkpoint, a random backbone (the tiny configs) must get
+    # the weights a Runner gives it (the config's `randomness` seeds them
+    # before the model is built): otherwise the training run refuses the
+    # file by its fingerprint.
+    from mmengine.runner import set_random_seed
+    prompt = dict(type='WhitenedPrompt', num_tokens=4)
+    config = tmp_path / 'toy_config.py'
+    config.write_text(
+        "custom_imports = dict(imports=['whitening_toy'], "
+        "allow_failed_imports=False)\n"
+        "randomness = dict(seed=5)\n"
+        f"model = dict(type='BPTWhiteningToyModel', backbone=dict("
+        f"prompt={prompt!r}))\n"
+        "train_dataloader = dict(batch_size=4, num_workers=0, "
+        "dataset=dict(type='BPTWhiteningToyDataset', num_images=8), "
+        "sampler=dict(type='DefaultSampler', shuffle=False))\n"
+        f"custom_hooks = [dict(type='BPTWhiteningHook', eps={EPS})]\n")
+    out = tmp_path / 'whitening.pth'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
+               OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [sys.executable, 'tools/compute_whitening.py', str(config),
+         '--num-images', '8', '--out', str(out), '--device', 'cpu'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    set_random_seed(5)  # as Runner.__init__ does before build_model
+    model = BPTWhiteningToyModel(backbone=dict(prompt=prompt))
+    model.init_weights()
+    loaded = load_whitening(out, model.backbone)  # fingerprint accepted
+    assert sorted(loaded) == [0]
+
+
 def test_images_of_different_sizes_in_one_segmentation_batch():
     # mmseg's random resize + 512 crop can batch 512x512 beside 453x453, and
     # its preprocessor refuses to stack them: the hook splits the batch.

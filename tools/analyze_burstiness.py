@@ -156,7 +156,6 @@ def main(argv=None) -> int:
     from mmengine.config import Config
     from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
-    from mmengine.runner import set_random_seed
 
     import bpt_mm  # noqa: F401  (registers the models)
     from bpt_mm.analysis.report import (json_summary, markdown_summary,
@@ -165,7 +164,8 @@ def main(argv=None) -> int:
                                                   resolve_blocks)
     from bpt_mm.engine.whitening_hook import (hook_options_from_config,
                                               preprocessed_batches)
-    from bpt_mm.launch import build_prompted_model, resolve_device
+    from bpt_mm.launch import (build_prompted_model, resolve_device,
+                               seed_as_the_runner)
     from bpt_mm.whitening.options import WhiteningOptions
 
     MMLogger.get_instance('analyze_burstiness', log_level='WARNING')
@@ -197,10 +197,7 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    # The config's seed, as the Runner sets it before building the model:
-    # a random (tiny) backbone is then the one training starts from.
-    seed = (cfg.get('randomness') or {}).get('seed')
-    set_random_seed(args.seed if seed is None else seed)
+    seed_as_the_runner(cfg, args.seed)
     try:
         loader = build_loader(cfg)
         model, backbone = build_prompted_model(cfg, args.checkpoint, device)
