@@ -38,6 +38,13 @@ _FINGERPRINT_RTOL = 1e-4
 # model (format, version, embed_dims, num_layers, patch_size) and blocks.
 _HEADER_KEYS = ('num_heads', 'num_images', 'layers', 'prompt_type',
                 'prompt_depth', 'statistics')
+# Every key a file may hold (every version-1 writer wrote these and no
+# other): anything else is a hand edit or another tool's file, and is
+# refused by name rather than ignored.
+_FILE_KEYS = ('format', 'version', 'embed_dims', 'num_layers', 'patch_size',
+              'blocks') + _HEADER_KEYS
+_BLOCK_KEYS = ('whitening', 'sigma', 'num_tokens', 'num_dropped_tokens',
+               'num_images', 'condition_number', 'qkv_fingerprint')
 
 
 def _fingerprint(backbone: 'PromptedViT', block: int) -> float:
@@ -204,6 +211,11 @@ def _check_header(path: str, payload: Dict[str, Any],
         if key not in payload:
             raise ValueError(f'whitening file {path!r} lacks `{key}`; '
                              'tools/compute_whitening.py writes it')
+    unknown = sorted(set(payload) - set(_FILE_KEYS), key=str)
+    if unknown:
+        raise ValueError(f'whitening file {path!r} has unknown entries '
+                         f'{_shown(unknown)}; a whitening file holds only '
+                         f'{sorted(_FILE_KEYS)}')
     num_heads = _count_field(path, 'num_heads', payload['num_heads'], 1)
     if embed_dims % num_heads:
         raise ValueError(f'whitening file {path!r}: `num_heads`={num_heads} '
@@ -318,6 +330,11 @@ def load_whitening(path: Union[str, os.PathLike],
             raise ValueError(f'whitening file {path!r}: blocks[{block}] must '
                              f'be a dict, got {type(entry).__name__}')
         where = f'blocks[{block}]'
+        unknown = sorted(set(entry) - set(_BLOCK_KEYS), key=str)
+        if unknown:
+            raise ValueError(f'whitening file {path!r}: `{where}` has '
+                             f'unknown entries {_shown(unknown)}; a block '
+                             f'holds only {sorted(_BLOCK_KEYS)}')
         matrix = _real_matrix(path, block, 'whitening',
                               entry.get('whitening'), dim)
         if not bool(torch.isfinite(matrix).all()):
