@@ -441,6 +441,12 @@ def test_direct_collector_calls_still_check(tmp_path):
             call(backbone, [toy_images(4)], num_images=0)
         with pytest.raises(ValueError, match="`seed` must be an int.*'1'"):
             call(backbone, [toy_images(4)], num_images=4, seed='1')
+    # No batch at all: said so, not "call update() before second_moment()".
+    with pytest.raises(ValueError, match='batches gave no image'):
+        collect_whitening(backbone, [], num_images=4)
+    spt = small_vit(prompt=dict(type='SPTPrompt', num_tokens=4))
+    with pytest.raises(ValueError, match='batches gave no image'):
+        collect_prototypes(spt, iter([]), num_images=4)
 
 
 def test_file_round_trip_and_refusals(tmp_path):

@@ -399,6 +399,12 @@ def _block_by_block(backbone: 'PromptedViT',
                                          device=comm_device())
                     dist.all_reduce(total, op=dist.ReduceOp.SUM)
                     counts = [int(c) for c in total.tolist()]
+                if counts[0] == 0:
+                    # Summed over the ranks: refused on every rank alike.
+                    raise ValueError(
+                        f'{step.gathering} of block {block}: the batches '
+                        'gave no image (an empty data set or loader?); '
+                        'there is nothing to compute from')
                 # Same counts on every rank after the reduction, so a
                 # refusal here is raised on every rank and none waits in a
                 # collective.
