@@ -14,7 +14,6 @@ passed down.
 """
 import copy
 import dataclasses
-import difflib
 import inspect
 import math
 import os
@@ -47,6 +46,8 @@ from bpt_mm.whitening.prototypes import KMEANS_ITERS, PROTOTYPE_TOKENS
 from bpt_mm.whitening.real_tokens import (ImageBatch, as_image_batch,
                                           check_no_pipeline_padding,
                                           img_shapes_of)
+
+from .hook_options import refuse_unknown_options
 
 #: Names under which the hook can appear in ``custom_hooks``.
 HOOK_TYPES = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
@@ -304,18 +305,8 @@ class BPTWhiteningHook(Hook):
                  prototype_tokens: int = PROTOTYPE_TOKENS,
                  kmeans_iters: int = KMEANS_ITERS,
                  **unknown: Any) -> None:
-        if unknown:
-            # Python's own message names the key but not the options: a
-            # typo such as `num_imgs` deserves the list and a suggestion.
-            allowed = [name for name in inspect.signature(
-                BPTWhiteningHook.__init__).parameters
-                if name not in ('self', 'unknown')]
-            key = sorted(unknown)[0]
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f' (did you mean {close[0]!r}?)' if close else ''
-            raise TypeError(f'BPTWhiteningHook got unknown option(s) '
-                            f'{sorted(unknown)}{hint}; allowed options: '
-                            f'{allowed}')
+        refuse_unknown_options('BPTWhiteningHook', BPTWhiteningHook.__init__,
+                               unknown)
         if not isinstance(allow_few_tokens, bool):
             raise ValueError('BPTWhiteningHook `allow_few_tokens` must be a '
                              f'bool, got {allow_few_tokens!r}')
