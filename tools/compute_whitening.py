@@ -34,7 +34,8 @@ def parse_args(argv=None):
     from mmengine.config import DictAction
 
     from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
-    from bpt_mm.whitening.options import BASIS_MODES, QK_ORDERS, STATISTICS
+    from bpt_mm.whitening.options import (BASIS_MODES, NUM_IMAGES, QK_ORDERS,
+                                          STATISTICS)
     parser = argparse.ArgumentParser(
         description='Compute BPT whitening matrices and save them.')
     parser.add_argument('config', help='config file')
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument('--checkpoint', help='checkpoint to load after '
                         'init_weights()')
     parser.add_argument('--num-images', type=int, help='images to use '
-                        '(default: the hook entry, else 100)')
+                        f'(default: the hook entry, else {NUM_IMAGES})')
     parser.add_argument('--eps', type=float)
     parser.add_argument('--source', choices=TOKEN_SOURCES)
     parser.add_argument('--tokens', choices=TOKEN_SETS)
