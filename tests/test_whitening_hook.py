@@ -434,6 +434,17 @@ def test_hook_refuses_an_empty_training_set_by_name(tmp_path):
         hook.before_train(runner)
 
 
+def test_all_tokens_without_a_class_token_is_said():
+    backbone = small_vit(prompt=dict(FWHITEN), class_token=False)
+    with pytest.warns(UserWarning, match='has no class token'):
+        without = collect_whitening(backbone, [toy_images(8)],
+                                    WhiteningOptions(eps=EPS, tokens='all'),
+                                    8)
+    patches = collect_whitening(backbone, [toy_images(8)],
+                                WhiteningOptions(eps=EPS), 8)
+    assert torch.equal(without[0]['whitening'], patches[0]['whitening'])
+
+
 def test_direct_collector_calls_still_check(tmp_path):
     backbone = small_vit(prompt=dict(FWHITEN))
     for call in (collect_whitening, collect_prototypes):

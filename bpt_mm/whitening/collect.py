@@ -658,6 +658,13 @@ def run_whitening(backbone: 'PromptedViT',
     """
     blocks = _chosen_blocks(whitening_blocks(backbone), blocks,
                             'prompt that needs whitening')
+    if options.tokens == 'all' and not backbone.num_prefix_tokens and blocks:
+        # Not an error (the patches are all there is), but the user asked
+        # for the class token and should not believe it is in.
+        warnings.warn("tokens='all' asks for the class token and the "
+                      'patches, but this backbone has no class token '
+                      "(class_token=False): the statistic is that of "
+                      "tokens='patch'")
     step = _WhiteningStep(backbone, options, seed, allow_few_tokens)
     return _block_by_block(backbone, batches, blocks, num_images,
                            distributed, step)
