@@ -356,6 +356,15 @@ def load_whitening(path: Union[str, os.PathLike],
                     f'attention weights (|qkv.weight| {want:.6g} in the '
                     f'file, {have:.6g} in the model); compute it again '
                     'after loading the pretrained weights')
+        condition = float(_typed_field(
+            path, f'{where}.condition_number',
+            entry.get('condition_number', float('nan')), (int, float)))
+        if 'condition_number' in entry and not (
+                math.isfinite(condition) and condition >= 1):
+            # max/min of positive eigenvalues: finite and at least 1.
+            raise ValueError(f'whitening file {path!r}: `{where}.'
+                             'condition_number` must be a finite number >= '
+                             f'1, got {condition!r}')
         results[block] = {
             'whitening': matrix.to(torch.float32),
             'sigma': sigma,
@@ -366,9 +375,7 @@ def load_whitening(path: Union[str, os.PathLike],
                 entry.get('num_dropped_tokens', 0)),
             'num_images': _count_field(path, f'{where}.num_images',
                                        entry.get('num_images', 0)),
-            'condition_number': float(_typed_field(
-                path, f'{where}.condition_number',
-                entry.get('condition_number', float('nan')), (int, float))),
+            'condition_number': condition,
         }
     if return_info:
         info = {k: v for k, v in payload.items() if k != 'blocks'}
