@@ -434,6 +434,22 @@ def test_hook_refuses_an_empty_training_set_by_name(tmp_path):
         hook.before_train(runner)
 
 
+def test_eigen_basis_from_a_file_needs_only_the_eigenvectors():
+    # Results read from a file: B's eigenvectors come from the stored Sigma,
+    # which need not be whitenable with the hook's eps (a singular Sigma
+    # and eps=0 are fine: no regulariser is involved in U).
+    backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
+                                     rank=3, whitening_init=True))
+    sigma = torch.diag(torch.arange(32, dtype=F64))  # singular
+    w = torch.eye(32)
+    applied = apply_whitening(backbone, {0: dict(whitening=w, sigma=sigma)},
+                              WhiteningOptions(eps=0, bilinear_init='eigen'))
+    assert applied == [0]
+    expected = whitened_bilinear_basis(w, 3, 'eigen', sigma=sigma)
+    assert torch.equal(backbone.prompts['0'].basis, expected)
+    assert torch.equal(expected.abs().argmax(0), torch.tensor([31, 30, 29]))
+
+
 def test_all_tokens_without_a_class_token_is_said():
     backbone = small_vit(prompt=dict(FWHITEN), class_token=False)
     with pytest.warns(UserWarning, match='has no class token'):

@@ -48,7 +48,8 @@ from .accumulators import (ImageAverageAccumulator, RankDeficientWarning,
                            TokenAccumulator, as_float64_rows)
 from .distributed import comm_device, dist_ready, synchronise_errors
 from .linalg import (WhiteningSpectrum, bilinear_basis, project_tokens,
-                     query_key_product, whitening_spectrum)
+                     query_key_product, sigma_eigenvectors,
+                     whitening_spectrum)
 from .options import (NUM_IMAGES, SEED, WhiteningOptions, check_positive_int,
                       check_seed, label_prefix)
 from .prototypes import (KMEANS_ITERS, PROTOTYPE_TOKENS, TokenReservoir,
@@ -713,8 +714,7 @@ def apply_whitening(backbone: 'PromptedViT',
                     raise ValueError(
                         f"block {block}: `bilinear_init`='eigen' needs the "
                         "second moment `sigma`, which these results lack")
-                eigenvectors = whitening_spectrum(result['sigma'],
-                                                  options).eigenvectors
+                eigenvectors = sigma_eigenvectors(result['sigma'])
             result['basis'] = _bilinear_basis(result['whitening'],
                                               eigenvectors, prompt, block,
                                               options.bilinear_init, seed)

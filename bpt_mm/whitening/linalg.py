@@ -41,7 +41,8 @@ from .options import (BASIS_MODES, QK_ORDERS, WhiteningOptions, check_choice,
 
 __all__ = ['query_key_product', 'project_tokens', 'WhiteningSpectrum',
            'whitening_spectrum', 'zca_whitening_matrix', 'condition_number',
-           'effective_rank', 'whitened_bilinear_basis', 'bilinear_basis']
+           'effective_rank', 'whitened_bilinear_basis', 'sigma_eigenvectors',
+           'bilinear_basis']
 
 
 # ---------------------------------------------------------------------------
@@ -407,12 +408,27 @@ def whitened_bilinear_basis(whitening: Tensor,
                 else type(sigma).__name__
             raise ValueError(f'`sigma` must be ({dim}, {dim}) like '
                              f'`whitening`, got {shape}')
-        # The same decomposition as whitening_spectrum's (symmetrised,
-        # float64, CPU), so both routes give the same B bit for bit.
-        s64 = sigma.detach().to(torch.float64).cpu()
-        _, eigenvectors = torch.linalg.eigh((s64 + s64.T) / 2)
+        eigenvectors = sigma_eigenvectors(sigma)
     return bilinear_basis(whitening, rank, bilinear_init, eigenvectors,
                           generator)
+
+
+def sigma_eigenvectors(sigma: Tensor) -> Tensor:
+    """``U`` of ``Sigma`` alone (no regulariser, no checks), for a
+    ``'eigen'`` basis where no :class:`WhiteningSpectrum` is at hand (a
+    whitening file's ``sigma``): the same decomposition as
+    :func:`whitening_spectrum`'s (symmetrised, float64), on the CPU, so
+    both routes give the same ``B`` bit for bit.
+
+    Args:
+        sigma (Tensor): ``(d, d)``.
+
+    Returns:
+        Tensor: float64 ``(d, d)``, one eigenvector per column, ascending
+        eigenvalues.
+    """
+    s64 = sigma.detach().to(torch.float64).cpu()
+    return torch.linalg.eigh((s64 + s64.T) / 2)[1]
 
 
 def bilinear_basis(whitening: Tensor, rank: int, bilinear_init: str,
