@@ -5,12 +5,13 @@ mmengine's ``Runner.train`` builds and wraps the model, runs ``before_run``,
 there, so it sees the pretrained (or resumed) weights, and a resumed run or a
 ``load_from`` checkpoint whose prompts already hold their whitening (the
 persistent buffer ``whitening_ready``) skips the computation. The work itself
-is :func:`bpt_mm.whitening.collect.collect_whitening`; SPT prompts get their
-prototypes from the same images, count and rules through
-:func:`bpt_mm.whitening.collect.collect_prototypes` (ready flag:
-``prototypes_ready``). The whitening options are one
-:class:`~bpt_mm.whitening.options.WhiteningOptions`, built here once and
-passed down.
+is :func:`bpt_mm.whitening.collect.run_whitening` (the body of
+``collect_whitening``); SPT prompts get their prototypes from the same
+images, count and rules through :func:`bpt_mm.whitening.collect.
+run_prototypes` (ready flag: ``prototypes_ready``). Every option is checked
+once, when the hook is built (the whitening options as one
+:class:`~bpt_mm.whitening.options.WhiteningOptions`), and passed down
+unchecked.
 """
 import copy
 import dataclasses
