@@ -22,7 +22,8 @@ import torch
 from mmengine.config import Config
 from mmengine.runner.checkpoint import _load_checkpoint
 
-from bpt_mm.engine import BPTWhiteningHook, TrainableCheckpointHook
+from bpt_mm.engine import (BPTWhiteningHook, PromptStatsHook,
+                           TrainableCheckpointHook)
 from bpt_mm.data_check import (DataSetError, check_coco_set,
                                check_segmentation_set)
 from bpt_mm.launch import (check_checkpoint_covers_model, check_data_paths,
@@ -512,6 +513,11 @@ CASES = [
          lambda t: BPTWhiteningHook(num_imgs=100), TypeError,
          [r"\['num_imgs'\]", r"did you mean 'num_images'",
           r'allowed options']),
+    Case('prompt-stats-hook-option-typo',
+         lambda t: PromptStatsHook(intervall=5), TypeError,
+         [r"PromptStatsHook got unknown option\(s\) \['intervall'\]",
+          r"did you mean 'interval'", r"allowed options: \['interval', "
+          r"'source', 'product'\]"]),
     Case('whitening-hook-zero-images',
          lambda t: BPTWhiteningHook(num_images=0), ValueError,
          [r'`num_images`', r'positive int, got 0']),

@@ -82,6 +82,19 @@ def test_known_kurtosis_values():
     assert math.isnan(kurtosis([2.0] * 5))
 
 
+def test_kurtosis_does_not_depend_on_the_scale():
+    # A huge ZCA regulariser (analyze_burstiness --eps 1e300) leaves the
+    # whitened tokens near 1e-150: their fourth powers underflowed and the
+    # kurtosis came out NaN. Scaling by powers of two is exact, so the
+    # value is the same bit for bit on every scale.
+    laplace, _, _ = sample('laplacian', 0)
+    want = kurtosis(laplace)
+    for scale in (2.0 ** -500, 1e-150, 1e150, 2.0 ** 500):
+        assert kurtosis(laplace * scale) == pytest.approx(want, rel=1e-12)
+    assert kurtosis(laplace * 2.0 ** -500) == want
+    assert math.isnan(kurtosis([1e-300] * 4))
+
+
 def test_top_mass_fraction():
     assert top_mass_fraction([1.0] * 99 + [901.0]) == pytest.approx(0.901)
     assert top_mass_fraction([3.0] * 200) == pytest.approx(0.01)

@@ -452,6 +452,16 @@ def whitening_file(tmp_path):
         {7: p['blocks'][0]}), ['`blocks`', '7']),
     ('num-tokens-negative', lambda p: p['blocks'][0].update(num_tokens=-4),
      ['`blocks[0].num_tokens`', '>= 0, got -4']),
+    ('condition-number-nan', lambda p: p['blocks'][0].update(
+        condition_number=float('nan')),
+     ['`blocks[0].condition_number`', 'finite number >= 1', 'nan']),
+    ('condition-number-below-one', lambda p: p['blocks'][0].update(
+        condition_number=0.5), ['`blocks[0].condition_number`', '0.5']),
+    # Entries no writer made: a hand edit, refused by name, never ignored.
+    ('header-extra-key', lambda p: p.update(whitening_eps=1e-3),
+     ['unknown entries', "'whitening_eps'"]),
+    ('block-extra-key', lambda p: p['blocks'][0].update(basis=torch.eye(2)),
+     ['`blocks[0]`', 'unknown entries', "'basis'"]),
     # Values no ZCA whitening (U diag(s^-1/2) U^T) has: they became the
     # prompts' projection without an error.
     ('zero-matrix', lambda p: p['blocks'][0].update(

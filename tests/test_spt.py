@@ -383,7 +383,7 @@ def test_hook_fills_prototypes_and_resume_does_not_recompute(
 
     import bpt_mm.engine.whitening_hook as hook_module
     calls = []
-    monkeypatch.setattr(hook_module, 'collect_prototypes',
+    monkeypatch.setattr(hook_module, 'run_prototypes',
                         lambda *a, **k: calls.append(1))
     second = BPTWhiteningHook(num_images=8)
     resumed = toy_runner(tmp_path, SHALLOW, [second], max_iters=3,

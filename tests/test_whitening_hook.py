@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from bpt_mm.engine import BPTWhiteningHook
 from bpt_mm.models import WhiteningNotReadyError
-from bpt_mm.whitening.collect import (apply_whitening, collect_whitening,
+from bpt_mm.whitening.collect import (apply_whitening, collect_prototypes,
+                                      collect_whitening,
                                       whitening_blocks, whitening_from_tokens)
 from bpt_mm.whitening.io import load_whitening, save_whitening
 from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
@@ -398,6 +399,117 @@ def test_collect_decomposes_sigma_once_per_block(monkeypatch):
         assert result['effective_rank'] == rank
 
 
+def test_eigen_basis_reuses_the_one_decomposition_and_checks_nothing_again(
+        monkeypatch):
+    # bilinear_init='eigen': B takes the eigenvectors of the spectrum that
+    # gave W (one eigh per block, not two), and rank / bilinear_init, checked
+    # by the prompt's options and WhiteningOptions, are not checked again on
+    # the way; B equals what the checked public function gives, bit for bit.
+    import bpt_mm.whitening.linalg as linalg
+    torch.manual_seed(0)
+    backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
+                                     rank=3, whitening_init=True,
+                                     depth='deep'))
+    eighs = count_calls(monkeypatch, 'eigh', module=torch.linalg)
+    rank_checks = count_calls(monkeypatch, 'check_positive_int',
+                              module=linalg)
+    choice_checks = count_calls(monkeypatch, 'check_choice', module=linalg)
+    results = collect_whitening(backbone, toy_images(8).split(4),
+                                WhiteningOptions(eps=EPS,
+                                                 bilinear_init='eigen'), 8)
+    assert sorted(results) == [0, 1, 2] and len(eighs) == 3
+    # query_key_product checks its `order` once per block; nothing else.
+    assert rank_checks == [] and len(choice_checks) == 3
+    monkeypatch.undo()
+    for block, result in results.items():
+        expected = whitened_bilinear_basis(
+            result['whitening'], 3, 'eigen', sigma=result['sigma'],
+            generator=torch.Generator().manual_seed(block))
+        assert torch.equal(result['basis'], expected), block
+        assert torch.equal(backbone.prompts[str(block)].basis, expected)
+
+
+@pytest.mark.parametrize('prompt, done', [
+    (FWHITEN, 'whitening_ready'),
+    (dict(type='SPTPrompt', num_tokens=4, depth='deep'), 'prototypes_ready'),
+])
+def test_hook_options_are_checked_once_on_the_way_to_the_tensors(
+        tmp_path, monkeypatch, prompt, done):
+    # The hook checks num_images, seed, tokens, source (and the prototype
+    # options) when it is built; on the way to the prompts nothing checks
+    # them again: the collectors' checked entry points and the model's
+    # checked token tap are not called, only their bodies.
+    import bpt_mm.whitening.collect as collect
+    from bpt_mm.models import PromptedViT
+    hook = BPTWhiteningHook(num_images=4, eps=EPS, tokens='all',
+                            source='norm1', seed=3)
+    runner = toy_runner(tmp_path, prompt, [hook])
+    checks = [count_calls(monkeypatch, name, module=collect)
+              for name in ('check_positive_int', 'check_seed')]
+
+    def checked_tap(*args, **kwargs):
+        raise AssertionError('block_tokens re-checks tokens/source')
+
+    if done == 'whitening_ready':
+        monkeypatch.setattr(PromptedViT, 'block_tokens', checked_tap)
+    hook.before_train(runner)
+    assert hook.status == 'computed'
+    assert all(bool(getattr(p, done)) for p in
+               runner.model.backbone.prompt_modules().values())
+    assert checks == [[], []]
+
+
+def test_hook_refuses_an_empty_training_set_by_name(tmp_path):
+    # Before, the empty set surfaced as "`num_images` must be a positive
+    # int, got 0", a value the user never gave.
+    hook = BPTWhiteningHook(num_images=4, eps=EPS)
+    runner = toy_runner(tmp_path, FWHITEN, [hook], num_images=0)
+    with pytest.raises(ValueError, match='training set has no images'):
+        hook.before_train(runner)
+
+
+def test_eigen_basis_from_a_file_needs_only_the_eigenvectors():
+    # Results read from a file: B's eigenvectors come from the stored Sigma,
+    # which need not be whitenable with the hook's eps (a singular Sigma
+    # and eps=0 are fine: no regulariser is involved in U).
+    backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
+                                     rank=3, whitening_init=True))
+    sigma = torch.diag(torch.arange(32, dtype=F64))  # singular
+    w = torch.eye(32)
+    applied = apply_whitening(backbone, {0: dict(whitening=w, sigma=sigma)},
+                              WhiteningOptions(eps=0, bilinear_init='eigen'))
+    assert applied == [0]
+    expected = whitened_bilinear_basis(w, 3, 'eigen', sigma=sigma)
+    assert torch.equal(backbone.prompts['0'].basis, expected)
+    assert torch.equal(expected.abs().argmax(0), torch.tensor([31, 30, 29]))
+
+
+def test_all_tokens_without_a_class_token_is_said():
+    backbone = small_vit(prompt=dict(FWHITEN), class_token=False)
+    with pytest.warns(UserWarning, match='has no class token'):
+        without = collect_whitening(backbone, [toy_images(8)],
+                                    WhiteningOptions(eps=EPS, tokens='all'),
+                                    8)
+    patches = collect_whitening(backbone, [toy_images(8)],
+                                WhiteningOptions(eps=EPS), 8)
+    assert torch.equal(without[0]['whitening'], patches[0]['whitening'])
+
+
+def test_direct_collector_calls_still_check(tmp_path):
+    backbone = small_vit(prompt=dict(FWHITEN))
+    for call in (collect_whitening, collect_prototypes):
+        with pytest.raises(ValueError, match='`num_images`.*got 0'):
+            call(backbone, [toy_images(4)], num_images=0)
+        with pytest.raises(ValueError, match="`seed` must be an int.*'1'"):
+            call(backbone, [toy_images(4)], num_images=4, seed='1')
+    # No batch at all: said so, not "call update() before second_moment()".
+    with pytest.raises(ValueError, match='batches gave no image'):
+        collect_whitening(backbone, [], num_images=4)
+    spt = small_vit(prompt=dict(type='SPTPrompt', num_tokens=4))
+    with pytest.raises(ValueError, match='batches gave no image'):
+        collect_prototypes(spt, iter([]), num_images=4)
+
+
 def test_file_round_trip_and_refusals(tmp_path):
     path, results = _deep_file(tmp_path, 'deep.pth')
     target = deep_backbone()  # same weights, whitening not computed
@@ -547,6 +659,40 @@ def test_compute_whitening_tool(tmp_path):
     for block in (1, 2):
         assert_close_rel(loaded[block]['whitening'],
                          expected[block]['whitening'], 1e-6)
+
+
+def test_compute_whitening_tool_builds_the_model_training_starts_from(
+        tmp_path):
+    # Without a checkpoint, a random backbone (the tiny configs) must get
+    # the weights a Runner gives it (the config's `randomness` seeds them
+    # before the model is built): otherwise the training run refuses the
+    # file by its fingerprint.
+    from mmengine.runner import set_random_seed
+    prompt = dict(type='WhitenedPrompt', num_tokens=4)
+    config = tmp_path / 'toy_config.py'
+    config.write_text(
+        "custom_imports = dict(imports=['whitening_toy'], "
+        "allow_failed_imports=False)\n"
+        "randomness = dict(seed=5)\n"
+        f"model = dict(type='BPTWhiteningToyModel', backbone=dict("
+        f"prompt={prompt!r}))\n"
+        "train_dataloader = dict(batch_size=4, num_workers=0, "
+        "dataset=dict(type='BPTWhiteningToyDataset', num_images=8), "
+        "sampler=dict(type='DefaultSampler', shuffle=False))\n"
+        f"custom_hooks = [dict(type='BPTWhiteningHook', eps={EPS})]\n")
+    out = tmp_path / 'whitening.pth'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
+               OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [sys.executable, 'tools/compute_whitening.py', str(config),
+         '--num-images', '8', '--out', str(out), '--device', 'cpu'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    set_random_seed(5)  # as Runner.__init__ does before build_model
+    model = BPTWhiteningToyModel(backbone=dict(prompt=prompt))
+    model.init_weights()
+    loaded = load_whitening(out, model.backbone)  # fingerprint accepted
+    assert sorted(loaded) == [0]
 
 
 def test_images_of_different_sizes_in_one_segmentation_batch():

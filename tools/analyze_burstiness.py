@@ -50,7 +50,8 @@ def _positive_int(name):
 
 def build_parser() -> argparse.ArgumentParser:
     from bpt_mm.analysis.token_statistics import DEFAULT_EPS
-    from bpt_mm.whitening.options import QK_ORDERS, TOKEN_SETS, TOKEN_SOURCES
+    from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
+    from bpt_mm.whitening.options import NUM_IMAGES, QK_ORDERS, SEED
     parser = argparse.ArgumentParser(
         description='Burstiness of X, W_q^T W_k, X~ and whitened X~ per '
         'ViT block, with plots.')
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='analyse the backbone without its prompts (the '
                         'pretrained ViT as the paper measured it)')
     parser.add_argument('--num-images', type=_positive_int('--num-images'),
-                        default=100, help='training images (default 100)')
+                        default=NUM_IMAGES,
+                        help=f'training images (default {NUM_IMAGES})')
     parser.add_argument('--layers', type=int, nargs='+', help='blocks to '
                         'analyse (negative: from the end); default the '
                         'prompted blocks, or block 0 without prompts')
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=1_000_000, help='values per quantity in the '
                         'statistics (a seeded random subset; default 10^6)')
     parser.add_argument('--bins', type=_positive_int('--bins'), default=120)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=SEED)
     parser.add_argument('--device', default=None,
                         help="default: 'cuda' when available, else 'cpu'")
     from mmengine.config import DictAction
@@ -154,7 +156,6 @@ def main(argv=None) -> int:
     from mmengine.config import Config
     from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
-    from mmengine.runner import set_random_seed
 
     import bpt_mm  # noqa: F401  (registers the models)
     from bpt_mm.analysis.report import (json_summary, markdown_summary,
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
                                                   resolve_blocks)
     from bpt_mm.engine.whitening_hook import (hook_options_from_config,
                                               preprocessed_batches)
-    from bpt_mm.launch import build_prompted_model, resolve_device
+    from bpt_mm.launch import (build_prompted_model, resolve_device,
+                               seed_as_the_runner)
     from bpt_mm.whitening.options import WhiteningOptions
 
     MMLogger.get_instance('analyze_burstiness', log_level='WARNING')
@@ -195,10 +197,7 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    # The config's seed, as the Runner sets it before building the model:
-    # a random (tiny) backbone is then the one training starts from.
-    seed = (cfg.get('randomness') or {}).get('seed')
-    set_random_seed(args.seed if seed is None else seed)
+    seed_as_the_runner(cfg, args.seed)
     try:
         loader = build_loader(cfg)
         model, backbone = build_prompted_model(cfg, args.checkpoint, device)

@@ -33,8 +33,9 @@ OPTIONS = ('num_images', 'eps', 'source', 'tokens', 'center', 'statistic',
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
-    from bpt_mm.whitening.options import (BASIS_MODES, QK_ORDERS, STATISTICS,
-                                          TOKEN_SETS, TOKEN_SOURCES)
+    from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
+    from bpt_mm.whitening.options import (BASIS_MODES, NUM_IMAGES, QK_ORDERS,
+                                          STATISTICS)
     parser = argparse.ArgumentParser(
         description='Compute BPT whitening matrices and save them.')
     parser.add_argument('config', help='config file')
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument('--checkpoint', help='checkpoint to load after '
                         'init_weights()')
     parser.add_argument('--num-images', type=int, help='images to use '
-                        '(default: the hook entry, else 100)')
+                        f'(default: the hook entry, else {NUM_IMAGES})')
     parser.add_argument('--eps', type=float)
     parser.add_argument('--source', choices=TOKEN_SOURCES)
     parser.add_argument('--tokens', choices=TOKEN_SETS)
@@ -75,10 +76,9 @@ def main(argv=None) -> int:
                                               hook_options_from_config,
                                               preprocessed_batches)
     from bpt_mm.launch import (build_prompted_model, check_whitening_output,
-                               resolve_device)
-    from bpt_mm.whitening.collect import (collect_whitening,
-                                          format_whitening_table,
-                                          whitening_blocks)
+                               resolve_device, seed_as_the_runner)
+    from bpt_mm.whitening.collect import (format_whitening_table,
+                                          run_whitening, whitening_blocks)
     from bpt_mm.whitening.io import save_whitening
 
     # The current logger: init_weights' per-parameter report stays quiet.
@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f'compute_whitening: error: {exc}', file=sys.stderr)
         return 2
+    # A random (tiny) backbone gets the weights training starts from, so
+    # that the training run's fingerprint check accepts the file.
+    seed_as_the_runner(cfg)
     try:
         model, backbone = build_prompted_model(cfg, args.checkpoint, device)
     except ValueError as exc:
@@ -127,15 +130,20 @@ def main(argv=None) -> int:
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
     num_images = hook.num_images
     distinct = distinct_images_available(loader)
+    if distinct == 0:
+        print(f'{args.config}: the training set has no images',
+              file=sys.stderr)
+        return 1
     if distinct is not None and distinct < num_images:
         # An InfiniteSampler would repeat images: each is used once.
         print(f'compute_whitening: warning: {num_images} images asked for, '
               f'the training set has {distinct}; using each once',
               file=sys.stderr)
         num_images = distinct
-    results = collect_whitening(
+    # The hook checked every option when it was built.
+    results = run_whitening(
         backbone, preprocessed_batches(model, loader), hook.options,
-        num_images, distributed=False, seed=hook.seed,
+        num_images, distributed=False, blocks=None, seed=hook.seed,
         allow_few_tokens=hook.allow_few_tokens)
     save_whitening(args.out, results, backbone, hook.options)
     print(f'whitening of {len(results)} block(s) from '

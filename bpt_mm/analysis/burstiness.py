@@ -151,9 +151,15 @@ def kurtosis(x: Any) -> float:
     """
     values = as_values(x)
     centred = values - values.mean()
-    var = float(np.mean(centred ** 2))
-    if var == 0:
+    largest = float(np.abs(centred).max())
+    if largest == 0:
         return float('nan')
+    # The ratio does not depend on the scale, but the fourth powers of
+    # values near 1e-80 underflow (near 1e80 overflow) to 0/0: bring the
+    # largest to [0.5, 1) by a power of two, which is exact, so results
+    # on ordinary scales do not change by a bit.
+    centred = np.ldexp(centred, -np.frexp(largest)[1])
+    var = float(np.mean(centred ** 2))
     return float(np.mean(centred ** 4) / var ** 2)
 
 

@@ -38,7 +38,8 @@ from torch import Tensor
 from bpt_mm.whitening.collect import (accumulate_tokens, block_product,
                                      block_token_rows, solve_whitening)
 from bpt_mm.whitening.linalg import project_tokens
-from bpt_mm.whitening.options import WhiteningOptions
+from bpt_mm.whitening.options import (NUM_IMAGES, SEED, WhiteningOptions,
+                                      check_positive_int)
 from bpt_mm.whitening.real_tokens import as_image_batch
 
 from .burstiness import describe
@@ -91,12 +92,6 @@ def resolve_blocks(backbone: Any, layers: Optional[Sequence[int]]
     return sorted(set(out))
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive int, got {value!r}')
-    return value
-
-
 def _kept_rows(rows: Tensor, keep: float, generator: torch.Generator
                ) -> Tensor:
     """A seeded random subset of about ``keep * len(rows)`` rows."""
@@ -117,10 +112,10 @@ def _subsample(values: np.ndarray, limit: int,
 def analyse_backbone(backbone: Any,
                      batches: Iterable[Tensor],
                      blocks: Sequence[int],
-                     num_images: int = 100,
+                     num_images: int = NUM_IMAGES,
                      options: Optional[WhiteningOptions] = None,
                      max_values: int = 1_000_000,
-                     seed: int = 0,
+                     seed: int = SEED,
                      fraction: float = 0.01) -> Dict[int, Dict[str, Any]]:
     """Burstiness statistics of ``blocks`` over the first ``num_images``.
 
@@ -159,8 +154,8 @@ def analyse_backbone(backbone: Any,
         ValueError: No image came out of ``batches``, or a bad argument.
     """
     options = DEFAULT_OPTIONS if options is None else options
-    _check_positive_int(num_images, '--num-images')
-    _check_positive_int(max_values, '--max-values')
+    check_positive_int(num_images, '--num-images')
+    check_positive_int(max_values, '--max-values')
     if options.statistic != 'paper':
         raise ValueError("the analysis uses the paper's statistic "
                          f"(Sigma = X~ X~^T / N), got statistic="

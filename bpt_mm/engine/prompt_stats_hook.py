@@ -37,10 +37,12 @@ from bpt_mm.models.vit import find_prompted_backbone
 from bpt_mm.registry import register_hook
 from bpt_mm.whitening.collect import block_token_rows
 from bpt_mm.whitening.linalg import query_key_product
-from bpt_mm.whitening.options import WhiteningOptions
+from bpt_mm.whitening.options import WhiteningOptions, check_positive_int
 from bpt_mm.whitening.real_tokens import (ImageBatch,
                                           check_no_pipeline_padding,
                                           img_shapes_of)
+
+from .hook_options import refuse_unknown_options
 
 #: Checkpoint key of the initial trained whitening matrices.
 CHECKPOINT_KEY = 'bpt_mm_prompt_stats'
@@ -132,12 +134,13 @@ class PromptStatsHook(Hook):
     # after_train_iter: before LoggerHook (BELOW_NORMAL) reads the hub.
     priority = 'NORMAL'
 
-    def __init__(self, interval: int = 50, source: str = 'block_input',
-                 product: str = 'qk') -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) \
-                or interval < 1:
-            raise ValueError('PromptStatsHook `interval` must be a positive '
-                             f'int, got {interval!r}')
+    def __init__(self, interval: int = 50,
+                 source: str = WhiteningOptions.source,
+                 product: str = WhiteningOptions.product,
+                 **unknown: Any) -> None:
+        refuse_unknown_options('PromptStatsHook', PromptStatsHook.__init__,
+                               unknown)
+        check_positive_int(interval, 'PromptStatsHook `interval`')
         try:
             # WhiteningOptions checks `source` and `product`.
             self.options = WhiteningOptions(source=source, product=product)

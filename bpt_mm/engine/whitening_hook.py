@@ -5,16 +5,16 @@ mmengine's ``Runner.train`` builds and wraps the model, runs ``before_run``,
 there, so it sees the pretrained (or resumed) weights, and a resumed run or a
 ``load_from`` checkpoint whose prompts already hold their whitening (the
 persistent buffer ``whitening_ready``) skips the computation. The work itself
-is :func:`bpt_mm.whitening.collect.collect_whitening`; SPT prompts get their
-prototypes from the same images, count and rules through
-:func:`bpt_mm.whitening.collect.collect_prototypes` (ready flag:
-``prototypes_ready``). The whitening options are one
-:class:`~bpt_mm.whitening.options.WhiteningOptions`, built here once and
-passed down.
+is :func:`bpt_mm.whitening.collect.run_whitening` (the body of
+``collect_whitening``); SPT prompts get their prototypes from the same
+images, count and rules through :func:`bpt_mm.whitening.collect.
+run_prototypes` (ready flag: ``prototypes_ready``). Every option is checked
+once, when the hook is built (the whitening options as one
+:class:`~bpt_mm.whitening.options.WhiteningOptions`), and passed down
+unchecked.
 """
 import copy
 import dataclasses
-import difflib
 import inspect
 import math
 import os
@@ -32,19 +32,23 @@ from bpt_mm.models.vit import find_prompted_backbone, unwrap_model
 from bpt_mm.registry import register_hook
 from bpt_mm.utils import find_hook_entry
 from bpt_mm.whitening.accumulators import FewTokensWarning
-from bpt_mm.whitening.collect import (apply_whitening, collect_prototypes,
-                                      collect_whitening,
+from bpt_mm.whitening.collect import (apply_whitening,
                                       format_prototype_table,
                                       format_whitening_table,
                                       missing_prototype_blocks,
                                       missing_whitening_blocks,
-                                      prototype_blocks, whitening_blocks)
+                                      prototype_blocks, run_prototypes,
+                                      run_whitening, whitening_blocks)
 from bpt_mm.whitening.distributed import synchronise_errors
 from bpt_mm.whitening.io import load_whitening
-from bpt_mm.whitening.options import WhiteningOptions, check_positive_int
+from bpt_mm.whitening.options import (NUM_IMAGES, SEED, WhiteningOptions,
+                                      check_positive_int, check_seed)
+from bpt_mm.whitening.prototypes import KMEANS_ITERS, PROTOTYPE_TOKENS
 from bpt_mm.whitening.real_tokens import (ImageBatch, as_image_batch,
                                           check_no_pipeline_padding,
                                           img_shapes_of)
+
+from .hook_options import refuse_unknown_options
 
 #: Names under which the hook can appear in ``custom_hooks``.
 HOOK_TYPES = ('BPTWhiteningHook', 'bpt_mm.BPTWhiteningHook')
@@ -288,7 +292,7 @@ class BPTWhiteningHook(Hook):
     priority = 'ABOVE_NORMAL'
 
     def __init__(self,
-                 num_images: int = 100,
+                 num_images: int = NUM_IMAGES,
                  eps: float = WhiteningOptions.eps,
                  source: str = WhiteningOptions.source,
                  tokens: str = WhiteningOptions.tokens,
@@ -297,23 +301,13 @@ class BPTWhiteningHook(Hook):
                  product: str = WhiteningOptions.product,
                  bilinear_init: str = WhiteningOptions.bilinear_init,
                  whitening_file: Optional[str] = None,
-                 seed: int = 0,
+                 seed: int = SEED,
                  allow_few_tokens: bool = False,
-                 prototype_tokens: int = 20000,
-                 kmeans_iters: int = 50,
+                 prototype_tokens: int = PROTOTYPE_TOKENS,
+                 kmeans_iters: int = KMEANS_ITERS,
                  **unknown: Any) -> None:
-        if unknown:
-            # Python's own message names the key but not the options: a
-            # typo such as `num_imgs` deserves the list and a suggestion.
-            allowed = [name for name in inspect.signature(
-                BPTWhiteningHook.__init__).parameters
-                if name not in ('self', 'unknown')]
-            key = sorted(unknown)[0]
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f' (did you mean {close[0]!r}?)' if close else ''
-            raise TypeError(f'BPTWhiteningHook got unknown option(s) '
-                            f'{sorted(unknown)}{hint}; allowed options: '
-                            f'{allowed}')
+        refuse_unknown_options('BPTWhiteningHook', BPTWhiteningHook.__init__,
+                               unknown)
         if not isinstance(allow_few_tokens, bool):
             raise ValueError('BPTWhiteningHook `allow_few_tokens` must be a '
                              f'bool, got {allow_few_tokens!r}')
@@ -330,9 +324,7 @@ class BPTWhiteningHook(Hook):
                 whitening_file, (str, os.PathLike)):
             raise ValueError('BPTWhiteningHook `whitening_file` must be None '
                              f'or a path, got {whitening_file!r}')
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f'BPTWhiteningHook `seed` must be an int, got '
-                             f'{seed!r}')
+        check_seed(seed, 'BPTWhiteningHook `seed`')
         for key, value in (('prototype_tokens', prototype_tokens),
                            ('kmeans_iters', kmeans_iters)):
             check_positive_int(value, f'BPTWhiteningHook `{key}`')
@@ -502,7 +494,8 @@ class BPTWhiteningHook(Hook):
             f'BPTWhiteningHook: computing SPT prototypes {when} for blocks '
             f'{missing} from {asked} training images ({per_rank} '
             f'per process), at most {self.prototype_tokens} tokens per block')
-        results = collect_prototypes(
+        # Every option was checked when the hook was built.
+        results = run_prototypes(
             backbone, batches, per_rank, distributed=True, blocks=missing,
             seed=self.seed, max_tokens=self.prototype_tokens,
             kmeans_iters=self.kmeans_iters)
@@ -559,6 +552,10 @@ class BPTWhiteningHook(Hook):
             error = exc
         synchronise_errors(error, f'building the data loader of {purpose}')
         distinct = distinct_images_available(loader)
+        if distinct == 0:
+            # The same on every rank (the data set's length).
+            raise ValueError(f'BPTWhiteningHook: the training set has no '
+                             f'images; {purpose} needs at least one')
         asked = self.num_images
         if distinct is not None and distinct < asked:
             runner.logger.warning(
@@ -582,7 +579,8 @@ class BPTWhiteningHook(Hook):
             f'({per_rank} per process) with {self.options}')
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always', FewTokensWarning)
-            results = collect_whitening(
+            # Every option was checked when the hook was built.
+            results = run_whitening(
                 backbone, batches, self.options, per_rank,
                 distributed=True, blocks=missing, seed=self.seed,
                 allow_few_tokens=self.allow_few_tokens)

@@ -13,7 +13,8 @@ The tools stay thin scripts over these functions, as mmdet's and mmseg's do.
 from .config import (SCOPES, load_config, default_work_dir,
                      add_common_arguments, resolve_device, check_work_dir,
                      check_loop_settings, config_from_args,
-                     build_prompted_model, build_runner)
+                     seed_as_the_runner, build_prompted_model,
+                     build_runner)
 from .distributed import (LAUNCHERS, AMP_DTYPES, setup_launcher, native_bf16,
                           bf16_blocker, amp_dtype, enable_amp)
 from .preflight import (check_whitening_output, set_finite_check,
@@ -33,6 +34,7 @@ __all__ = [
     'check_work_dir',
     'check_loop_settings',
     'config_from_args',
+    'seed_as_the_runner',
     'build_prompted_model',
     'build_runner',
     'AMP_DTYPES',

@@ -143,6 +143,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def seed_as_the_runner(cfg: Config, fallback: Optional[int] = None) -> int:
+    """Seed the random generators from the config's ``randomness``, as
+    mmengine's Runner does before it builds the model, so that an offline
+    tool builds a random (e.g. tiny, not pretrained) backbone with the
+    weights training starts from; a whitening file of other weights would
+    be refused by the training run's fingerprint check.
+
+    Args:
+        cfg (Config): The config.
+        fallback (int, optional): The seed when the config sets none (then
+            the Runner draws one at random, and no tool can match it).
+
+    Returns:
+        int: The seed used.
+    """
+    from mmengine.runner import set_random_seed
+    randomness = dict(cfg.get('randomness') or {})
+    if randomness.get('seed') is None:
+        randomness['seed'] = fallback
+    return set_random_seed(**randomness)
+
+
 def build_prompted_model(cfg: Config, checkpoint: Optional[str] = None,
                          device: str = 'cpu'):
     """Build ``cfg.model`` as training would start it (``init_weights``,

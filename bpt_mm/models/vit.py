@@ -38,6 +38,12 @@ from .prompt_config import PromptConfig
 from .prompt_config import normalise_indices as _normalise_indices
 from .prompts import BasePrompt, build_prompt, check_positive_int
 
+#: The token sets :meth:`PromptedViT.block_tokens` selects (the first is
+#: the default: patches only, as the paper's statistic).
+TOKEN_SETS = ('patch', 'all')
+#: Where it takes them (the first is the default: the block's input).
+TOKEN_SOURCES = ('block_input', 'norm1')
+
 ARCH_SETTINGS = {
     'tiny': dict(embed_dims=192, num_layers=12, num_heads=3, mlp_ratio=4.0),
     'small': dict(embed_dims=384, num_layers=12, num_heads=6, mlp_ratio=4.0),
@@ -794,8 +800,8 @@ class PromptedViT(BaseModule):
             x = out
 
     def block_tokens(self, x: Tensor, blocks: Sequence[int],
-                     tokens: str = 'patch', source: str = 'block_input'
-                     ) -> Dict[int, Tensor]:
+                     tokens: str = TOKEN_SETS[0],
+                     source: str = TOKEN_SOURCES[0]) -> Dict[int, Tensor]:
         """The tokens entering each of ``blocks`` (the token tap).
 
         Runs ``x`` through :meth:`iter_blocks` up to the highest of
@@ -814,6 +820,29 @@ class PromptedViT(BaseModule):
         Returns:
             dict[int, Tensor]: ``(B, n, d)`` tokens per block.
         """
+        if tokens not in TOKEN_SETS or source not in TOKEN_SOURCES:
+            raise ValueError("`tokens` must be 'patch' or 'all' and `source`"
+                             " 'block_input' or 'norm1', got "
+                             f'{tokens!r} and {source!r}')
+        return self.tap_tokens(x, blocks, tokens, source)
+
+    def tap_tokens(self, x: Tensor, blocks: Sequence[int], tokens: str,
+                   source: str) -> Dict[int, Tensor]:
+        """:meth:`block_tokens` for a ``tokens`` and ``source`` already
+        checked (one of :data:`TOKEN_SETS` and :data:`TOKEN_SOURCES`), as
+        those of a :class:`~bpt_mm.whitening.options.WhiteningOptions`
+        are: the whitening collector's path checks them once, there.
+        ``blocks`` is checked here.
+
+        Args:
+            x (Tensor): Preprocessed images ``(B, C, H, W)``.
+            blocks (Sequence[int]): Block indices in ``[0, num_layers)``.
+            tokens (str): One of :data:`TOKEN_SETS`.
+            source (str): One of :data:`TOKEN_SOURCES`.
+
+        Returns:
+            dict[int, Tensor]: ``(B, n, d)`` tokens per block.
+        """
         wanted = sorted(set(blocks))
         if not wanted:
             return {}
@@ -823,11 +852,6 @@ class PromptedViT(BaseModule):
             raise ValueError(f'blocks {bad} are not block indices of this '
                              f'{self.num_layers}-block backbone (allowed: '
                              f'0 to {self.num_layers - 1})')
-        if tokens not in ('patch', 'all') \
-                or source not in ('block_input', 'norm1'):
-            raise ValueError("`tokens` must be 'patch' or 'all' and `source`"
-                             " 'block_input' or 'norm1', got "
-                             f'{tokens!r} and {source!r}')
         num_cls = self.num_prefix_tokens
         start = self.num_sequence_prefix_tokens
         out: Dict[int, Tensor] = {}

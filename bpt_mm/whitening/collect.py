@@ -47,10 +47,13 @@ from torch import Tensor
 from .accumulators import (ImageAverageAccumulator, RankDeficientWarning,
                            TokenAccumulator, as_float64_rows)
 from .distributed import comm_device, dist_ready, synchronise_errors
-from .linalg import (project_tokens, query_key_product,
-                     whitened_bilinear_basis, whitening_spectrum)
-from .options import WhiteningOptions, check_positive_int, label_prefix
-from .prototypes import TokenReservoir, compute_prototypes, per_rank_capacity
+from .linalg import (WhiteningSpectrum, bilinear_basis, project_tokens,
+                     query_key_product, sigma_eigenvectors,
+                     whitening_spectrum)
+from .options import (NUM_IMAGES, SEED, WhiteningOptions, check_positive_int,
+                      check_seed, label_prefix)
+from .prototypes import (KMEANS_ITERS, PROTOTYPE_TOKENS, TokenReservoir,
+                         compute_prototypes, per_rank_capacity)
 from .real_tokens import ImageBatch, as_image_batch, real_patch_mask, real_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,9 +62,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     'accumulate_tokens', 'solve_whitening', 'whitening_from_tokens',
     'block_token_rows', 'whitening_blocks', 'missing_whitening_blocks',
-    'collect_whitening', 'apply_whitening', 'format_whitening_table',
+    'collect_whitening', 'run_whitening', 'apply_whitening',
+    'format_whitening_table',
     'prototype_blocks', 'missing_prototype_blocks', 'prototype_source',
-    'prototype_tokens', 'collect_prototypes', 'format_prototype_table'
+    'prototype_tokens', 'collect_prototypes', 'run_prototypes',
+    'format_prototype_table'
 ]
 
 
@@ -103,6 +108,14 @@ def solve_whitening(acc: TokenAccumulator, options: WhiteningOptions,
         dict: ``sigma`` (float64 CPU), ``whitening`` (``W``, CPU),
         ``condition_number`` (float) and ``effective_rank`` (int).
     """
+    return _solve(acc, options, dtype)[0]
+
+
+def _solve(acc: TokenAccumulator, options: WhiteningOptions,
+           dtype: torch.dtype = torch.float32
+           ) -> Tuple[Dict[str, Any], WhiteningSpectrum]:
+    """:func:`solve_whitening`'s dict, and the spectrum it came from (its
+    eigenvectors also give a bilinear prompt's ``'eigen'`` basis)."""
     sigma = acc.second_moment(center=options.center).cpu()
     spectrum = whitening_spectrum(sigma, options)
     return {
@@ -110,7 +123,7 @@ def solve_whitening(acc: TokenAccumulator, options: WhiteningOptions,
         'sigma': sigma,
         'condition_number': spectrum.condition_number(),
         'effective_rank': spectrum.effective_rank(),
-    }
+    }, spectrum
 
 
 def whitening_from_tokens(
@@ -265,9 +278,9 @@ def block_token_rows(backbone: 'PromptedViT', batch: Union[Tensor,
     """
     options = WhiteningOptions() if options is None else options
     batch = as_image_batch(batch)
-    tokens = backbone.block_tokens(batch.images, blocks,
-                                   tokens=options.tokens,
-                                   source=options.source)
+    # Options checked when built: the tap's unchecked body serves.
+    tokens = backbone.tap_tokens(batch.images, blocks, options.tokens,
+                                 options.source)
     mask = _patch_mask(backbone, batch)
     leading = backbone.num_prefix_tokens if options.tokens == 'all' else 0
     rows = {i: real_rows(t, mask, leading) for i, t in tokens.items()}
@@ -360,8 +373,6 @@ def _block_by_block(backbone: 'PromptedViT',
         dict[int, dict]: ``step.write``'s result per block, with
         ``seconds`` (this process's wall time).
     """
-    # The one check of the image count of both collectors.
-    check_positive_int(num_images, 'num_images')
     if not blocks:
         return {}
     use_dist = distributed and dist_ready()
@@ -389,6 +400,12 @@ def _block_by_block(backbone: 'PromptedViT',
                                          device=comm_device())
                     dist.all_reduce(total, op=dist.ReduceOp.SUM)
                     counts = [int(c) for c in total.tolist()]
+                if counts[0] == 0:
+                    # Summed over the ranks: refused on every rank alike.
+                    raise ValueError(
+                        f'{step.gathering} of block {block}: the batches '
+                        'gave no image (an empty data set or loader?); '
+                        'there is nothing to compute from')
                 # Same counts on every rank after the reduction, so a
                 # refusal here is raised on every rank and none waits in a
                 # collective.
@@ -415,15 +432,16 @@ def _block_by_block(backbone: 'PromptedViT',
 # ---------------------------------------------------------------------------
 # Whitening
 # ---------------------------------------------------------------------------
-def _bilinear_basis(whitening: Tensor, sigma: Optional[Tensor],
+def _bilinear_basis(whitening: Tensor, eigenvectors: Optional[Tensor],
                     prompt: torch.nn.Module, block: int, bilinear_init: str,
                     seed: int) -> Tensor:
     # From the float32 W that is stored, on the CPU, with a generator seeded
-    # per block: a file gives back the same B bit for bit.
+    # per block: a file gives back the same B bit for bit. The prompt's
+    # options checked `basis_rank` (p <= d with whitening_init) and
+    # WhiteningOptions `bilinear_init`: the unchecked body serves.
     generator = torch.Generator().manual_seed(seed + block)
-    return whitened_bilinear_basis(whitening.cpu(), prompt.basis_rank,
-                                   bilinear_init, sigma=sigma,
-                                   generator=generator)
+    return bilinear_basis(whitening.cpu(), prompt.basis_rank, bilinear_init,
+                          eigenvectors, generator)
 
 
 class _WhiteningStep(_BlockStep):
@@ -455,9 +473,9 @@ class _WhiteningStep(_BlockStep):
                 # Their per-position image average needs every position of
                 # every image: padding patches stay in, and the user is
                 # told.
-                tokens = backbone.block_tokens(
-                    batch.images, [block], tokens=options.tokens,
-                    source=options.source)[block]
+                tokens = backbone.tap_tokens(
+                    batch.images, [block], options.tokens,
+                    options.source)[block]
                 padding = int((~_patch_mask(backbone, batch)).sum())
                 if padding:
                     warnings.warn(
@@ -492,11 +510,11 @@ class _WhiteningStep(_BlockStep):
               counts: List[int]) -> Dict[str, Any]:
         """``Sigma``, ``W``, condition number, effective rank (and ``B``),
         on the CPU."""
-        solved = solve_whitening(acc, self.options)
+        solved, spectrum = _solve(acc, self.options)
         prompt = self.prompts[block]
         if prompt.basis_rank is not None:
             solved['basis'] = _bilinear_basis(
-                solved['whitening'], solved['sigma'], prompt, block,
+                solved['whitening'], spectrum.eigenvectors, prompt, block,
                 self.options.bilinear_init, self.seed)
         return solved
 
@@ -555,10 +573,10 @@ class _WhiteningStep(_BlockStep):
 def collect_whitening(backbone: 'PromptedViT',
                       batches: Iterable[Tensor],
                       options: Optional[WhiteningOptions] = None,
-                      num_images: int = 100,
+                      num_images: int = NUM_IMAGES,
                       distributed: bool = True,
                       blocks: Optional[Sequence[int]] = None,
-                      seed: int = 0,
+                      seed: int = SEED,
                       allow_few_tokens: bool = True
                       ) -> Dict[int, Dict[str, Any]]:
     """Compute (and write) the whitening of every prompt that needs it.
@@ -621,10 +639,33 @@ def collect_whitening(backbone: 'PromptedViT',
     if not isinstance(options, WhiteningOptions):
         raise ValueError('`options` must be a WhiteningOptions, got '
                          f'{type(options).__name__}')
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f'`seed` must be an int, got {seed!r}')
+    check_seed(seed)
+    check_positive_int(num_images, 'num_images')
+    return run_whitening(backbone, batches, options, num_images, distributed,
+                         blocks, seed, allow_few_tokens)
+
+
+def run_whitening(backbone: 'PromptedViT',
+                  batches: Iterable[Union[Tensor, ImageBatch]],
+                  options: WhiteningOptions, num_images: int,
+                  distributed: bool, blocks: Optional[Sequence[int]],
+                  seed: int, allow_few_tokens: bool
+                  ) -> Dict[int, Dict[str, Any]]:
+    """The body of :func:`collect_whitening`, for arguments already
+    checked: ``BPTWhiteningHook`` checks its options once, when it is
+    built, and passes them here. Direct callers use
+    :func:`collect_whitening`, which checks ``options``, ``num_images``
+    and ``seed`` and calls this (same arguments, same results).
+    """
     blocks = _chosen_blocks(whitening_blocks(backbone), blocks,
                             'prompt that needs whitening')
+    if options.tokens == 'all' and not backbone.num_prefix_tokens and blocks:
+        # Not an error (the patches are all there is), but the user asked
+        # for the class token and should not believe it is in.
+        warnings.warn("tokens='all' asks for the class token and the "
+                      'patches, but this backbone has no class token '
+                      "(class_token=False): the statistic is that of "
+                      "tokens='patch'")
     step = _WhiteningStep(backbone, options, seed, allow_few_tokens)
     return _block_by_block(backbone, batches, blocks, num_images,
                            distributed, step)
@@ -633,7 +674,7 @@ def collect_whitening(backbone: 'PromptedViT',
 def apply_whitening(backbone: 'PromptedViT',
                     results: Dict[int, Dict[str, Any]],
                     options: Optional[WhiteningOptions] = None,
-                    seed: int = 0) -> List[int]:
+                    seed: int = SEED) -> List[int]:
     """Write whitening results (e.g. from
     :func:`~bpt_mm.whitening.io.load_whitening`) into prompts.
 
@@ -667,10 +708,16 @@ def apply_whitening(backbone: 'PromptedViT',
     for block in sorted(results):
         prompt, result = prompts[block], dict(results[block])
         if prompt.basis_rank is not None and 'basis' not in result:
+            eigenvectors = None
+            if options.bilinear_init == 'eigen':
+                if result.get('sigma') is None:
+                    raise ValueError(
+                        f"block {block}: `bilinear_init`='eigen' needs the "
+                        "second moment `sigma`, which these results lack")
+                eigenvectors = sigma_eigenvectors(result['sigma'])
             result['basis'] = _bilinear_basis(result['whitening'],
-                                              result.get('sigma'), prompt,
-                                              block, options.bilinear_init,
-                                              seed)
+                                              eigenvectors, prompt, block,
+                                              options.bilinear_init, seed)
         prompt.apply_whitening(result)
     return sorted(results)
 
@@ -832,12 +879,12 @@ class _PrototypeStep(_BlockStep):
 
 def collect_prototypes(backbone: 'PromptedViT',
                        batches: Iterable[Union[Tensor, ImageBatch]],
-                       num_images: int = 100,
+                       num_images: int = NUM_IMAGES,
                        distributed: bool = True,
                        blocks: Optional[Sequence[int]] = None,
-                       seed: int = 0,
-                       max_tokens: int = 20000,
-                       kmeans_iters: int = 50
+                       seed: int = SEED,
+                       max_tokens: int = PROTOTYPE_TOKENS,
+                       kmeans_iters: int = KMEANS_ITERS
                        ) -> Dict[int, Dict[str, Any]]:
     """Compute (and write) the prototypes of every SPT prompt.
 
@@ -881,8 +928,22 @@ def collect_prototypes(backbone: 'PromptedViT',
     """
     check_positive_int(max_tokens, 'max_tokens')
     check_positive_int(kmeans_iters, 'kmeans_iters')
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f'`seed` must be an int, got {seed!r}')
+    check_seed(seed)
+    check_positive_int(num_images, 'num_images')
+    return run_prototypes(backbone, batches, num_images, distributed, blocks,
+                          seed, max_tokens, kmeans_iters)
+
+
+def run_prototypes(backbone: 'PromptedViT',
+                   batches: Iterable[Union[Tensor, ImageBatch]],
+                   num_images: int, distributed: bool,
+                   blocks: Optional[Sequence[int]], seed: int,
+                   max_tokens: int, kmeans_iters: int
+                   ) -> Dict[int, Dict[str, Any]]:
+    """The body of :func:`collect_prototypes`, for arguments already
+    checked (by ``BPTWhiteningHook`` when it is built). Direct callers use
+    :func:`collect_prototypes`, which checks and calls this.
+    """
     blocks = _chosen_blocks(prototype_blocks(backbone), blocks,
                             'SPT prompt')
     world = dist.get_world_size() if distributed and dist_ready() else 1

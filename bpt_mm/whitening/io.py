@@ -38,6 +38,13 @@ _FINGERPRINT_RTOL = 1e-4
 # model (format, version, embed_dims, num_layers, patch_size) and blocks.
 _HEADER_KEYS = ('num_heads', 'num_images', 'layers', 'prompt_type',
                 'prompt_depth', 'statistics')
+# Every key a file may hold (every version-1 writer wrote these and no
+# other): anything else is a hand edit or another tool's file, and is
+# refused by name rather than ignored.
+_FILE_KEYS = ('format', 'version', 'embed_dims', 'num_layers', 'patch_size',
+              'blocks') + _HEADER_KEYS
+_BLOCK_KEYS = ('whitening', 'sigma', 'num_tokens', 'num_dropped_tokens',
+               'num_images', 'condition_number', 'qkv_fingerprint')
 
 
 def _fingerprint(backbone: 'PromptedViT', block: int) -> float:
@@ -204,6 +211,11 @@ def _check_header(path: str, payload: Dict[str, Any],
         if key not in payload:
             raise ValueError(f'whitening file {path!r} lacks `{key}`; '
                              'tools/compute_whitening.py writes it')
+    unknown = sorted(set(payload) - set(_FILE_KEYS), key=str)
+    if unknown:
+        raise ValueError(f'whitening file {path!r} has unknown entries '
+                         f'{_shown(unknown)}; a whitening file holds only '
+                         f'{sorted(_FILE_KEYS)}')
     num_heads = _count_field(path, 'num_heads', payload['num_heads'], 1)
     if embed_dims % num_heads:
         raise ValueError(f'whitening file {path!r}: `num_heads`={num_heads} '
@@ -318,6 +330,11 @@ def load_whitening(path: Union[str, os.PathLike],
             raise ValueError(f'whitening file {path!r}: blocks[{block}] must '
                              f'be a dict, got {type(entry).__name__}')
         where = f'blocks[{block}]'
+        unknown = sorted(set(entry) - set(_BLOCK_KEYS), key=str)
+        if unknown:
+            raise ValueError(f'whitening file {path!r}: `{where}` has '
+                             f'unknown entries {_shown(unknown)}; a block '
+                             f'holds only {sorted(_BLOCK_KEYS)}')
         matrix = _real_matrix(path, block, 'whitening',
                               entry.get('whitening'), dim)
         if not bool(torch.isfinite(matrix).all()):
@@ -339,6 +356,15 @@ def load_whitening(path: Union[str, os.PathLike],
                     f'attention weights (|qkv.weight| {want:.6g} in the '
                     f'file, {have:.6g} in the model); compute it again '
                     'after loading the pretrained weights')
+        condition = float(_typed_field(
+            path, f'{where}.condition_number',
+            entry.get('condition_number', float('nan')), (int, float)))
+        if 'condition_number' in entry and not (
+                math.isfinite(condition) and condition >= 1):
+            # max/min of positive eigenvalues: finite and at least 1.
+            raise ValueError(f'whitening file {path!r}: `{where}.'
+                             'condition_number` must be a finite number >= '
+                             f'1, got {condition!r}')
         results[block] = {
             'whitening': matrix.to(torch.float32),
             'sigma': sigma,
@@ -349,9 +375,7 @@ def load_whitening(path: Union[str, os.PathLike],
                 entry.get('num_dropped_tokens', 0)),
             'num_images': _count_field(path, f'{where}.num_images',
                                        entry.get('num_images', 0)),
-            'condition_number': float(_typed_field(
-                path, f'{where}.condition_number',
-                entry.get('condition_number', float('nan')), (int, float))),
+            'condition_number': condition,
         }
     if return_info:
         info = {k: v for k, v in payload.items() if k != 'blocks'}

@@ -41,7 +41,8 @@ from .options import (BASIS_MODES, QK_ORDERS, WhiteningOptions, check_choice,
 
 __all__ = ['query_key_product', 'project_tokens', 'WhiteningSpectrum',
            'whitening_spectrum', 'zca_whitening_matrix', 'condition_number',
-           'effective_rank', 'whitened_bilinear_basis']
+           'effective_rank', 'whitened_bilinear_basis', 'sigma_eigenvectors',
+           'bilinear_basis']
 
 
 # ---------------------------------------------------------------------------
@@ -49,7 +50,7 @@ __all__ = ['query_key_product', 'project_tokens', 'WhiteningSpectrum',
 # ---------------------------------------------------------------------------
 def query_key_product(qkv_weight: Tensor,
                       num_heads: Optional[int] = None,
-                      order: str = 'qk') -> Tensor:
+                      order: str = WhiteningOptions.product) -> Tensor:
     """The ``d x d`` query-key product of a fused ``qkv`` weight.
 
     Summed over heads, the attention logit between row vectors ``u`` (the
@@ -397,6 +398,64 @@ def whitened_bilinear_basis(whitening: Tensor,
     check_positive_int(rank, 'rank')
     if rank > dim:
         raise ValueError(f'`rank` must be in [1, d={dim}], got {rank}')
+    eigenvectors = None
+    if bilinear_init == 'eigen':
+        if sigma is None:
+            raise ValueError("`sigma` is required by "
+                             "`bilinear_init`='eigen'")
+        if not isinstance(sigma, Tensor) or tuple(sigma.shape) != (dim, dim):
+            shape = tuple(sigma.shape) if isinstance(sigma, Tensor) \
+                else type(sigma).__name__
+            raise ValueError(f'`sigma` must be ({dim}, {dim}) like '
+                             f'`whitening`, got {shape}')
+        eigenvectors = sigma_eigenvectors(sigma)
+    return bilinear_basis(whitening, rank, bilinear_init, eigenvectors,
+                          generator)
+
+
+def sigma_eigenvectors(sigma: Tensor) -> Tensor:
+    """``U`` of ``Sigma`` alone (no regulariser, no checks), for a
+    ``'eigen'`` basis where no :class:`WhiteningSpectrum` is at hand (a
+    whitening file's ``sigma``): the same decomposition as
+    :func:`whitening_spectrum`'s (symmetrised, float64), on the CPU, so
+    both routes give the same ``B`` bit for bit.
+
+    Args:
+        sigma (Tensor): ``(d, d)``.
+
+    Returns:
+        Tensor: float64 ``(d, d)``, one eigenvector per column, ascending
+        eigenvalues.
+    """
+    s64 = sigma.detach().to(torch.float64).cpu()
+    return torch.linalg.eigh((s64 + s64.T) / 2)[1]
+
+
+def bilinear_basis(whitening: Tensor, rank: int, bilinear_init: str,
+                   eigenvectors: Optional[Tensor] = None,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """The body of :func:`whitened_bilinear_basis`, for arguments already
+    checked: ``rank`` and ``bilinear_init`` by the prompt's options and
+    :class:`WhiteningOptions`, ``eigenvectors`` from the one
+    :class:`WhiteningSpectrum` of ``Sigma`` (so ``'eigen'`` does not
+    decompose ``Sigma`` again). Direct callers use
+    :func:`whitened_bilinear_basis`, which checks.
+
+    Args:
+        whitening (Tensor): ``W``, ``(d, d)``.
+        rank (int): ``p``, ``1 <= p <= d``.
+        bilinear_init (str): One of ``'random'``, ``'eigen'``,
+            ``'identity'``.
+        eigenvectors (Tensor, optional): ``U`` of ``Sigma``, float64
+            ``(d, d)``, ascending eigenvalues (:attr:`WhiteningSpectrum.
+            eigenvectors`); used by ``'eigen'`` only.
+        generator (torch.Generator, optional): For ``'random'``.
+
+    Returns:
+        Tensor: ``B`` of shape ``(d, p)`` in ``whitening``'s dtype and
+        device.
+    """
+    dim = whitening.shape[0]
     if bilinear_init == 'identity':
         # Slicing, not W @ I, so that p = d returns W bit for bit.
         return whitening[:, :rank].clone()
@@ -410,17 +469,7 @@ def whitened_bilinear_basis(whitening: Tensor,
         signs[signs == 0] = 1
         basis = basis * signs
     else:
-        if sigma is None:
-            raise ValueError("`sigma` is required by "
-                             "`bilinear_init`='eigen'")
-        if not isinstance(sigma, Tensor) or tuple(sigma.shape) != (dim, dim):
-            shape = tuple(sigma.shape) if isinstance(sigma, Tensor) \
-                else type(sigma).__name__
-            raise ValueError(f'`sigma` must be ({dim}, {dim}) like '
-                             f'`whitening`, got {shape}')
-        s64 = sigma.detach().to(torch.float64).cpu()
-        _, evecs = torch.linalg.eigh((s64 + s64.T) / 2)
-        basis = evecs.flip(-1)[:, :rank]  # eigh sorts ascending
+        basis = eigenvectors.cpu().flip(-1)[:, :rank]  # eigh sorts ascending
         # An eigenvector's sign is arbitrary; make each one's largest entry
         # positive so the result does not depend on the LAPACK build.
         idx = basis.abs().argmax(0)

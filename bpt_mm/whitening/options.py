@@ -1,5 +1,6 @@
 """The options of one whitening computation, each with its one default and
-its one check (pure Python).
+its one check (pure Python, but for the token tap's choices, which
+the model owns).
 
 :class:`WhiteningOptions` is built once, by whoever reads the options from a
 user (``BPTWhiteningHook``, ``tools/compute_whitening.py``, the burstiness
@@ -12,24 +13,30 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
+# Which tokens enter the statistic and where they are taken: the token
+# tap's choices, whose home is the model.
+from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .accumulators import ImageAverageAccumulator, SecondMomentAccumulator
 
-__all__ = ['QK_ORDERS', 'TOKEN_SETS', 'TOKEN_SOURCES', 'STATISTICS',
-           'BASIS_MODES', 'WhiteningOptions', 'check_eps']
+__all__ = ['QK_ORDERS', 'STATISTICS', 'BASIS_MODES', 'NUM_IMAGES', 'SEED',
+           'WhiteningOptions', 'check_eps', 'check_seed']
 
 #: Query-key products (see :func:`~bpt_mm.whitening.linalg.query_key_product`).
 QK_ORDERS = ('qk', 'kq', 'authors', 'authors_mae')
-#: Which tokens enter the statistic.
-TOKEN_SETS = ('patch', 'all')
-#: Where the tokens are taken.
-TOKEN_SOURCES = ('block_input', 'norm1')
 #: The paper's and the authors' statistic.
 STATISTICS = ('paper', 'authors')
 #: ``C`` of a bilinear prompt's ``B = W C``.
 BASIS_MODES = ('random', 'eigen', 'identity')
+#: Images the token statistics read by default (the paper's 100), for the
+#: whitening, the SPT prototypes and the burstiness analysis alike.
+NUM_IMAGES = 100
+#: Default seed of their random draws (a bilinear prompt's ``C``, the
+#: prototypes' reservoirs and draws, the analysis' subsets).
+SEED = 0
 
 
 def label_prefix(name: Optional[str]) -> str:
@@ -63,6 +70,15 @@ def check_positive_int(value: Any, arg: str) -> int:
             else f'{value!r} ({type(value).__name__})'
         raise ValueError(f'{name} must be a positive int, got {shown}')
     return value
+
+
+def check_seed(seed: Any, arg: str = 'seed') -> int:
+    """``seed`` if it is an int (never a bool), else a ValueError naming
+    ``arg`` (backquoted when bare, as in :func:`check_positive_int`)."""
+    name = arg if '`' in arg else f'`{arg}`'
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f'{name} must be an int, got {seed!r}')
+    return seed
 
 
 def check_eps(eps: Any) -> float:
@@ -126,8 +142,8 @@ class WhiteningOptions:
         1e-05
     """
 
-    tokens: str = 'patch'
-    source: str = 'block_input'
+    tokens: str = TOKEN_SETS[0]
+    source: str = TOKEN_SOURCES[0]
     center: bool = False
     statistic: str = 'paper'
     product: str = 'qk'

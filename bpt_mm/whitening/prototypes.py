@@ -37,11 +37,17 @@ import torch
 from torch import Tensor
 
 from bpt_mm.models.prompts import PROTOTYPE_INITS
-from .options import check_positive_int
+from .options import SEED, check_positive_int
 
-__all__ = ['TokenReservoir', 'canonical_rows',
-           'sample_prototypes', 'kmeans_prototypes', 'pooled_prototypes',
-           'compute_prototypes', 'per_rank_capacity']
+__all__ = ['PROTOTYPE_TOKENS', 'KMEANS_ITERS', 'TokenReservoir',
+           'canonical_rows', 'sample_prototypes', 'kmeans_prototypes',
+           'pooled_prototypes', 'compute_prototypes', 'per_rank_capacity']
+
+#: Most token rows kept per block for the prototypes, over all processes
+#: (61 MB at d = 768).
+PROTOTYPE_TOKENS = 20000
+#: Most Lloyd iterations of ``init='kmeans'``.
+KMEANS_ITERS = 50
 
 
 class TokenReservoir:
@@ -61,7 +67,7 @@ class TokenReservoir:
         name (str): What the rows are, for error messages.
     """
 
-    def __init__(self, capacity: int, dim: int, seed: int = 0,
+    def __init__(self, capacity: int, dim: int, seed: int = SEED,
                  name: str = 'tokens') -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) \
                 or capacity < 1:
@@ -183,7 +189,7 @@ def _squared_distances(points: Tensor, centres: Tensor,
 
 
 def kmeans_prototypes(rows: Tensor, num: int, generator: torch.Generator,
-                      max_iters: int = 50) -> Tensor:
+                      max_iters: int = KMEANS_ITERS) -> Tensor:
     """The ``num`` centres of k-means on ``rows`` (float64 throughout).
 
     Seeding is k-means++ (each new centre drawn with probability
@@ -283,7 +289,8 @@ def _num_distinct(sorted_rows: Tensor) -> int:
 
 
 def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
-                       kmeans_iters: int = 50, name: str = 'tokens'
+                       kmeans_iters: int = KMEANS_ITERS,
+                       name: str = 'tokens'
                        ) -> Tensor:
     """``num`` prototypes of ``rows`` by ``init`` (see the module docstring).
 
