@@ -26,7 +26,7 @@ from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
 from bpt_mm.whitening.options import WhiteningOptions
 from helpers import (ROOT, TESTS, count_calls, previous_whitening,
                      small_vit)
-from whitening_toy import (DIST_OPTIONS, BPTWhiteningToyDataset,
+from whitening_toy import (DEEP_PROMPT, DIST_OPTIONS, BPTWhiteningToyDataset,
                            BPTWhiteningToyModel, deep_backbone,
                            run_two_processes, toy_images, toy_runner)
 
@@ -189,6 +189,37 @@ def test_hook_loads_whitening_file(tmp_path):
     assert loading.status == 'file'
     assert torch.equal(probe.first['whitening'],
                        computing.results[0]['whitening'])
+
+
+def test_file_made_for_other_deep_prompts_is_said(tmp_path, monkeypatch):
+    # Deep fWhiten file, loaded for deep whitening-initialised bilinear
+    # prompts: blocks above the first saw other prompts when the file was
+    # made, which the qkv fingerprint cannot tell.
+    computing = BPTWhiteningHook(num_images=8, eps=EPS)
+    runner = toy_runner(tmp_path / 'a', DEEP_PROMPT, [computing],
+                        max_iters=1)
+    runner.call_hook('before_train')
+    path = tmp_path / 'deep.pth'
+    save_whitening(path, computing.results, runner.model.backbone,
+                   computing.options)
+
+    bilinear = dict(type='BilinearPrompt', num_tokens=4, rank=4,
+                    whitening_init=True, depth='deep')
+    for prompt, said in ((bilinear, True), (DEEP_PROMPT, False)):
+        loading = BPTWhiteningHook(whitening_file=str(path), eps=EPS)
+        runner = toy_runner(tmp_path / str(said), prompt, [loading],
+                            max_iters=1)
+        warnings = []
+        monkeypatch.setattr(runner.logger, 'warning', warnings.append)
+        runner.call_hook('before_train')
+        assert loading.status == 'file'
+        other = [w for w in warnings if 'was computed for' in w]
+        if said:
+            assert len(other) == 1, warnings
+            assert 'WhitenedPrompt' in other[0] and 'BilinearPrompt' in \
+                other[0] and 'blocks [1, 2]' in other[0], other
+        else:
+            assert other == [], warnings
 
 
 def test_training_without_hook_raises_not_ready(tmp_path):

@@ -525,6 +525,22 @@ class BPTWhiteningHook(Hook):
                 f'BPTWhiteningHook: {self.whitening_file!r} was computed '
                 f'with {stored}; this hook is configured with {mine} (the '
                 'file is used)')
+        made_for = (info.get('prompt_type'), info.get('prompt_depth'))
+        config = backbone.prompt_config
+        later = [i for i in missing if i > min(whitening_blocks(backbone))]
+        if later and made_for != (config.type, config.depth):
+            # A deep block's tokens pass through the prompts of the blocks
+            # before it, so its statistic was taken with the file's prompts
+            # there; the qkv fingerprint cannot see that difference.
+            runner.logger.warning(
+                f'BPTWhiteningHook: {self.whitening_file!r} was computed '
+                f'for {made_for[0]} prompts (depth {made_for[1]!r}); this '
+                f'model has {config.type} prompts (depth '
+                f'{config.depth!r}). The statistics of blocks {later} were '
+                'taken on tokens that passed the earlier blocks\' prompts '
+                'of that other model, so their W may not fit this one: '
+                'compute the file again with tools/compute_whitening.py on '
+                'this config (the file is used)')
         self.results, self.status = results, 'file'
         runner.logger.info(
             f'BPTWhiteningHook: whitening of blocks {missing} loaded from '
