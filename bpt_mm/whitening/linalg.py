@@ -36,7 +36,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .options import (BASIS_MODES, QK_ORDERS, WhiteningOptions, check_choice,
+from bpt_mm.choices import check_choice
+
+from .options import (BASIS_MODES, QK_ORDERS, WhiteningOptions,
                       check_positive_int)
 
 __all__ = ['query_key_product', 'project_tokens', 'WhiteningSpectrum',

@@ -36,6 +36,7 @@ import math
 import torch
 from torch import Tensor
 
+from bpt_mm.choices import check_choice
 from bpt_mm.models.prompts import PROTOTYPE_INITS
 from .options import SEED, check_positive_int
 
@@ -317,9 +318,7 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
         >>> compute_prototypes(rows, 2, 'kmeans', seed=0).sum(1).sort().values
         tensor([0., 2.])
     """
-    if init not in PROTOTYPE_INITS:
-        raise ValueError(f'`init` must be one of {PROTOTYPE_INITS}, got '
-                         f'{init!r}')
+    check_choice(init, PROTOTYPE_INITS, 'init')
     check_positive_int(kmeans_iters, 'kmeans_iters')
     rows = canonical_rows(rows.detach().cpu())
     distinct = _num_distinct(rows)
