@@ -438,6 +438,7 @@ def test_eigen_basis_reuses_the_one_decomposition_and_checks_nothing_again(
     # by the prompt's options and WhiteningOptions, are not checked again on
     # the way; B equals what the checked public function gives, bit for bit.
     import bpt_mm.whitening.linalg as linalg
+    import bpt_mm.whitening.options as options_module
     torch.manual_seed(0)
     backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
                                      rank=3, whitening_init=True,
@@ -446,12 +447,25 @@ def test_eigen_basis_reuses_the_one_decomposition_and_checks_nothing_again(
     rank_checks = count_calls(monkeypatch, 'check_positive_int',
                               module=linalg)
     choice_checks = count_calls(monkeypatch, 'check_choice', module=linalg)
+    # Which query-key product: checked where the options are built, not
+    # again per block on the collector's way (qk_product, the body).
+    product_checks = []
+    check_choice = options_module.check_choice
+
+    def counted_choice(value, allowed, arg):
+        if allowed == options_module.QK_ORDERS:
+            product_checks.append(arg)
+        return check_choice(value, allowed, arg)
+
+    monkeypatch.setattr(options_module, 'check_choice', counted_choice)
     results = collect_whitening(backbone, toy_images(8).split(4),
                                 WhiteningOptions(eps=EPS,
                                                  bilinear_init='eigen'), 8)
     assert sorted(results) == [0, 1, 2] and len(eighs) == 3
-    # query_key_product checks its `order` once per block; nothing else.
-    assert rank_checks == [] and len(choice_checks) == 3
+    # The product is checked once, by WhiteningOptions; linalg checks
+    # nothing on the way.
+    assert rank_checks == [] and choice_checks == []
+    assert product_checks == ['product']
     monkeypatch.undo()
     for block, result in results.items():
         expected = whitened_bilinear_basis(

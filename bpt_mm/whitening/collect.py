@@ -48,7 +48,7 @@ from .accumulators import (ImageAverageAccumulator, RankDeficientWarning,
                            TokenAccumulator, as_float64_rows)
 from .distributed import comm_device, dist_ready, synchronise_errors
 from .linalg import (WhiteningSpectrum, bilinear_basis, project_tokens,
-                     query_key_product, sigma_eigenvectors,
+                     qk_product, query_key_product, sigma_eigenvectors,
                      whitening_spectrum)
 from .options import (NUM_IMAGES, SEED, WhiteningOptions, check_positive_int,
                       check_seed, label_prefix)
@@ -292,7 +292,9 @@ def block_product(backbone: 'PromptedViT', block: int,
     """Block ``block``'s query-key product (``options.product``) in float64
     (from float64 weights: it multiplies every token)."""
     weight = backbone.blocks[block].attn.qkv.weight.detach()
-    return query_key_product(weight.to(torch.float64), order=options.product)
+    # WhiteningOptions checked `product`, the block holds a (3d, d) qkv:
+    # the unchecked body serves.
+    return qk_product(weight.to(torch.float64), options.product)
 
 
 # ---------------------------------------------------------------------------
