@@ -484,7 +484,8 @@ class PromptedViT(BaseModule):
         try:
             with local_checkpoint(checkpoint) as path:
                 info = load_pretrained(self, path,
-                                       logger=MMLogger.get_current_instance())
+                                       logger=MMLogger.get_current_instance(),
+                                       name=checkpoint)
         finally:
             self._loading_pretrained = False
         self._check_nothing_used_is_missing(info['missing'], checkpoint)
