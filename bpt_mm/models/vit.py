@@ -28,6 +28,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from bpt_mm.choices import did_you_mean
 from bpt_mm.registry import register_model
 from .attention import block_prompt_keys_values, prompted_block_forward
 from .checkpoint import resample_pos_embed
@@ -66,7 +67,8 @@ def _parse_arch(arch: Union[str, dict]) -> dict:
         if arch.lower() not in ARCH_SETTINGS:
             raise ValueError(f'`arch` must be one of {sorted(ARCH_SETTINGS)} '
                              f'or a dict with keys embed_dims, num_layers, '
-                             f'num_heads, mlp_ratio; got {arch!r}')
+                             f'num_heads, mlp_ratio; got {arch!r}'
+                             f'{did_you_mean(arch.lower(), sorted(ARCH_SETTINGS))}')
         return dict(ARCH_SETTINGS[arch.lower()])
     if isinstance(arch, dict):
         required = {'embed_dims', 'num_layers', 'num_heads'}
