@@ -64,11 +64,12 @@ class WhiteningNotReadyError(RuntimeError):
 
 def _parse_arch(arch: Union[str, dict]) -> dict:
     if isinstance(arch, str):
-        if arch.lower() not in ARCH_SETTINGS:
-            raise ValueError(f'`arch` must be one of {sorted(ARCH_SETTINGS)} '
+        names = sorted(ARCH_SETTINGS)
+        if arch.lower() not in names:
+            raise ValueError(f'`arch` must be one of {names} '
                              f'or a dict with keys embed_dims, num_layers, '
                              f'num_heads, mlp_ratio; got {arch!r}'
-                             f'{did_you_mean(arch.lower(), sorted(ARCH_SETTINGS))}')
+                             f'{did_you_mean(arch.lower(), names)}')
         return dict(ARCH_SETTINGS[arch.lower()])
     if isinstance(arch, dict):
         required = {'embed_dims', 'num_layers', 'num_heads'}
