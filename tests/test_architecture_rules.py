@@ -70,6 +70,7 @@ def test_import_bpt_mm_does_not_load_the_fixtures():
 #: the package root). ``bpt_mm.whitening`` is the whitening wing, a
 #: subpackage like ``bpt_mm.models``.
 PART_OF_PREFIX = {
+    'bpt_mm.choices': 'base',
     'bpt_mm.compat': 'base',
     'bpt_mm.data_check': 'base',
     'bpt_mm.finite': 'base',

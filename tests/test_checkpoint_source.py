@@ -12,6 +12,7 @@ import functools
 import http.server
 import io
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -268,6 +269,37 @@ def test_file_backend_checkpoint_read_like_a_local_file(memtest, tmp_path,
             load('memtest://bucket/none.pth')
     assert not marker.exists()
     assert not list(scratch.iterdir()), 'temporary copies left behind'
+
+
+def test_pretrained_log_line_names_the_checkpoint_the_user_gave(
+        memtest, one_thread):
+    # It named the temporary copy (/tmp/bpt_mm_ckpt_.../vit.pth), deleted
+    # by the time anyone reads the log.
+    files, scratch = memtest
+    files['memtest://bucket/vit.pth'] = saved_bytes(
+        {'model': vit().state_dict()})
+    lines = []
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    handler, level = Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        vit(dict(type='Pretrained',
+                 checkpoint='memtest://bucket/vit.pth')).init_weights()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    loaded = [line for line in lines if 'tensors loaded from' in line]
+    assert len(loaded) == 1, lines
+    assert 'tensors loaded from memtest://bucket/vit.pth (' in loaded[0], \
+        loaded[0]
+    assert str(scratch) not in '\n'.join(lines)
 
 
 def test_file_backend_checkpoint_as_load_from(memtest, tmp_path,

@@ -85,6 +85,24 @@ def test_whitening_of_padded_batch_equals_unpadded(tokens, one_thread):
     assert not torch.allclose(naive['sigma'], unpadded['sigma'], rtol=1e-3)
 
 
+def test_authors_statistic_warns_about_padding_once_per_block(one_thread):
+    # It warned once per padded batch: many lines over 100 images.
+    torch.manual_seed(2)
+    batches = [padded([torch.randn(3, 24, 32), torch.randn(3, 32, 24)],
+                      (32, 32)) for _ in range(3)]
+    with pytest.warns(UserWarning) as caught:
+        collect_whitening(whitened_vit(), batches,
+                          WhiteningOptions(statistic='authors', eps=1e-3),
+                          num_images=6, allow_few_tokens=True)
+    padding = [str(w.message) for w in caught
+               if 'padding patch tokens' in str(w.message)]
+    # 6 images on a 4x4 grid, each with one row or column of padding.
+    assert padding == [
+        "block 0: statistic='authors' averages every token position over "
+        "the images, so 24 padding patch tokens of these 6 images are in "
+        "it; use statistic='paper' to leave them out"], padding
+
+
 @pytest.mark.parametrize('depth,init', [('shallow', 'sample'),
                                         ('deep', 'kmeans')])
 def test_spt_prototypes_of_padded_batch_equal_unpadded(depth, init,

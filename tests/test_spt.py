@@ -305,6 +305,18 @@ def _prototypes_of_my_half(rank: int, world: int, out_dir: str) -> None:
         message = str(exc)
     with open(f'{out_dir}/uniform{rank}.txt', 'w') as f:
         f.write(message)
+    # A NaN in rank 1's tokens: every rank stops, naming the block.
+    bad = mine.clone()
+    if rank == 1:
+        bad[2, 0, 5, 5] = float('nan')
+    try:
+        collect_prototypes(spt_backbone(SHALLOW), bad.split(4),
+                           num_images=8)
+        message = 'no error'
+    except RuntimeError as exc:
+        message = str(exc)
+    with open(f'{out_dir}/nan{rank}.txt', 'w') as f:
+        f.write(message)
 
 
 @pytest.fixture(scope='module')
@@ -344,6 +356,29 @@ def test_two_processes_refuse_uniform_images_alike(two_process_run):
                          r"by init='sample' would repeat rows: the 256 token "
                          r'rows hold only 1 distinct', message), \
             (rank, message)
+
+
+def test_two_processes_refuse_non_finite_tokens_alike(two_process_run):
+    for rank in range(2):
+        message = (two_process_run / f'nan{rank}.txt').read_text()
+        assert re.search(r'rank\(s\) \[1\] while collecting the SPT tokens '
+                         r'of block 0.*block 0: non-finite token values',
+                         message), (rank, message)
+
+
+@pytest.mark.parametrize('init', ['sample', 'kmeans', 'mean_pool',
+                                  'max_pool'])
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_prototypes_of_non_finite_rows_are_refused_by_name(init, value):
+    # Before, 'sample' passed over them unseen, 'kmeans' failed in torch
+    # ("probability tensor contains either inf, nan ...") and the pools
+    # said "prototypes are not finite", none naming the block.
+    rows = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    rows[3, 1] = value
+    with pytest.raises(ValueError, match=(
+            r'^block 2: the token rows have 1 non-finite value\(s\) out of '
+            r'80 \(shape \(20, 4\)\)')):
+        compute_prototypes(rows, 4, init, seed=0, name='block 2')
 
 
 # ---------------------------------------------------------------------------

@@ -383,6 +383,7 @@ def test_get_layer_depth():
 # ----------------------------------------------------------------- bad values
 @pytest.mark.parametrize('kwargs, exc, pattern', [
     (dict(arch='gigantic'), ValueError, r"`arch` must be one of .*'base'"),
+    (dict(arch='Bsae'), ValueError, r"got 'Bsae' \(did you mean 'base'\?\)"),
     (dict(arch=dict(embed_dims=32, num_layers=2)), ValueError, 'num_heads'),
     (dict(arch=dict(embed_dims=30, num_layers=2, num_heads=4)), ValueError,
      'divisible'),

@@ -16,6 +16,7 @@ from mmengine.hooks import Hook
 from torch.utils.data import DataLoader
 
 from bpt_mm.engine import BPTWhiteningHook
+from bpt_mm.engine.whitening_hook import images_to_use
 from bpt_mm.models import WhiteningNotReadyError
 from bpt_mm.whitening.collect import (apply_whitening, collect_prototypes,
                                       collect_whitening,
@@ -437,6 +438,7 @@ def test_eigen_basis_reuses_the_one_decomposition_and_checks_nothing_again(
     # by the prompt's options and WhiteningOptions, are not checked again on
     # the way; B equals what the checked public function gives, bit for bit.
     import bpt_mm.whitening.linalg as linalg
+    import bpt_mm.whitening.options as options_module
     torch.manual_seed(0)
     backbone = small_vit(prompt=dict(type='BilinearPrompt', num_tokens=4,
                                      rank=3, whitening_init=True,
@@ -445,12 +447,25 @@ def test_eigen_basis_reuses_the_one_decomposition_and_checks_nothing_again(
     rank_checks = count_calls(monkeypatch, 'check_positive_int',
                               module=linalg)
     choice_checks = count_calls(monkeypatch, 'check_choice', module=linalg)
+    # Which query-key product: checked where the options are built, not
+    # again per block on the collector's way (qk_product, the body).
+    product_checks = []
+    check_choice = options_module.check_choice
+
+    def counted_choice(value, allowed, arg):
+        if allowed == options_module.QK_ORDERS:
+            product_checks.append(arg)
+        return check_choice(value, allowed, arg)
+
+    monkeypatch.setattr(options_module, 'check_choice', counted_choice)
     results = collect_whitening(backbone, toy_images(8).split(4),
                                 WhiteningOptions(eps=EPS,
                                                  bilinear_init='eigen'), 8)
     assert sorted(results) == [0, 1, 2] and len(eighs) == 3
-    # query_key_product checks its `order` once per block; nothing else.
-    assert rank_checks == [] and len(choice_checks) == 3
+    # The product is checked once, by WhiteningOptions; linalg checks
+    # nothing on the way.
+    assert rank_checks == [] and choice_checks == []
+    assert product_checks == ['product']
     monkeypatch.undo()
     for block, result in results.items():
         expected = whitened_bilinear_basis(
@@ -690,6 +705,45 @@ def test_compute_whitening_tool(tmp_path):
     for block in (1, 2):
         assert_close_rel(loaded[block]['whitening'],
                          expected[block]['whitening'], 1e-6)
+
+
+def test_hook_and_tool_take_each_of_fewer_images_once_by_one_rule(
+        tmp_path):
+    # The rule lived twice (the hook and the tool, with different words);
+    # now both call images_to_use.
+    three = DataLoader(list(range(3)))
+    used, note = images_to_use(three, 8, 'whitening')
+    assert used == 3
+    assert '`num_images` is 8' in note and 'only 3 distinct' in note
+    assert images_to_use(three, 3, 'whitening') == (3, None)
+    assert images_to_use(object(), 8, 'whitening') == (8, None)  # no length
+    with pytest.raises(ValueError, match='training set has no images'):
+        images_to_use(DataLoader([]), 8, 'whitening')
+
+    prompt = dict(type='WhitenedPrompt', num_tokens=4)
+    config = tmp_path / 'toy_config.py'
+    config.write_text(
+        "custom_imports = dict(imports=['whitening_toy'], "
+        "allow_failed_imports=False)\n"
+        f"model = dict(type='BPTWhiteningToyModel', backbone=dict("
+        f"prompt={prompt!r}))\n"
+        "train_dataloader = dict(batch_size=4, num_workers=0, "
+        "dataset=dict(type='BPTWhiteningToyDataset', num_images=16), "
+        "sampler=dict(type='InfiniteSampler', shuffle=False))\n"
+        f"custom_hooks = [dict(type='BPTWhiteningHook', eps={EPS})]\n")
+    out = tmp_path / 'whitening.pth'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
+               OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [sys.executable, 'tools/compute_whitening.py', str(config),
+         '--num-images', '40', '--out', str(out), '--device', 'cpu'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, expected = images_to_use(DataLoader(list(range(16))), 40,
+                                'whitening')
+    assert f'compute_whitening: warning: {expected}' in proc.stderr, \
+        proc.stderr
+    assert 'from 16 images' in proc.stdout, proc.stdout
 
 
 def test_compute_whitening_tool_builds_the_model_training_starts_from(

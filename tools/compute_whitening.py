@@ -72,8 +72,8 @@ def main(argv=None) -> int:
 
     import bpt_mm  # noqa: F401  (registers the models and the hook)
     from bpt_mm.engine.whitening_hook import (BPTWhiteningHook,
-                                              distinct_images_available,
                                               hook_options_from_config,
+                                              images_to_use,
                                               preprocessed_batches)
     from bpt_mm.launch import (build_prompted_model, check_whitening_output,
                                resolve_device, seed_as_the_runner)
@@ -128,18 +128,14 @@ def main(argv=None) -> int:
         return 1
     seed = (cfg.get('randomness') or {}).get('seed')
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
-    num_images = hook.num_images
-    distinct = distinct_images_available(loader)
-    if distinct == 0:
-        print(f'{args.config}: the training set has no images',
-              file=sys.stderr)
+    try:
+        num_images, note = images_to_use(loader, hook.num_images,
+                                         'whitening')
+    except ValueError as exc:
+        print(f'{args.config}: {exc}', file=sys.stderr)
         return 1
-    if distinct is not None and distinct < num_images:
-        # An InfiniteSampler would repeat images: each is used once.
-        print(f'compute_whitening: warning: {num_images} images asked for, '
-              f'the training set has {distinct}; using each once',
-              file=sys.stderr)
-        num_images = distinct
+    if note is not None:
+        print(f'compute_whitening: warning: {note}', file=sys.stderr)
     # The hook checked every option when it was built.
     results = run_whitening(
         backbone, preprocessed_batches(model, loader), hook.options,

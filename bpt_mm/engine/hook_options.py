@@ -4,9 +4,10 @@ mmengine builds a hook from its ``custom_hooks`` entry as ``Hook(**entry)``,
 so a misspelt key would reach Python's own message, which names the key but
 neither the options nor the one meant.
 """
-import difflib
 import inspect
 from typing import Any, Callable, Dict
+
+from bpt_mm.choices import did_you_mean
 
 
 def refuse_unknown_options(owner: str, init: Callable[..., Any],
@@ -27,7 +28,6 @@ def refuse_unknown_options(owner: str, init: Callable[..., Any],
         init).parameters.items() if name != 'self'
         and param.kind != inspect.Parameter.VAR_KEYWORD]
     key = sorted(unknown)[0]
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f' (did you mean {close[0]!r}?)' if close else ''
-    raise TypeError(f'{owner} got unknown option(s) {sorted(unknown)}{hint};'
+    raise TypeError(f'{owner} got unknown option(s) {sorted(unknown)}'
+                    f'{did_you_mean(key, allowed)};'
                     f' allowed options: {allowed}')

@@ -20,7 +20,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
@@ -130,7 +130,7 @@ def _stacked_inputs(out: Any) -> Iterator[ImageBatch]:
             f'inputs of type {type(inputs).__name__}')
 
 
-def distinct_images_available(loader: Any) -> Optional[int]:
+def _distinct_images(loader: Any) -> Optional[int]:
     """How many distinct images ``loader``'s data set holds (None when it
     has no length, e.g. an iterable data set)."""
     dataset = getattr(loader, 'dataset', None)
@@ -138,6 +138,42 @@ def distinct_images_available(loader: Any) -> Optional[int]:
         return len(dataset) if dataset is not None else None
     except TypeError:
         return None
+
+
+def images_to_use(loader: Any, num_images: int,
+                  purpose: str) -> Tuple[int, Optional[str]]:
+    """How many training images a pass over ``loader`` takes: ``num_images``,
+    or each image once when the data set holds fewer distinct images (an
+    ``InfiniteSampler`` would serve the same images again and again; the
+    count is of distinct images, up to the padding of DDP shards). The one
+    home of this rule, for the hook and tools/compute_whitening.py.
+
+    Args:
+        loader (Any): The training data loader; its ``dataset``'s length
+            is the number of distinct images (a data set without a length
+            is taken as it comes).
+        num_images (int): The images asked for.
+        purpose (str): What the images are for, for the messages
+            (e.g. ``'whitening'``).
+
+    Returns:
+        tuple[int, str | None]: The number of images to use, and the
+        warning to show when it is fewer than ``num_images`` (else None).
+
+    Raises:
+        ValueError: The data set holds no images (the same on every rank:
+            it is the data set's length).
+    """
+    distinct = _distinct_images(loader)
+    if distinct == 0:
+        raise ValueError(f'the training set has no images; {purpose} needs '
+                         'at least one')
+    if distinct is not None and distinct < num_images:
+        return distinct, (
+            f'`num_images` is {num_images} but the training set has only '
+            f'{distinct} distinct images; {purpose} takes each of them '
+            f'once ({distinct} images)')
+    return num_images, None
 
 
 def _shapes(samples: Any, batch_shape) -> Any:
@@ -554,12 +590,9 @@ class BPTWhiteningHook(Hook):
                            f'used: this model\'s prompts need {what}')
 
     def _training_images(self, runner, get_loader, purpose: str):
-        """The preprocessed training batches, and how many images to use:
-        ``num_images``, or fewer when the data set holds fewer distinct
-        images (an ``InfiniteSampler`` would serve the same images again
-        and again; the count is of distinct images, up to the padding of
-        DDP shards). A failure to build the loader on any rank is raised
-        on every rank."""
+        """The preprocessed training batches, and how many images to use
+        (:func:`images_to_use`). A failure to build the loader on any rank
+        is raised on every rank."""
         error = batches = loader = None
         try:
             loader = get_loader()
@@ -567,18 +600,12 @@ class BPTWhiteningHook(Hook):
         except Exception as exc:  # noqa: BLE001
             error = exc
         synchronise_errors(error, f'building the data loader of {purpose}')
-        distinct = distinct_images_available(loader)
-        if distinct == 0:
-            # The same on every rank (the data set's length).
-            raise ValueError(f'BPTWhiteningHook: the training set has no '
-                             f'images; {purpose} needs at least one')
-        asked = self.num_images
-        if distinct is not None and distinct < asked:
-            runner.logger.warning(
-                f'BPTWhiteningHook: `num_images` is {asked} but the training '
-                f'set has only {distinct} distinct images; {purpose} '
-                f'takes each of them once ({distinct} images)')
-            asked = distinct
+        try:
+            asked, note = images_to_use(loader, self.num_images, purpose)
+        except ValueError as exc:
+            raise ValueError(f'BPTWhiteningHook: {exc}') from None
+        if note is not None:
+            runner.logger.warning(f'BPTWhiteningHook: {note}')
         return batches, asked
 
     def _compute(self, runner, backbone, missing: List[int], get_loader,

@@ -716,7 +716,8 @@ def _shape(t: Tensor) -> Tuple[int, ...]:
 def load_pretrained(model: torch.nn.Module,
                     path: str,
                     strict_shapes: bool = True,
-                    logger: Any = None) -> Dict[str, Any]:
+                    logger: Any = None,
+                    name: Optional[str] = None) -> Dict[str, Any]:
     """Load a pretrained ViT file of any known layout into ``model``.
 
     Reads ``path`` (weights only), unwraps the container, detects and
@@ -739,6 +740,9 @@ def load_pretrained(model: torch.nn.Module,
             one ``info``/``warning`` line per non-empty category. Without
             it, missing, unexpected and mismatched keys are reported with
             :func:`warnings.warn`.
+        name (str, optional): The checkpoint as the user named it (a URL,
+            a file-backend name), for the report lines: ``path`` may be a
+            temporary copy deleted after loading. Defaults to ``path``.
 
     Returns:
         dict: ``layout`` (str), ``container`` (str), ``missing`` (model keys
@@ -878,7 +882,9 @@ def load_pretrained(model: torch.nn.Module,
         new_prompt_keys=new_prompt_keys, unexpected=unexpected,
         dropped=dropped, mismatched=mismatched, pos_embed_resized=resized)
 
-    where = f'{path} ({layout} layout'
+    # Report the name the user gave, not a (deleted) temporary copy.
+    shown = path if name is None else name
+    where = f'{shown} ({layout} layout'
     where += f", under '{container}')" if container else ')'
     loaded = len(converted) - len(unexpected)
     _report(logger, 'info', f'load_pretrained: {loaded} tensors loaded from '
@@ -895,7 +901,7 @@ def load_pretrained(model: torch.nn.Module,
                 f'{_brief(new_prompt_keys)}')
     if missing:
         _report(logger, 'warning', f'load_pretrained: {len(missing)} model '
-                f'keys missing from {path}: {_brief(missing)}')
+                f'keys missing from {shown}: {_brief(missing)}')
     if mismatched:
         _report(logger, 'warning', 'load_pretrained: skipped for shape: '
                 + ', '.join(f'{k} {a} vs {b}'

@@ -10,9 +10,10 @@ own options (:class:`~bpt_mm.models.prompts.PromptOptions`, which check
 preflight and the whitening collector ask it (or the prompt modules built
 from it) what a prompt needs instead of matching type names.
 """
-import difflib
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Sequence, Tuple, Type
+from typing import Any, Dict, Mapping, Tuple, Type
+
+from bpt_mm.choices import did_you_mean
 
 from .prompts import (BasePrompt, PromptOptions, WhitenedOptions,
                       check_positive_int, option_keys, prompt_class,
@@ -26,12 +27,6 @@ PROMPT_KEYS = ('type', 'num_tokens', 'depth', 'layers',
 #: How many of the top prompted blocks train their projection by default,
 #: as in the authors' deep BPT.
 DEFAULT_TRAINABLE_PROJECTION_BLOCKS = 4
-
-
-def did_you_mean(key: str, allowed: Sequence[str]) -> str:
-    """A `` (did you mean 'x'?)`` hint for a misspelt ``key``, or ''."""
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f' (did you mean {close[0]!r}?)' if close else ''
 
 
 def normalise_indices(indices: Any, num_layers: int,
@@ -165,7 +160,8 @@ class PromptConfig:
         depth = cfg.get('depth', 'shallow')
         if depth not in ('shallow', 'deep'):
             raise ValueError(f"`prompt.depth` must be 'shallow' or 'deep', "
-                             f'got {depth!r}')
+                             f'got {depth!r}'
+                             f"{did_you_mean(depth, ('shallow', 'deep'))}")
         dropout = cfg.get('dropout', 0.)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0 <= dropout < 1:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 
+from bpt_mm.choices import check_choice, did_you_mean
 from bpt_mm.registry import PROMPTS
 
 
@@ -117,14 +118,13 @@ class SPTOptions(PromptOptions):
     needs_prototypes: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.init not in PROTOTYPE_INITS:
-            raise ValueError(f'`prompt.init` must be one of '
-                             f'{PROTOTYPE_INITS}, got {self.init!r}')
+        check_choice(self.init, PROTOTYPE_INITS, 'prompt.init')
         if self.source is not None \
                 and self.source not in PROTOTYPE_SOURCES:
             raise ValueError(f'`prompt.source` must be None (by depth) or '
                              f'one of {PROTOTYPE_SOURCES}, got '
-                             f'{self.source!r}')
+                             f'{self.source!r}'
+                             f'{did_you_mean(self.source, PROTOTYPE_SOURCES)}')
 
 
 @dataclass(frozen=True)
@@ -596,7 +596,7 @@ def prompt_class(type_name: Any) -> Type[BasePrompt]:
     known_types = sorted(PROMPTS.module_dict)
     if not isinstance(name, str) or name not in known_types:
         raise ValueError(f'`prompt.type` must be one of {known_types}, '
-                         f'got {type_name!r}')
+                         f'got {type_name!r}{did_you_mean(name, known_types)}')
     return PROMPTS.get(name)
 
 

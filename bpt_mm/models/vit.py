@@ -28,6 +28,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from bpt_mm.choices import did_you_mean
 from bpt_mm.registry import register_model
 from .attention import block_prompt_keys_values, prompted_block_forward
 from .checkpoint import resample_pos_embed
@@ -63,10 +64,12 @@ class WhiteningNotReadyError(RuntimeError):
 
 def _parse_arch(arch: Union[str, dict]) -> dict:
     if isinstance(arch, str):
-        if arch.lower() not in ARCH_SETTINGS:
-            raise ValueError(f'`arch` must be one of {sorted(ARCH_SETTINGS)} '
+        names = sorted(ARCH_SETTINGS)
+        if arch.lower() not in names:
+            raise ValueError(f'`arch` must be one of {names} '
                              f'or a dict with keys embed_dims, num_layers, '
-                             f'num_heads, mlp_ratio; got {arch!r}')
+                             f'num_heads, mlp_ratio; got {arch!r}'
+                             f'{did_you_mean(arch.lower(), names)}')
         return dict(ARCH_SETTINGS[arch.lower()])
     if isinstance(arch, dict):
         required = {'embed_dims', 'num_layers', 'num_heads'}
@@ -484,7 +487,8 @@ class PromptedViT(BaseModule):
         try:
             with local_checkpoint(checkpoint) as path:
                 info = load_pretrained(self, path,
-                                       logger=MMLogger.get_current_instance())
+                                       logger=MMLogger.get_current_instance(),
+                                       name=checkpoint)
         finally:
             self._loading_pretrained = False
         self._check_nothing_used_is_missing(info['missing'], checkpoint)

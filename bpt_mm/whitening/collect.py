@@ -48,7 +48,7 @@ from .accumulators import (ImageAverageAccumulator, RankDeficientWarning,
                            TokenAccumulator, as_float64_rows)
 from .distributed import comm_device, dist_ready, synchronise_errors
 from .linalg import (WhiteningSpectrum, bilinear_basis, project_tokens,
-                     query_key_product, sigma_eigenvectors,
+                     qk_product, query_key_product, sigma_eigenvectors,
                      whitening_spectrum)
 from .options import (NUM_IMAGES, SEED, WhiteningOptions, check_positive_int,
                       check_seed, label_prefix)
@@ -292,7 +292,9 @@ def block_product(backbone: 'PromptedViT', block: int,
     """Block ``block``'s query-key product (``options.product``) in float64
     (from float64 weights: it multiplies every token)."""
     weight = backbone.blocks[block].attn.qkv.weight.detach()
-    return query_key_product(weight.to(torch.float64), order=options.product)
+    # WhiteningOptions checked `product`, the block holds a (3d, d) qkv:
+    # the unchecked body serves.
+    return qk_product(weight.to(torch.float64), options.product)
 
 
 # ---------------------------------------------------------------------------
@@ -467,22 +469,16 @@ class _WhiteningStep(_BlockStep):
         product = block_product(backbone, block, options)
         acc = options.make_accumulator(self.dim, name=f'block {block}',
                                        device=_module_device(backbone))
-        num_images = dropped = 0
+        num_images = dropped = padding_kept = 0
         for batch in images:
             if options.statistic == 'authors':
                 # Their per-position image average needs every position of
                 # every image: padding patches stay in, and the user is
-                # told.
+                # told once per block (below), not once per batch.
                 tokens = backbone.tap_tokens(
                     batch.images, [block], options.tokens,
                     options.source)[block]
-                padding = int((~_patch_mask(backbone, batch)).sum())
-                if padding:
-                    warnings.warn(
-                        f'block {block}: statistic=\'authors\' averages '
-                        f'every token position over the images, so the '
-                        f'{padding} padding patch tokens of this batch are '
-                        f"in it; use statistic='paper' to leave them out")
+                padding_kept += int((~_patch_mask(backbone, batch)).sum())
             else:
                 rows, padding = block_token_rows(backbone, batch, [block],
                                                  options)
@@ -490,6 +486,12 @@ class _WhiteningStep(_BlockStep):
                 dropped += padding
             accumulate_tokens(acc, tokens, product)
             num_images += batch.images.shape[0]
+        if padding_kept:
+            warnings.warn(
+                f'block {block}: statistic=\'authors\' averages every '
+                f'token position over the images, so {padding_kept} '
+                f'padding patch tokens of these {num_images} images are in '
+                f"it; use statistic='paper' to leave them out")
         return acc, [num_images, dropped]
 
     def reduce(self, block: int, acc: TokenAccumulator, counts: List[int],

@@ -16,7 +16,8 @@ bursty. The paper whitens them with ZCA::
 This module gives the pieces, none of which needs mmengine or a model:
 
 * :func:`query_key_product` builds ``M`` (or the authors' variant) from a
-  block's ``qkv.weight``;
+  block's ``qkv.weight`` (:func:`qk_product`: its body, for checked
+  arguments);
 * :func:`project_tokens` turns ``(..., d)`` tokens into the rows of ``X~^T``;
 * :func:`whitening_spectrum` decomposes ``Sigma`` once, with the
   regulariser; the :class:`WhiteningSpectrum` it returns gives ``W``, the
@@ -36,13 +37,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .options import (BASIS_MODES, QK_ORDERS, WhiteningOptions, check_choice,
+from bpt_mm.choices import check_choice
+
+from .options import (BASIS_MODES, QK_ORDERS, WhiteningOptions,
                       check_positive_int)
 
-__all__ = ['query_key_product', 'project_tokens', 'WhiteningSpectrum',
-           'whitening_spectrum', 'zca_whitening_matrix', 'condition_number',
-           'effective_rank', 'whitened_bilinear_basis', 'sigma_eigenvectors',
-           'bilinear_basis']
+__all__ = ['query_key_product', 'qk_product', 'project_tokens',
+           'WhiteningSpectrum', 'whitening_spectrum', 'zca_whitening_matrix',
+           'condition_number', 'effective_rank', 'whitened_bilinear_basis',
+           'sigma_eigenvectors', 'bilinear_basis']
 
 
 # ---------------------------------------------------------------------------
@@ -103,6 +106,24 @@ def query_key_product(qkv_weight: Tensor,
         if dim % num_heads:
             raise ValueError(f'`num_heads`={num_heads} does not divide the '
                              f'width d={dim} of `qkv_weight`')
+    return qk_product(qkv_weight, order)
+
+
+def qk_product(qkv_weight: Tensor, order: str) -> Tensor:
+    """The body of :func:`query_key_product`, for arguments already
+    checked: ``order`` by :class:`WhiteningOptions` (``product``),
+    ``qkv_weight`` a block's own ``attn.qkv.weight``. Direct callers use
+    :func:`query_key_product`, which checks.
+
+    Args:
+        qkv_weight (Tensor): ``(3d, d)``, q/k/v stacked along dim 0.
+        order (str): One of ``'qk'``, ``'kq'``, ``'authors'``,
+            ``'authors_mae'``.
+
+    Returns:
+        Tensor: The ``(d, d)`` product, in ``qkv_weight``'s dtype and device.
+    """
+    dim = qkv_weight.shape[1]
     w = qkv_weight.detach().to(torch.float64)
     w_q, w_k = w[:dim], w[dim:2 * dim]
     if order == 'qk':

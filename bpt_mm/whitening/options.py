@@ -11,8 +11,9 @@ linear algebra and the accumulators use them for their own arguments.
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
+from bpt_mm.choices import check_choice
 # Which tokens enter the statistic and where they are taken: the token
 # tap's choices, whose home is the model.
 from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
@@ -43,14 +44,6 @@ def label_prefix(name: Optional[str]) -> str:
     """``'name: '`` (or ``''``): error messages start with the block label
     so that a failure among twelve blocks says which one it was."""
     return f'{name}: ' if name else ''
-
-
-def check_choice(value: Any, allowed: Tuple[str, ...], arg: str) -> str:
-    """``value`` if it is one of ``allowed``, else a ValueError naming
-    ``arg``."""
-    if value not in allowed:
-        raise ValueError(f'`{arg}` must be one of {allowed}, got {value!r}')
-    return value
 
 
 def check_positive_int(value: Any, arg: str) -> int:

@@ -36,6 +36,7 @@ import math
 import torch
 from torch import Tensor
 
+from bpt_mm.choices import check_choice
 from bpt_mm.models.prompts import PROTOTYPE_INITS
 from .options import SEED, check_positive_int
 
@@ -317,11 +318,19 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
         >>> compute_prototypes(rows, 2, 'kmeans', seed=0).sum(1).sort().values
         tensor([0., 2.])
     """
-    if init not in PROTOTYPE_INITS:
-        raise ValueError(f'`init` must be one of {PROTOTYPE_INITS}, got '
-                         f'{init!r}')
+    check_choice(init, PROTOTYPE_INITS, 'init')
     check_positive_int(kmeans_iters, 'kmeans_iters')
-    rows = canonical_rows(rows.detach().cpu())
+    rows = rows.detach().cpu()
+    # NaN/Inf rows: 'sample' may pass over them unseen, 'kmeans' fails in
+    # torch with a message that names nothing; say where they came from.
+    bad = int((~torch.isfinite(rows)).sum())
+    if bad:
+        raise ValueError(
+            f'{name}: the token rows have {bad} non-finite value(s) out of '
+            f'{rows.numel()} (shape {tuple(rows.shape)}); check the images '
+            'and the backbone weights (fp16 overflow?) before computing '
+            'SPT prototypes')
+    rows = canonical_rows(rows)
     distinct = _num_distinct(rows)
     # (fewer rows than prompts: each init's own count check says so)
     if init in ('sample', 'kmeans') and distinct < num <= rows.shape[0]:
@@ -343,7 +352,7 @@ def compute_prototypes(rows: Tensor, num: int, init: str, seed: int,
                                 mode=init[:-len('_pool')])
     out = out.to(torch.float32)
     if not bool(torch.isfinite(out).all()):  # pragma: no cover (guard)
-        raise ValueError(f'{init} prototypes are not finite')
+        raise ValueError(f'{name}: {init} prototypes are not finite')
     different = _num_distinct(canonical_rows(out))
     if different < num:
         raise ValueError(
