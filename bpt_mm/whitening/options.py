@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .accumulators import ImageAverageAccumulator, SecondMomentAccumulator
 
 __all__ = ['QK_ORDERS', 'STATISTICS', 'BASIS_MODES', 'NUM_IMAGES', 'SEED',
-           'WhiteningOptions', 'check_eps', 'check_seed']
+           'WhiteningOptions', 'check_positive_int', 'check_eps',
+           'check_seed']
 
 #: Query-key products (see :func:`~bpt_mm.whitening.linalg.query_key_product`).
 QK_ORDERS = ('qk', 'kq', 'authors', 'authors_mae')
