@@ -68,7 +68,13 @@ def check_positive_int(value: Any, arg: str) -> int:
 
 def check_seed(seed: Any, arg: str = 'seed') -> int:
     """``seed`` if it is an int (never a bool), else a ValueError naming
-    ``arg`` (backquoted when bare, as in :func:`check_positive_int`)."""
+    ``arg``.
+
+    Args:
+        seed: The value to check.
+        arg (str): Its name in the message (backquoted when bare, as in
+            :func:`check_positive_int`). Defaults to ``'seed'``.
+    """
     name = arg if '`' in arg else f'`{arg}`'
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f'{name} must be an int, got {seed!r}')
