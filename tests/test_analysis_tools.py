@@ -110,6 +110,25 @@ def test_bad_layers_and_arguments_are_named():
     assert resolve_blocks(prompted, []) == [1, 2]
 
 
+def test_analyze_burstiness_help_names_each_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool('analyze_burstiness').build_parser().parse_args(['--help'])
+    assert exit_info.value.code == 0
+    # argparse wraps the help: compare it with its whitespace collapsed.
+    text = ' '.join(capsys.readouterr().out.split())
+    defaults = WhiteningOptions()
+    hook = "default the config's BPTWhiteningHook entry, else "
+    for flag, expected in [
+            ('--source', hook + repr(defaults.source)),
+            ('--tokens', hook + repr(defaults.tokens)),
+            ('--product', hook + repr(defaults.product)),
+            ('--no-center', hook + repr(defaults.center)),
+            ('--num-images', 'default 100'), ('--eps', 'default 0'),
+            ('--bins', 'default 120'), ('--seed', 'default 0')]:
+        after_flag = text.split(f' {flag} ', 1)[1].split(' --', 1)[0]
+        assert expected in after_flag, (flag, after_flag)
+
+
 def test_plot_is_a_png_of_the_expected_size(toy_analysis, tmp_path):
     _, _, results = toy_analysis
     path = str(tmp_path / 'b.png')

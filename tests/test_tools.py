@@ -310,3 +310,26 @@ def test_trainable_only_checkpoint_tests_merges_and_refuses(
     text = run(tool('test.py', other_cfg, small, '--work-dir',
                     tmp_path / 't4'), tiny_workspace, expect=1)
     assert 'is not the one this checkpoint was trained on' in text
+
+
+TOOLS_WITH_HELP = sorted(
+    name for name in os.listdir(TOOLS)
+    if name.endswith('.py'))
+
+
+@pytest.mark.parametrize('name', TOOLS_WITH_HELP)
+def test_every_tool_answers_help_and_describes_each_option(name):
+    proc = subprocess.run(
+        [sys.executable, osp.join(TOOLS, name), '--help'], cwd=TOOLS,
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith('usage:'), proc.stdout[:200]
+    # argparse's options list: an option line whose help text neither
+    # follows on the same line nor on the next (indented) one is bare.
+    lines = proc.stdout.split('options:\n', 1)[-1].splitlines()
+    bare = [line.strip() for line, after in zip(lines, lines[1:] + [''])
+            if line.startswith('  -') and '  ' not in line.strip()
+            and not after.startswith(' ' * 20)]
+    assert not bare, f'tools/{name} --help: options without a description ' \
+        f'{bare}'

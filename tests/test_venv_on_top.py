@@ -69,3 +69,13 @@ def test_missing_target_is_named(tmp_path):
     out = subprocess.run([sys.executable, SCRIPT], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and 'usage' in out.stderr
+
+
+@pytest.mark.parametrize('flag', ['-h', '--help'])
+def test_help_is_answered_not_taken_for_a_folder(flag, tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, flag], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith('usage: python tools/venv_on_top.py')
+    assert '--system-site-packages' in out.stdout
+    assert not list(tmp_path.iterdir())

@@ -25,7 +25,7 @@ from bpt_mm.whitening.io import load_whitening, save_whitening
 from bpt_mm.whitening.linalg import (whitened_bilinear_basis,
                                      zca_whitening_matrix)
 from bpt_mm.whitening.options import WhiteningOptions
-from helpers import (ROOT, TESTS, count_calls, previous_whitening,
+from helpers import (ROOT, TESTS, count_calls, load_tool, previous_whitening,
                      small_vit)
 from whitening_toy import (DEEP_PROMPT, DIST_OPTIONS, BPTWhiteningToyDataset,
                            BPTWhiteningToyModel, deep_backbone,
@@ -665,6 +665,25 @@ def test_failing_rank_stops_every_rank(two_process_run):
 # ---------------------------------------------------------------------------
 # tools/compute_whitening.py
 # ---------------------------------------------------------------------------
+def test_compute_whitening_help_names_each_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool('compute_whitening').parse_args(['--help'])
+    assert exit_info.value.code == 0
+    # argparse wraps the help: compare it with its whitespace collapsed.
+    text = ' '.join(capsys.readouterr().out.split())
+    defaults = WhiteningOptions()
+    for flag, value in [('--eps', defaults.eps), ('--source', defaults.source),
+                        ('--tokens', defaults.tokens),
+                        ('--no-center', defaults.center),
+                        ('--statistic', defaults.statistic),
+                        ('--product', defaults.product),
+                        ('--bilinear-init', defaults.bilinear_init),
+                        ('--seed', 0), ('--num-images', 100)]:
+        after_flag = text.split(f' {flag} ', 1)[1].split(' --', 1)[0]
+        assert f'default: the hook entry, else {value!r}' in after_flag, \
+            (flag, after_flag)
+
+
 def test_compute_whitening_tool(tmp_path):
     prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep',
                   layers=[1, 2])

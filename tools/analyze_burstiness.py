@@ -51,7 +51,13 @@ def _positive_int(name):
 def build_parser() -> argparse.ArgumentParser:
     from bpt_mm.analysis.token_statistics import DEFAULT_EPS
     from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
-    from bpt_mm.whitening.options import NUM_IMAGES, QK_ORDERS, SEED
+    from bpt_mm.whitening.options import (NUM_IMAGES, QK_ORDERS, SEED,
+                                          WhiteningOptions)
+
+    def hook_default(value) -> str:
+        # The token selection follows the config's whitening hook.
+        return f"default the config's BPTWhiteningHook entry, else {value!r}"
+
     parser = argparse.ArgumentParser(
         description='Burstiness of X, W_q^T W_k, X~ and whitened X~ per '
         'ViT block, with plots.')
@@ -77,20 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
                         f'(default {DEFAULT_EPS:g})')
     parser.add_argument('--source', choices=TOKEN_SOURCES,
                         help='tokens before the block\'s LayerNorm '
-                        '(block_input) or after (norm1); default the '
-                        "config's BPTWhiteningHook entry, else block_input")
+                        '(block_input) or after (norm1); '
+                        + hook_default(WhiteningOptions.source))
     parser.add_argument('--tokens', choices=TOKEN_SETS,
-                        help='patch tokens only, or CLS too (all)')
+                        help='patch tokens only, or CLS too (all); '
+                        + hook_default(WhiteningOptions.tokens))
     parser.add_argument('--product', choices=QK_ORDERS,
-                        help='M = W_q^T W_k (qk), its transpose (kq) or the '
-                        "authors' W_q W_k^T")
+                        help='M = W_q^T W_k (qk), its transpose (kq), the '
+                        "authors' W_q W_k^T (authors) or W_q W_q^T "
+                        '(authors_mae); '
+                        + hook_default(WhiteningOptions.product))
     parser.add_argument('--center', action=argparse.BooleanOptionalAction,
-                        default=None, help='centre X~ before whitening')
+                        default=None, help='centre X~ before whitening; '
+                        + hook_default(WhiteningOptions.center))
     parser.add_argument('--max-values', type=_positive_int('--max-values'),
                         default=1_000_000, help='values per quantity in the '
                         'statistics (a seeded random subset; default 10^6)')
-    parser.add_argument('--bins', type=_positive_int('--bins'), default=120)
-    parser.add_argument('--seed', type=int, default=SEED)
+    parser.add_argument('--bins', type=_positive_int('--bins'), default=120,
+                        help='histogram bins of the PNG panels (default 120)')
+    parser.add_argument('--seed', type=int, default=SEED,
+                        help='seed of the value subsets, and of the model '
+                        "when the config's randomness sets none "
+                        f'(default {SEED})')
     parser.add_argument('--device', default=None,
                         help="default: 'cuda' when available, else 'cpu'")
     from mmengine.config import DictAction

@@ -65,16 +65,19 @@ REFERENCE = 'full_finetune'
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--arch', default='base',
-                        help="ViT arch: 'tiny', 'small', 'base', 'large'")
+                        help="ViT arch: 'tiny', 'small', 'base', 'large' "
+                        "(default 'base')")
     parser.add_argument('--size', type=int, default=512,
-                        help='square training input size (pixels)')
+                        help='square training input size (pixels, default '
+                        '512)')
     parser.add_argument('--infer-size', type=int, default=None,
                         help='square inference input size (default: --size)')
-    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--batch', type=int, default=1,
+                        help='images per step (default 1)')
     parser.add_argument('--steps', type=int, default=3,
-                        help='measured steps (median)')
+                        help='measured steps (median; default 3)')
     parser.add_argument('--warmup', type=int, default=1,
-                        help='steps run before measuring')
+                        help='steps run before measuring (default 1)')
     parser.add_argument('--variants', nargs='+', default=None,
                         help=f'built-in variants (default: all): '
                         f'{list(VARIANTS)}')

@@ -35,24 +35,36 @@ def parse_args(argv=None):
 
     from bpt_mm.models.vit import TOKEN_SETS, TOKEN_SOURCES
     from bpt_mm.whitening.options import (BASIS_MODES, NUM_IMAGES, QK_ORDERS,
-                                          STATISTICS)
+                                          SEED, STATISTICS, WhiteningOptions)
     parser = argparse.ArgumentParser(
         description='Compute BPT whitening matrices and save them.')
     parser.add_argument('config', help='config file')
     parser.add_argument('--out', required=True, help='output file (.pth)')
     parser.add_argument('--checkpoint', help='checkpoint to load after '
                         'init_weights()')
+
+    def default(value) -> str:
+        # What an unset flag gives: the config's hook entry, else the
+        # hook's own default (WhiteningOptions holds the whitening ones).
+        return f'default: the hook entry, else {value!r}'
+
     parser.add_argument('--num-images', type=int, help='images to use '
-                        f'(default: the hook entry, else {NUM_IMAGES})')
-    parser.add_argument('--eps', type=float)
-    parser.add_argument('--source', choices=TOKEN_SOURCES)
-    parser.add_argument('--tokens', choices=TOKEN_SETS)
+                        f'({default(NUM_IMAGES)})')
+    parser.add_argument('--eps', type=float,
+                        help=default(WhiteningOptions.eps))
+    parser.add_argument('--source', choices=TOKEN_SOURCES,
+                        help=default(WhiteningOptions.source))
+    parser.add_argument('--tokens', choices=TOKEN_SETS,
+                        help=default(WhiteningOptions.tokens))
     parser.add_argument('--center', action=argparse.BooleanOptionalAction,
-                        default=None)
-    parser.add_argument('--statistic', choices=STATISTICS)
-    parser.add_argument('--product', choices=QK_ORDERS)
-    parser.add_argument('--bilinear-init', choices=BASIS_MODES)
-    parser.add_argument('--seed', type=int)
+                        default=None, help=default(WhiteningOptions.center))
+    parser.add_argument('--statistic', choices=STATISTICS,
+                        help=default(WhiteningOptions.statistic))
+    parser.add_argument('--product', choices=QK_ORDERS,
+                        help=default(WhiteningOptions.product))
+    parser.add_argument('--bilinear-init', choices=BASIS_MODES,
+                        help=default(WhiteningOptions.bilinear_init))
+    parser.add_argument('--seed', type=int, help=default(SEED))
     parser.add_argument('--allow-few-tokens', action='store_true',
                         default=None, help='whiten even with fewer tokens '
                         'than channels (refused by default)')

@@ -29,10 +29,14 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config',
                         default=osp.join(ROOT, 'configs', 'tiny',
-                                         'mask_rcnn_bpt_tiny.py'))
+                                         'mask_rcnn_bpt_tiny.py'),
+                        help='default: configs/tiny/mask_rcnn_bpt_tiny.py')
     parser.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs',
-                                                       'demo'))
-    parser.add_argument('--data-root', default=osp.join(ROOT, 'data', 'tiny'))
+                                                       'demo'),
+                        help='default: work_dirs/demo of the checkout')
+    parser.add_argument('--data-root', default=osp.join(ROOT, 'data', 'tiny'),
+                        help='the generated data (made when missing); '
+                        'default: data/tiny of the checkout')
     parser.add_argument('--max-iters', type=int, default=None,
                         help='override the config schedule (iterations)')
     args = parser.parse_args()

@@ -55,9 +55,13 @@ def write_pth(target_site: str, site_dirs: Sequence[str]) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    usage = 'usage: python tools/venv_on_top.py NEW_VENV_SITE_PACKAGES'
+    # Asked for help, not a folder named '--help' (every tool answers -h).
+    if args in (['-h'], ['--help']):
+        print(f'{usage}\n\n{__doc__}')
+        return 0
     if len(args) != 1:
-        print('usage: python tools/venv_on_top.py NEW_VENV_SITE_PACKAGES',
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         write_pth(args[0], own_site_dirs())

@@ -19,7 +19,7 @@ import torch.nn as nn
 from bpt_mm.utils import trainable_parameters
 
 __all__ = ['BUILTIN_VARIANTS', 'COLUMNS', 'variant_backbone', 'budget_row',
-           'markdown_table', 'in_paper_units']
+           'builtin_rows', 'markdown_table', 'in_paper_units']
 
 #: Variant name -> prompt config (``num_tokens`` is filled in).
 BUILTIN_VARIANTS: Dict[str, dict] = OrderedDict([
@@ -109,7 +109,17 @@ def markdown_table(rows: Dict[str, Dict[str, Optional[int]]]) -> str:
 def builtin_rows(names: Optional[List[str]] = None,
                  arch: Union[str, dict] = 'base',
                  num_tokens: int = 100) -> Dict[str, Dict[str, Optional[int]]]:
-    """:func:`budget_row` of each built-in variant (default: all)."""
+    """:func:`budget_row` of each built-in variant.
+
+    Args:
+        names (list[str], optional): Keys of :data:`BUILTIN_VARIANTS`.
+            Defaults to all of them.
+        arch (str | dict): The ViT arch. Defaults to ``'base'``.
+        num_tokens (int): Prompt tokens per block. Defaults to 100.
+
+    Returns:
+        dict: Variant name -> its :func:`budget_row`, in ``names`` order.
+    """
     names = list(BUILTIN_VARIANTS) if names is None else names
     return OrderedDict((name, budget_row(variant_backbone(name, arch,
                                                           num_tokens)))

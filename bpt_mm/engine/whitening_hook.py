@@ -28,7 +28,8 @@ from mmengine.hooks import Hook
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from bpt_mm.models.vit import find_prompted_backbone, unwrap_model
+from bpt_mm.models.vit import (PromptedViT, find_prompted_backbone,
+                               unwrap_model)
 from bpt_mm.registry import register_hook
 from bpt_mm.utils import find_hook_entry
 from bpt_mm.whitening.accumulators import FewTokensWarning
@@ -186,14 +187,15 @@ def _shapes(samples: Any, batch_shape) -> Any:
     return tuple((min(h, height), min(w, width)) for h, w in shapes)
 
 
-def hook_options_from_config(cfg) -> Dict[str, Any]:
+def hook_options_from_config(cfg: Any) -> Dict[str, Any]:
     """The keyword arguments of the BPTWhiteningHook entry of
     ``cfg.custom_hooks`` ({} when there is none)."""
     entry = find_hook_entry(cfg, HOOK_TYPES) or {}
     return {k: v for k, v in entry.items() if k not in ('type', 'priority')}
 
 
-def refuse_overwriting_trained_projections(backbone, blocks: List[int],
+def refuse_overwriting_trained_projections(backbone: PromptedViT,
+                                           blocks: List[int],
                                            source: Optional[str] = None
                                            ) -> None:
     """Refuse to whiten blocks whose projection came from a checkpoint.
@@ -229,7 +231,8 @@ def refuse_overwriting_trained_projections(backbone, blocks: List[int],
         'whiten from scratch, start without this checkpoint')
 
 
-def refuse_overwriting_trained_prompts(backbone, blocks: List[int],
+def refuse_overwriting_trained_prompts(backbone: PromptedViT,
+                                       blocks: List[int],
                                        source: Optional[str] = None) -> None:
     """Refuse to compute SPT prototypes over prompt tokens that came from
     a checkpoint which does not mark them as prototypes (``prototypes_ready``

@@ -66,7 +66,9 @@ def add_common_arguments(parser: argparse.ArgumentParser,
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
                         help='job launcher')
     # torch < 2 launchers pass --local_rank, torchrun sets LOCAL_RANK.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help='passed by torch < 2 launchers; a LOCAL_RANK '
+                        'in the environment (torchrun) wins (default 0)')
 
 
 def resolve_device(device: Optional[str]) -> str:

@@ -149,7 +149,8 @@ class TokenAccumulator:
         False when no process has any sums."""
         return True
 
-    def all_reduce(self, group=None) -> 'TokenAccumulator':
+    def all_reduce(self, group: Optional[dist.ProcessGroup] = None
+                   ) -> 'TokenAccumulator':
         """Sum the statistics over ``torch.distributed`` processes.
 
         Afterwards every process holds the statistics of all of them, so

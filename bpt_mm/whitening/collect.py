@@ -61,7 +61,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     'accumulate_tokens', 'solve_whitening', 'whitening_from_tokens',
-    'block_token_rows', 'whitening_blocks', 'missing_whitening_blocks',
+    'block_token_rows', 'block_product', 'whitening_blocks',
+    'missing_whitening_blocks',
     'collect_whitening', 'run_whitening', 'apply_whitening',
     'format_whitening_table',
     'prototype_blocks', 'missing_prototype_blocks', 'prototype_source',
@@ -290,7 +291,16 @@ def block_token_rows(backbone: 'PromptedViT', batch: Union[Tensor,
 def block_product(backbone: 'PromptedViT', block: int,
                   options: WhiteningOptions) -> Tensor:
     """Block ``block``'s query-key product (``options.product``) in float64
-    (from float64 weights: it multiplies every token)."""
+    (from float64 weights: it multiplies every token).
+
+    Args:
+        backbone (PromptedViT): The backbone whose block is read.
+        block (int): Index of the block in ``backbone.blocks``.
+        options (WhiteningOptions): Its ``product`` chooses ``M``.
+
+    Returns:
+        Tensor: ``M``, ``(d, d)`` float64.
+    """
     weight = backbone.blocks[block].attn.qkv.weight.detach()
     # WhiteningOptions checked `product`, the block holds a (3d, d) qkv:
     # the unchecked body serves.

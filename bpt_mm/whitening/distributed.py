@@ -16,7 +16,8 @@ def dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def comm_device(group=None) -> torch.device:
+def comm_device(group: Optional[dist.ProcessGroup] = None
+                ) -> torch.device:
     """Where a tensor must be for a collective of ``group``'s backend."""
     # NCCL only communicates CUDA tensors; gloo and others take CPU ones.
     if dist.get_backend(group) == 'nccl':
@@ -24,7 +25,8 @@ def comm_device(group=None) -> torch.device:
     return torch.device('cpu')
 
 
-def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+def all_reduce_sum(tensor: Tensor,
+                   group: Optional[dist.ProcessGroup] = None) -> Tensor:
     """The sum of ``tensor`` over the processes, on ``tensor``'s device.
 
     Args:

@@ -69,6 +69,15 @@ def save_whitening(path: Union[str, os.PathLike],
     qkv_fingerprint)}. The fingerprint (the norm of the block's
     ``qkv.weight``) lets :func:`load_whitening` refuse a file computed for
     other backbone weights. Written atomically (temporary file + rename).
+
+    Args:
+        path (str | os.PathLike): The file to write.
+        results (dict): :func:`collect_whitening`'s ``{block: result}``;
+            not empty.
+        backbone (PromptedViT): The backbone the results were computed on
+            (its arch, prompts and ``qkv`` fingerprints go into the file).
+        options (WhiteningOptions): The options the results were computed
+            with.
     """
     if not results:
         raise ValueError('no whitening results to save')

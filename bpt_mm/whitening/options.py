@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .accumulators import ImageAverageAccumulator, SecondMomentAccumulator
 
 __all__ = ['QK_ORDERS', 'STATISTICS', 'BASIS_MODES', 'NUM_IMAGES', 'SEED',
-           'WhiteningOptions', 'check_eps', 'check_seed']
+           'WhiteningOptions', 'check_positive_int', 'check_eps',
+           'check_seed']
 
 #: Query-key products (see :func:`~bpt_mm.whitening.linalg.query_key_product`).
 QK_ORDERS = ('qk', 'kq', 'authors', 'authors_mae')
@@ -67,7 +68,13 @@ def check_positive_int(value: Any, arg: str) -> int:
 
 def check_seed(seed: Any, arg: str = 'seed') -> int:
     """``seed`` if it is an int (never a bool), else a ValueError naming
-    ``arg`` (backquoted when bare, as in :func:`check_positive_int`)."""
+    ``arg``.
+
+    Args:
+        seed: The value to check.
+        arg (str): Its name in the message (backquoted when bare, as in
+            :func:`check_positive_int`). Defaults to ``'seed'``.
+    """
     name = arg if '`' in arg else f'`{arg}`'
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f'{name} must be an int, got {seed!r}')
