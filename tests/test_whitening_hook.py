@@ -684,32 +684,46 @@ def test_compute_whitening_help_names_each_default(capsys):
             (flag, after_flag)
 
 
-def test_compute_whitening_tool(tmp_path):
-    prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep',
-                  layers=[1, 2])
+def run_compute_whitening(tmp_path, prompt: dict, hook: str,
+                          args: list, num_images: int = 16,
+                          sampler: str = 'DefaultSampler',
+                          extra: str = ''):
+    """``tools/compute_whitening.py`` on a toy config (toy model with
+    ``prompt``, ``num_images`` toy images, the hook entry ``hook``; the
+    config's ``extra`` lines), with ``args``; returns the finished process.
+    """
     config = tmp_path / 'toy_config.py'
     config.write_text(
         "custom_imports = dict(imports=['whitening_toy'], "
-        "allow_failed_imports=False)\n"
+        "allow_failed_imports=False)\n" + extra +
         f"model = dict(type='BPTWhiteningToyModel', backbone=dict("
         f"prompt={prompt!r}))\n"
         "train_dataloader = dict(batch_size=4, num_workers=0, "
-        "dataset=dict(type='BPTWhiteningToyDataset', num_images=16), "
-        "sampler=dict(type='DefaultSampler', shuffle=False))\n"
-        "custom_hooks = [dict(type='BPTWhiteningHook', num_images=4, "
-        f"eps={EPS}, source='norm1')]\n")
+        "dataset=dict(type='BPTWhiteningToyDataset', "
+        f"num_images={num_images}), "
+        f"sampler=dict(type={sampler!r}, shuffle=False))\n"
+        f"custom_hooks = [{hook}]\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
+               OMP_NUM_THREADS='1')
+    return subprocess.run(
+        [sys.executable, 'tools/compute_whitening.py', str(config), *args,
+         '--device', 'cpu'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_compute_whitening_tool(tmp_path):
+    prompt = dict(type='WhitenedPrompt', num_tokens=4, depth='deep',
+                  layers=[1, 2])
     torch.manual_seed(3)
     model = BPTWhiteningToyModel(backbone=dict(prompt=prompt))
     ckpt = tmp_path / 'toy.pth'
     torch.save({'state_dict': model.state_dict()}, ckpt)
     out = tmp_path / 'out' / 'whitening.pth'
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
-               OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        [sys.executable, 'tools/compute_whitening.py', str(config),
-         '--checkpoint', str(ckpt), '--num-images', '8', '--out', str(out),
-         '--device', 'cpu'],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_compute_whitening(
+        tmp_path, prompt,
+        f"dict(type='BPTWhiteningHook', num_images=4, eps={EPS}, "
+        "source='norm1')",
+        ['--checkpoint', str(ckpt), '--num-images', '8', '--out', str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'block' in proc.stdout and 'saved to' in proc.stdout
 
@@ -740,23 +754,11 @@ def test_hook_and_tool_take_each_of_fewer_images_once_by_one_rule(
         images_to_use(DataLoader([]), 8, 'whitening')
 
     prompt = dict(type='WhitenedPrompt', num_tokens=4)
-    config = tmp_path / 'toy_config.py'
-    config.write_text(
-        "custom_imports = dict(imports=['whitening_toy'], "
-        "allow_failed_imports=False)\n"
-        f"model = dict(type='BPTWhiteningToyModel', backbone=dict("
-        f"prompt={prompt!r}))\n"
-        "train_dataloader = dict(batch_size=4, num_workers=0, "
-        "dataset=dict(type='BPTWhiteningToyDataset', num_images=16), "
-        "sampler=dict(type='InfiniteSampler', shuffle=False))\n"
-        f"custom_hooks = [dict(type='BPTWhiteningHook', eps={EPS})]\n")
     out = tmp_path / 'whitening.pth'
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
-               OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        [sys.executable, 'tools/compute_whitening.py', str(config),
-         '--num-images', '40', '--out', str(out), '--device', 'cpu'],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_compute_whitening(
+        tmp_path, prompt, f"dict(type='BPTWhiteningHook', eps={EPS})",
+        ['--num-images', '40', '--out', str(out)],
+        sampler='InfiniteSampler')
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _, expected = images_to_use(DataLoader(list(range(16))), 40,
                                 'whitening')
@@ -773,24 +775,11 @@ def test_compute_whitening_tool_builds_the_model_training_starts_from(
     # file by its fingerprint.
     from mmengine.runner import set_random_seed
     prompt = dict(type='WhitenedPrompt', num_tokens=4)
-    config = tmp_path / 'toy_config.py'
-    config.write_text(
-        "custom_imports = dict(imports=['whitening_toy'], "
-        "allow_failed_imports=False)\n"
-        "randomness = dict(seed=5)\n"
-        f"model = dict(type='BPTWhiteningToyModel', backbone=dict("
-        f"prompt={prompt!r}))\n"
-        "train_dataloader = dict(batch_size=4, num_workers=0, "
-        "dataset=dict(type='BPTWhiteningToyDataset', num_images=8), "
-        "sampler=dict(type='DefaultSampler', shuffle=False))\n"
-        f"custom_hooks = [dict(type='BPTWhiteningHook', eps={EPS})]\n")
     out = tmp_path / 'whitening.pth'
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
-               OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        [sys.executable, 'tools/compute_whitening.py', str(config),
-         '--num-images', '8', '--out', str(out), '--device', 'cpu'],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_compute_whitening(
+        tmp_path, prompt, f"dict(type='BPTWhiteningHook', eps={EPS})",
+        ['--num-images', '8', '--out', str(out)], num_images=8,
+        extra='randomness = dict(seed=5)\n')
     assert proc.returncode == 0, proc.stdout + proc.stderr
     set_random_seed(5)  # as Runner.__init__ does before build_model
     model = BPTWhiteningToyModel(backbone=dict(prompt=prompt))
