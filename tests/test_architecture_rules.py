@@ -10,6 +10,8 @@ import subprocess
 import sys
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+import pytest
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PACKAGE = osp.join(ROOT, 'bpt_mm')
 
@@ -54,15 +56,28 @@ def test_no_runtime_module_imports_the_fixtures_or_tools_or_tests():
         osp.join(PACKAGE, 'models', '__init__.py'))
 
 
-def test_import_bpt_mm_does_not_load_the_fixtures():
-    code = ('import sys, bpt_mm, bpt_mm.launch; '
-            'print(sorted(m for m in sys.modules '
-            "if m.startswith('bpt_mm.testing')))")
+@pytest.fixture(scope='module')
+def modules_loaded():
+    """The bpt_mm and matplotlib modules a fresh interpreter holds after
+    ``import bpt_mm``, and after ``import bpt_mm.launch`` as well (one
+    interpreter for both: starting one costs seconds)."""
+    code = ('import sys\n'
+            'def loaded():\n'
+            '    print(sorted(m for m in sys.modules\n'
+            "                 if m.startswith(('bpt_mm', 'matplotlib'))))\n"
+            'import bpt_mm\nloaded()\nimport bpt_mm.launch\nloaded()\n')
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
                          capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == '[]'
+    package, with_launch = out.stdout.strip().splitlines()[-2:]
+    return ast.literal_eval(package), ast.literal_eval(with_launch)
+
+
+def test_import_bpt_mm_does_not_load_the_fixtures(modules_loaded):
+    _, loaded = modules_loaded
+    assert 'bpt_mm.launch' in loaded  # the walk saw the launch import
+    assert [m for m in loaded if m.startswith('bpt_mm.testing')] == []
 
 
 # ---------------------------------------------------------------- the parts
@@ -322,15 +337,9 @@ def test_no_import_cycle_at_module_level():
                                     ('b', 'a', when)]) == []
 
 
-def test_import_bpt_mm_loads_neither_launch_nor_the_report():
-    code = ('import sys, bpt_mm; '
-            'print(sorted(m for m in sys.modules '
-            "if m.startswith(('bpt_mm', 'matplotlib'))))")
-    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                         capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert out.returncode == 0, out.stderr[-2000:]
-    loaded = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+def test_import_bpt_mm_loads_neither_launch_nor_the_report(
+        modules_loaded):
+    loaded, _ = modules_loaded
     # what the package root and its parts import ...
     for name in ('bpt_mm.models.vit', 'bpt_mm.engine.whitening_hook',
                  'bpt_mm.analysis.burstiness', 'bpt_mm.mmengine_patches'):
