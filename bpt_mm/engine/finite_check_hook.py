@@ -44,22 +44,22 @@ def non_finite_loss_terms(log_vars: Any) -> Dict[str, float]:
     """
     if not isinstance(log_vars, dict):
         return {}
+    tensors: Dict[str, torch.Tensor] = {}
     bad: Dict[str, float] = {}
     for name, value in log_vars.items():
         if 'loss' not in name:
             continue
         if isinstance(value, torch.Tensor):
-            value = value.detach().float()
-            finite = bool(torch.isfinite(value).all())
-            number = value.mean().item() if value.numel() else float('nan')
-        elif isinstance(value, (int, float)):
-            number = float(value)
-            finite = math.isfinite(number)
-        else:
-            continue
-        if not finite:
-            bad[name] = number
-    return bad
+            tensors[name] = value
+        elif isinstance(value, (int, float)) \
+                and not math.isfinite(float(value)):
+            bad[name] = float(value)
+    # Every iteration: one device synchronisation for all the terms; the
+    # values are read only for the terms that are not finite.
+    for name in non_finite_tensors(tensors, limit=len(tensors)):
+        value = tensors[name].detach().float()
+        bad[name] = value.mean().item()
+    return {name: bad[name] for name in log_vars if name in bad}
 
 
 @register_hook()
